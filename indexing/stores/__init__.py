@@ -5,14 +5,31 @@ chunked along rows; ``valid``, ``audio_valid`` (bool) and ``time_s`` (float64) a
 index maps each video to its row range. Tasks own chunk-aligned row ranges, so parallel writers never
 share a chunk, and a retried task simply rewrites its own rows.
 
+Every store is a directory. Beside the backend's own files it may hold:
+
+- ``write.lock``: the writer lock (:meth:`FeatureStore.lock`), JSON with the holder's pid and host.
+- ``done/{start:012d}-{stop:012d}``: one empty-ish file per finished task (:meth:`FeatureStore.mark_done`),
+  written after that task's rows are on disk, so a resumed run skips exactly the finished tasks.
+
+The per-video index is columnar (one array per :class:`VideoRecord` field, see :data:`INDEX_COLUMNS`), so
+a store indexing 10^6 videos opens in about a second and never holds 10^6 groups or attributes.
+
 Readers (``skim``, ``l2l store``) only need :func:`open_store` and the read methods below; the
-extraction stage (``pipeline``) also uses ``create`` / ``write_rows`` / ``set_index``.
+extraction stage (``pipeline``) also uses ``create`` / ``write_rows`` / ``set_index`` / ``lock`` /
+``mark_done`` / ``done_ranges``.
 
 This module is the interface. Backends live in ``zarr_store.py`` and ``hdf5_store.py``.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +43,25 @@ FORMAT_VERSION = 1
 FEATURES = ("image", "audio", "fused")  # 512-d each, stored under features/<name>
 ROW_ARRAYS = ("valid", "audio_valid", "time_s")  # one value per row
 STATUSES = ("ok", "failed", "pending")
+FEATURE_DTYPES = ("float16", "float32")
+ROW_DTYPES = {"valid": np.dtype(bool), "audio_valid": np.dtype(bool), "time_s": np.dtype(np.float64)}
+LOCK_NAME = "write.lock"
+DONE_DIR = "done"
+
+# One array per VideoRecord field, stored under index/<column>. "str" columns are numpy StringDType.
+INDEX_COLUMNS: dict[str, str] = {
+    "video_id": "str",
+    "path": "str",
+    "first_row": "int64",
+    "steps": "int64",
+    "duration_s": "float64",
+    "fps": "float64",
+    "has_audio": "bool",
+    "status": "str",
+    "error": "str",
+    "label": "str",
+    "split": "str",
+}
 
 
 @dataclass
@@ -67,10 +103,301 @@ class VideoRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# ---- columnar index ------------------------------------------------------------------------------
+
+
+def records_to_columns(records: Sequence[VideoRecord]) -> dict[str, np.ndarray]:
+    """The index as one array per field: strings ``StringDType``, numbers int64/float64, flags bool.
+
+    Args:
+        records: Index records in store order.
+
+    Returns:
+        ``{column: (n,) array}`` for every column of :data:`INDEX_COLUMNS`.
+    """
+    columns = {}
+    for name, kind in INDEX_COLUMNS.items():
+        values = [getattr(rec, name) for rec in records]
+        columns[name] = _column_array(values, kind)
+    return columns
+
+
+def columns_to_records(columns: Mapping[str, np.ndarray]) -> list[VideoRecord]:
+    """Inverse of :func:`records_to_columns` (plain Python values in each record)."""
+    lists = [columns[name].tolist() for name in INDEX_COLUMNS]
+    return [VideoRecord(*values) for values in zip(*lists, strict=True)]
+
+
+def normalize_columns(columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Coerce index columns read from a file (object arrays, bytes, other int widths) to the canonical dtypes.
+
+    Raises:
+        ValueError: A column is missing or the columns differ in length.
+    """
+    missing = [name for name in INDEX_COLUMNS if name not in columns]
+    if missing:
+        raise ValueError(f"index is missing column(s) {', '.join(missing)}; rebuild the index with set_index")
+    out = {name: _column_array(columns[name], kind) for name, kind in INDEX_COLUMNS.items()}
+    lengths = {name: len(col) for name, col in out.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"index columns differ in length: {lengths}; rebuild the index with set_index")
+    return out
+
+
+def _column_array(values: Any, kind: str) -> np.ndarray:
+    if kind == "str":
+        if isinstance(values, np.ndarray) and values.dtype.kind == "T":
+            return values.reshape(-1)  # already StringDType: converting again would copy every string
+        return np.asarray(values, dtype=np.dtypes.StringDType()).reshape(-1)
+    return np.asarray(values, dtype=np.dtype(kind)).reshape(-1)
+
+
+def index_problems(columns: Mapping[str, np.ndarray], rows: int) -> list[str]:
+    """Consistency problems of an index against a store of ``rows`` rows (empty list when sound).
+
+    Checks: unique video ids, known statuses, non-negative steps, row ranges inside ``[0, rows)`` and
+    pairwise disjoint (videos with 0 steps own no rows and are never in conflict).
+    """
+    problems: list[str] = []
+    ids = columns["video_id"]
+    first = columns["first_row"].astype(np.int64)
+    steps = columns["steps"].astype(np.int64)
+    status = columns["status"]
+    if len(ids):
+        uniq, counts = np.unique(ids.astype(object), return_counts=True)
+        for vid in uniq[counts > 1][:20]:
+            problems.append(f"video id {vid!r} appears {int(counts[uniq == vid][0])} times in the index")
+    bad_status = ~np.isin(status.astype(object), np.array(STATUSES, dtype=object))
+    for i in np.flatnonzero(bad_status)[:20]:
+        problems.append(f"video {ids[i]!r}: unknown status {status[i]!r}; use one of {', '.join(STATUSES)}")
+    for i in np.flatnonzero(steps < 0)[:20]:
+        problems.append(f"video {ids[i]!r}: negative steps {int(steps[i])}")
+    owns = steps > 0
+    outside = owns & ((first < 0) | (first + steps > rows))
+    for i in np.flatnonzero(outside)[:20]:
+        problems.append(
+            f"video {ids[i]!r}: rows [{int(first[i])}, {int(first[i] + steps[i])}) are outside the store's "
+            f"{rows} rows"
+        )
+    idx = np.flatnonzero(owns)
+    order = idx[np.argsort(first[idx], kind="stable")]
+    if len(order) > 1:
+        ends = first[order] + steps[order]
+        running_end = np.maximum.accumulate(ends)[:-1]
+        clash = np.flatnonzero(first[order][1:] < running_end)
+        for k in clash[:20]:
+            j = order[k + 1]
+            # The earlier video that still covers first[j]: the last one (in start order) ending past it.
+            prev = order[: k + 1][ends[: k + 1] > first[j]][-1]
+            problems.append(
+                f"videos {ids[prev]!r} rows [{int(first[prev])}, {int(first[prev] + steps[prev])}) and "
+                f"{ids[j]!r} rows [{int(first[j])}, {int(first[j] + steps[j])}) overlap"
+            )
+        if len(clash) > 20:
+            problems.append(f"... and {len(clash) - 20} more overlapping row ranges")
+    return problems
+
+
+def check_index(records_or_columns: Sequence[VideoRecord] | Mapping[str, np.ndarray], rows: int) -> dict:
+    """Columns of a valid index; ``ValueError`` listing the first problems otherwise (used by writers)."""
+    if isinstance(records_or_columns, Mapping):
+        columns = normalize_columns(records_or_columns)
+    else:
+        columns = records_to_columns(records_or_columns)
+    problems = index_problems(columns, rows)
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"invalid index: {shown}{more}; fix the plan before writing it")
+    return columns
+
+
+def check_tasks(tasks: Sequence[tuple[int, int]], *, rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """Planned task row ranges, validated: chunk-aligned, inside the store, pairwise disjoint, sorted."""
+    out = sorted((int(a), int(b)) for a, b in tasks)
+    for start, stop in out:
+        check_row_range(start, stop, rows=rows, chunk_rows=chunk_rows)
+    for (a0, b0), (a1, b1) in zip(out, out[1:], strict=False):
+        if a1 < b0:
+            raise ValueError(f"planned tasks [{a0}, {b0}) and [{a1}, {b1}) overlap; give each row one task")
+    return out
+
+
+def check_row_range(start: int, stop: int, *, rows: int, chunk_rows: int | None = None) -> None:
+    """``ValueError`` unless ``0 <= start <= stop <= rows`` (and, with ``chunk_rows``, chunk-aligned).
+
+    Aligned means ``start % chunk_rows == 0`` and ``stop % chunk_rows == 0 or stop == rows``, so two
+    writers never share a chunk.
+    """
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"rows [{start}, {stop}) are not inside the store's {rows} rows")
+    if chunk_rows is None:
+        return
+    if start % chunk_rows or (stop % chunk_rows and stop != rows):
+        raise ValueError(
+            f"task rows [{start}, {stop}) are not chunk-aligned (chunk_rows={chunk_rows}, rows={rows}): "
+            f"start must be a multiple of {chunk_rows} and stop a multiple of it or {rows}"
+        )
+
+
+def check_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Store attrs as a JSON-safe dict with ``format``/``format_version`` set; ``ValueError`` if not JSON."""
+    out = dict(attrs or {})
+    try:
+        out = json.loads(json.dumps(out, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"store attrs must be JSON-serialisable (str/number/bool/list/dict): {exc}") from exc
+    out["format"] = FORMAT_NAME
+    out["format_version"] = FORMAT_VERSION
+    return out
+
+
+def check_feature_dtype(dtype: str) -> str:
+    if str(dtype) not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype {dtype!r} is not supported; use one of {', '.join(FEATURE_DTYPES)}")
+    return str(dtype)
+
+
+def array_dtype(name: str, feature_dtype: str) -> np.dtype:
+    """The on-disk dtype of array ``name``; ``ValueError`` naming the known arrays otherwise."""
+    if name in FEATURES:
+        return np.dtype(feature_dtype)
+    if name in ROW_DTYPES:
+        return ROW_DTYPES[name]
+    raise ValueError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
+
+
+def check_block(name: str, data: Any, *, n: int, dim: int, feature_dtype: str) -> np.ndarray:
+    """``data`` for ``n`` rows of array ``name`` as the on-disk dtype; ``ValueError`` on a shape mismatch."""
+    dtype = array_dtype(name, feature_dtype)
+    arr = np.asarray(data)
+    want = (n, dim) if name in FEATURES else (n,)
+    if arr.shape != want:
+        raise ValueError(f"array {name!r}: got shape {arr.shape} for {n} rows, expected {want}")
+    return arr.astype(dtype, copy=False)
+
+
+def prepare_store_dir(path: Path, *, overwrite: bool) -> None:
+    """Make ``path`` an empty directory; ``ValueError`` if it holds anything and ``overwrite`` is false."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise ValueError(f"{path} already exists; remove it or pass overwrite=True")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+# ---- writer lock ---------------------------------------------------------------------------------
+
+
+class StoreLock:
+    """A held writer lock; release it with :meth:`release` or by leaving the ``with`` block."""
+
+    def __init__(self, path: Path, token: str) -> None:
+        self.path = path
+        self.token = token
+
+    def release(self) -> None:
+        """Remove the lock file if it is still ours (a lock taken over by someone else is left alone)."""
+        info = _read_lock(self.path)
+        if info is not None and info.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def acquire_lock(path: str | Path) -> StoreLock:
+    """Create the lock file ``path`` atomically (``O_EXCL``) holding this process's pid and host.
+
+    A lock left by a dead process on this host is taken over; any other lock is refused.
+
+    Raises:
+        ValueError: Another writer holds the lock (the message names its pid and host and how to clear it).
+    """
+    path = Path(path)
+    token = uuid.uuid4().hex
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "token": token, "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path) or {}
+            if not _is_stale(holder):
+                raise ValueError(_lock_message(path, holder)) from None
+            _take_over(path, holder)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        return StoreLock(path, token)
+    raise ValueError(_lock_message(path, _read_lock(path) or {}))
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_stale(holder: Mapping[str, Any]) -> bool:
+    """A lock is stale when its pid is dead on this very host; other hosts' pids cannot be checked."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _take_over(path: Path, holder: Mapping[str, Any]) -> None:
+    # Rename is atomic: of two processes taking over the same stale lock, one renames it and the other
+    # gets FileNotFoundError (or renames the winner's fresh lock, which it notices and puts back).
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    moved = _read_lock(aside) or {}
+    if moved.get("token") != holder.get("token"):
+        os.rename(aside, path)  # not the stale lock we inspected: someone else just took it; give it back
+        raise ValueError(_lock_message(path, moved))
+    aside.unlink(missing_ok=True)
+
+
+def _lock_message(path: Path, holder: Mapping[str, Any]) -> str:
+    pid, host = holder.get("pid", "?"), holder.get("host", "?")
+    since = holder.get("since")
+    when = ""
+    if isinstance(since, float):
+        when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
+    return (
+        f"store is locked by another writer (pid {pid} on host {host}{when}): {path}. "
+        f"Wait for it to finish; if no writer is running any more, delete {path} and retry"
+    )
+
+
+# ---- the store interface ---------------------------------------------------------------------------
+
+
 class FeatureStore(ABC):
-    """A feature store backend. Subclasses set ``name`` and are registered with :func:`register_store`."""
+    """A feature store backend. Subclasses set ``name`` and are registered with :func:`register_store`.
+
+    Every store is a directory ``path``; the lock file and the ``done/`` markers live inside it.
+    """
 
     name: ClassVar[str]
+    path: Path
 
     # ---- creation and writing (pipeline) -------------------------------------------------------
     @classmethod
@@ -85,8 +412,28 @@ class FeatureStore(ABC):
         dim: int = 512,
         dtype: str = "float16",
         attrs: Mapping[str, Any] | None = None,
+        tasks: Sequence[tuple[int, int]] | None = None,
+        compression: str = "default",
+        overwrite: bool = False,
     ) -> FeatureStore:
-        """Create an empty store with all arrays sized to ``rows``; write attrs and the index once."""
+        """Create an empty store with all arrays sized to ``rows``; write attrs and the index once.
+
+        Args:
+            path: Store directory (must not exist or be empty unless ``overwrite``).
+            index: Per-video records; row ranges inside ``rows`` and disjoint.
+            rows: Total rows, padding between tasks included.
+            chunk_rows: Rows per chunk, the unit of parallel writing (tasks own whole chunks).
+            dim: Feature dimension.
+            dtype: Feature dtype, ``float16`` or ``float32``.
+            attrs: JSON-serialisable store attributes (step_s, audio settings, models, config).
+            tasks: Planned task row ranges (chunk-aligned). The HDF5 backend maps one part file per task
+                up front, so a partly written store is readable; zarr only validates them.
+            compression: Backend codec name, ``default`` for the measured default.
+            overwrite: Replace an existing store at ``path``.
+
+        Raises:
+            ValueError: Bad sizes, dtype, attrs, index or tasks, or ``path`` exists.
+        """
 
     @abstractmethod
     def write_rows(self, start: int, stop: int, arrays: Mapping[str, np.ndarray]) -> None:
@@ -106,6 +453,11 @@ class FeatureStore(ABC):
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
         """Open an existing store (``mode`` ``"r"`` or ``"r+"``)."""
 
+    @classmethod
+    def is_store(cls, path: Path) -> bool:
+        """Whether ``path`` holds a store of this backend (used by :func:`open_store`)."""
+        return False
+
     @property
     @abstractmethod
     def attrs(self) -> dict[str, Any]:
@@ -121,13 +473,31 @@ class FeatureStore(ABC):
     def dim(self) -> int:
         """Feature dimension (512 for the paper's models)."""
 
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per write unit: tasks start on multiples of it."""
+        raise NotImplementedError(f"{type(self).__name__} does not report chunk_rows")
+
+    @property
+    def dtype(self) -> str:
+        """Feature dtype on disk (``float16`` or ``float32``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its dtype")
+
     @abstractmethod
     def videos(self) -> list[VideoRecord]:
         """The per-video index, in store order."""
 
+    def index_columns(self) -> dict[str, np.ndarray]:
+        """The per-video index as columns (see :func:`records_to_columns`); fast for 10^6 videos."""
+        return records_to_columns(self.videos())
+
     @abstractmethod
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of one array: a feature name (``(n, dim)``) or a row array (``(n,)``)."""
+
+    def file_problems(self) -> list[str]:
+        """Backend-specific damage found without reading every row (missing arrays, bad part files)."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional for backends without handles
         """Release file handles."""
@@ -140,15 +510,63 @@ class FeatureStore(ABC):
 
     def video(self, video_id: str) -> VideoRecord:
         """The index record of one video; ``KeyError`` naming close matches when unknown."""
-        for rec in self.videos():
-            if rec.video_id == video_id:
-                return rec
-        raise KeyError(f"video {video_id!r} is not in store {getattr(self, 'path', '')}")
+        columns = self.index_columns()
+        positions = getattr(self, "_id_positions", None)
+        if positions is None or getattr(self, "_id_positions_of", None) is not columns["video_id"]:
+            positions = {vid: i for i, vid in enumerate(columns["video_id"].tolist())}
+            self._id_positions, self._id_positions_of = positions, columns["video_id"]
+        i = positions.get(video_id)
+        if i is None:
+            close = difflib.get_close_matches(video_id, list(positions)[:100_000], n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyError(f"video {video_id!r} is not in store {getattr(self, 'path', '')}{hint}")
+        return VideoRecord(*(columns[name][i : i + 1].tolist()[0] for name in INDEX_COLUMNS))
 
-    def read_video(self, video_id: str, names: Sequence[str] = FEATURES + ROW_ARRAYS) -> dict[str, np.ndarray]:
-        """All rows of one video for each requested array: features ``(steps, dim)``, row arrays ``(steps,)``."""
+    def read_video(
+        self, video_id: str, names: Sequence[str] = FEATURES + ROW_ARRAYS
+    ) -> dict[str, np.ndarray]:
+        """All rows of one video per requested array: features ``(steps, dim)``, row arrays ``(steps,)``."""
         rec = self.video(video_id)
         return {n: self.read_rows(n, rec.first_row, rec.first_row + rec.steps) for n in names}
+
+    # ---- writer lock and task markers ------------------------------------------------------------
+    def lock(self) -> StoreLock:
+        """Take the store's writer lock (``write.lock``), for use as ``with store.lock(): ...``.
+
+        Raises:
+            ValueError: Another live writer holds it; the message names its pid and host and says to
+                delete the lock file if that writer is gone. A lock of a dead pid on this host is taken over.
+        """
+        return acquire_lock(self.path / LOCK_NAME)
+
+    def mark_done(self, start: int, stop: int) -> None:
+        """Record that task rows ``[start, stop)`` are written (call after :meth:`write_rows` returned)."""
+        check_row_range(start, stop, rows=self.rows)
+        done = self.path / DONE_DIR
+        done.mkdir(exist_ok=True)
+        final = done / f"{start:012d}-{stop:012d}"
+        tmp = done / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+        os.replace(tmp, final)
+
+    def done_ranges(self) -> list[tuple[int, int]]:
+        """Row ranges marked done by :meth:`mark_done`, sorted."""
+        done = self.path / DONE_DIR
+        if not done.is_dir():
+            return []
+        out = []
+        for entry in done.iterdir():
+            parts = entry.name.split("-")
+            if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+                out.append((int(parts[0]), int(parts[1])))
+        return sorted(out)
+
+    def clear_done(self) -> None:
+        """Forget every task marker (a fresh extraction into the same store)."""
+        done = self.path / DONE_DIR
+        if done.is_dir():
+            for entry in done.iterdir():
+                entry.unlink()
 
 
 _STORES: dict[str, type[FeatureStore]] = {}
@@ -172,6 +590,36 @@ def get_store(name: str) -> type[FeatureStore]:
     if name not in _STORES:
         raise ValueError(f"Unknown store format {name!r}; available: {', '.join(sorted(_STORES))}")
     return _STORES[name]
+
+
+def store_format(path: str | Path) -> str:
+    """The backend name of the store at ``path``; ``ValueError`` when ``path`` is not a feature store."""
+    _load_backends()
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory; give the path of a feature store")
+    for name in sorted(_STORES):
+        if _STORES[name].is_store(path):
+            return name
+    raise ValueError(
+        f"{path} is not a feature store (looked for: {', '.join(sorted(_STORES))}); "
+        "create one with `l2l extract` or give the store directory"
+    )
+
+
+def open_store(path: str | Path, mode: str = "r") -> FeatureStore:
+    """Open the store at ``path`` with whichever backend wrote it.
+
+    Args:
+        path: Store directory (for HDF5 also its ``store.h5``).
+        mode: ``"r"`` to read, ``"r+"`` to write rows or the index.
+
+    Raises:
+        ValueError: ``path`` is not a feature store, or ``mode`` is unknown.
+    """
+    if mode not in ("r", "r+"):
+        raise ValueError(f"mode {mode!r} is not supported; use 'r' or 'r+'")
+    return get_store(store_format(path)).open(path, mode)
 
 
 def _load_backends() -> None:
