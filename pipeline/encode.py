@@ -43,6 +43,9 @@ def write_video(
     sample_rate: int = 16_000,
     container: str = "mp4",
     crf: int = 23,
+    threads: int | None = None,
+    options: dict[str, str] | None = None,
+    audio_options: dict[str, str] | None = None,
 ) -> Path:
     """Encode frames (and optionally audio) into a real media file.
 
@@ -56,6 +59,11 @@ def write_video(
         sample_rate: Audio sample rate in Hz (e.g. 8000, 16000, 44100, 48000).
         container: One of :data:`CONTAINERS`.
         crf: x264/VP9 quality (lower is better).
+        threads: Video encoder threads; ``None`` lets FFmpeg choose. x264 output depends on the thread
+            count, so pass a fixed number (e.g. 1) where files must be byte-identical across machines.
+        options: Extra video encoder options, e.g. ``{"preset": "veryfast"}`` for x264 or
+            ``{"deadline": "realtime", "cpu-used": "8"}`` for VP9.
+        audio_options: Extra audio encoder options, e.g. ``{"aac_coder": "fast"}``.
 
     Returns:
         The written path.
@@ -75,7 +83,8 @@ def write_video(
     time_base = Fraction(1, rate.numerator * 1000 // rate.denominator) if pts_s is not None else 1 / rate
     pts_iter = iter(pts_s) if pts_s is not None else None
 
-    with av.open(str(path), mode="w") as out:
+    # bitexact: no random Matroska segment UID and no muxer version string, so equal input gives equal bytes.
+    with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as out:
         vstream = None
         astream = None
         frame_iter = iter(frames)
@@ -89,6 +98,10 @@ def write_video(
         vstream.width, vstream.height, vstream.pix_fmt = w, h, spec.pix_fmt
         if spec.video_codec in ("libx264", "libvpx-vp9"):
             vstream.options = {"crf": str(crf)} | ({"b": "0"} if spec.video_codec == "libvpx-vp9" else {})
+        if options:
+            vstream.options = dict(vstream.options) | options
+        if threads is not None:
+            vstream.codec_context.thread_count = threads
         if pts_iter is not None:
             vstream.codec_context.time_base = time_base
             vstream.time_base = time_base
@@ -98,6 +111,8 @@ def write_video(
                 raise ValueError(f"audio must be (channels, samples) with 1 or 2 channels, got {audio.shape}")
             layout = "mono" if audio.shape[0] == 1 else "stereo"
             astream = out.add_stream(spec.audio_codec, rate=sample_rate, layout=layout)
+            if audio_options:
+                astream.options = dict(astream.options) | audio_options
 
         def frames_all():
             yield first

@@ -1,0 +1,117 @@
+"""Reading a corpus: manifest, directory and glob give stable unique ids; nothing is dropped silently."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.corpus import CorpusEntry, read_corpus, read_moments, write_manifest
+from pipeline.encode import write_video
+
+
+def _video(path: Path, container: str = "mp4", seed: int = 0) -> Path:
+    """A real two-frame video (16x16), distinct per seed."""
+    rng = np.random.default_rng(seed)
+    return write_video(
+        path, [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)], container=container
+    )
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """root/{a/x.mp4, b/x.mp4, b/deep/y.webm, c/z.mp4, c/z.avi, .hidden/h.mp4, notes.txt}."""
+    root = tmp_path_factory.mktemp("tree")
+    _video(root / "a" / "x.mp4", seed=1)
+    _video(root / "b" / "x.mp4", seed=2)
+    _video(root / "b" / "deep" / "y.webm", "webm", seed=3)
+    _video(root / "c" / "z.mp4", seed=4)
+    _video(root / "c" / "z.avi", "avi", seed=5)
+    _video(root / ".hidden" / "h.mp4", seed=6)
+    (root / "notes.txt").write_text("not a video")
+    return root
+
+
+def test_directory_ids_are_relative_paths_without_suffix(tree):
+    entries = read_corpus(tree)
+    assert [e.video_id for e in entries] == ["a/x", "b/deep/y", "b/x", "c/z.avi", "c/z.mp4"]
+    assert all(e.path.is_absolute() and e.path.is_file() for e in entries)
+    assert entries[0].path == tree / "a" / "x.mp4"
+    assert all(e.label == "" and e.split == "" and e.extra == {} for e in entries)
+
+
+def test_glob_ids_are_relative_to_the_glob_root(tree):
+    assert [e.video_id for e in read_corpus(f"{tree}/**/*.mp4")] == ["a/x", "b/x", "c/z"]
+    assert [e.video_id for e in read_corpus(str(tree / "b" / "*" / "*.webm"))] == ["deep/y"]
+    assert [e.video_id for e in read_corpus(tree / "a" / "x.mp4")] == ["x"]  # a single file
+
+
+def test_manifest_roundtrip_relative_paths_and_extra_columns(tree, tmp_path, monkeypatch):
+    entries = [
+        CorpusEntry("one", tree / "a" / "x.mp4", "cat", "train", {"fps": "30", "note": "a,b"}),
+        CorpusEntry("two", tree / "b" / "x.mp4", "dog", "test", {"fps": "25"}),
+    ]
+    manifest = write_manifest(tree / "m.csv", entries)
+    text = manifest.read_text().splitlines()
+    assert text[0] == "video_id,path,label,split,fps,note"
+    assert text[1].startswith("one,a/x.mp4,cat,train,30,")  # relative: the corpus can move
+    monkeypatch.chdir(tmp_path)  # paths resolve against the manifest's folder, not the working directory
+    back = read_corpus(manifest)
+    assert [(e.video_id, e.path, e.label, e.split) for e in back] == [
+        (e.video_id, e.path, e.label, e.split) for e in entries
+    ]
+    assert back[0].extra == {"fps": "30", "note": "a,b"} and back[1].extra == {"fps": "25", "note": ""}
+
+
+def test_manifest_keeps_missing_files_and_derives_ids(tree, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,label\n{tree}/a/x.mp4,cat\nsub/gone.mp4,dog\n{tree}/b/x.mp4,cat\n")
+    entries = read_corpus(manifest)
+    assert [e.label for e in entries] == ["cat", "dog", "cat"]
+    assert entries[1].path == tmp_path / "sub" / "gone.mp4" and not entries[1].path.exists()
+    assert entries[1].video_id == "sub/gone"
+    assert len({e.video_id for e in entries}) == 3  # x.mp4 twice, in different folders: no collision
+
+
+def test_manifest_duplicate_ids_are_listed(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video_id,path\nv1,a.mp4\nv2,b.mp4\nv1,c.mp4\nv3,d.mp4\nv3,e.mp4\n")
+    with pytest.raises(ValueError, match="2 duplicate video id.*v1, v3"):
+        read_corpus(manifest)
+    with pytest.raises(ValueError, match="duplicate video id"):
+        write_manifest(tmp_path / "w.csv", [CorpusEntry("v", Path("a.mp4")), CorpusEntry("v", Path("b.mp4"))])
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("video_id,file\nv,a.mp4\n", "no 'path' column"),
+        ("video_id,path\nv1,a.mp4\nv2,\n", r"m\.csv:3: empty path"),
+    ],
+)
+def test_bad_manifest_says_what_to_fix(tmp_path, content, words):
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(ValueError, match=words):
+        read_corpus(tmp_path / "m.csv")
+
+
+def test_nothing_to_read_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no video files"):
+        read_corpus(tmp_path / "empty")
+    with pytest.raises(ValueError, match="matched no files"):
+        read_corpus(f"{tmp_path}/*.mp4")
+    with pytest.raises(ValueError, match="no such manifest"):
+        read_corpus(tmp_path / "nope")
+
+
+def test_read_moments_validates_segments(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"v1": {"label": "cat", "segments": [[1, 2.5], [4, 5]]}}))
+    assert read_moments(good) == {"v1": {"label": "cat", "segments": [[1.0, 2.5], [4.0, 5.0]]}}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"v1": {"label": "cat", "segments": [[3, 2]]}}))
+    with pytest.raises(ValueError, match="'v1'.*start < end"):
+        read_moments(bad)
