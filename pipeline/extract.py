@@ -1,0 +1,793 @@
+"""The extraction engine: probe every video, plan chunk-aligned tasks, write features into one store.
+
+Stages (``shared/design.md`` §4, §5):
+
+1. **Probe** every video of the corpus (batches of :func:`probe_entries`, on the cluster when there is
+   one). A video that cannot be probed is recorded ``failed`` with its reason and gets no rows.
+2. **Plan** (:func:`pipeline.plan.plan_extraction`): row ranges and chunk-aligned tasks, deterministic.
+3. **Create** the store once: arrays sized to the plan, attrs (step, audio front end, models with their
+   sha256, extraction config, plan summary and digest, corpus digest) and the index (``pending``).
+4. **Run** :func:`extract_task` for every unfinished task: serially, or mapped over a Dask client with
+   retries. A task decodes its videos step batch by step batch, runs the students, writes all its rows
+   with one ``write_rows`` call, then records its result (``results/<start>-<stop>.json`` in the store)
+   and marks itself done (``FeatureStore.mark_done``). A retried task rewrites exactly its own rows.
+5. **Finalise** once: the index gets every video's status, error and has_audio.
+
+Rows of a video that fails while decoding (``MediaError``) stay in place with zero features and
+``valid`` false; the index says ``failed`` with the reason, and the task goes on with its other videos.
+A video without an audio track is ``ok`` with ``has_audio`` false: its audio and fused features are
+computed from silence (zeros, as the students were trained to see it) and ``audio_valid`` is false on
+all its rows. ``audio_valid`` is also false on steps starting after the end of a shorter audio track.
+
+Resume: running again on an existing store (the same corpus and a compatible config) rebuilds the same
+plan from the stored index, checks its digest and runs only the tasks without a done marker. Features
+are bitwise reproducible because the batch composition (``batch_steps`` per video) and torch's thread
+count (``torch_threads``) are part of the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from indexing.stores import FEATURES, VideoRecord, available_stores, get_store, open_store, store_format
+from pipeline.errors import MediaError
+from pipeline.grid import AUDIO_S, SAMPLE_RATE, STEP_S
+from pipeline.plan import Plan, Task, TaskVideo, plan_extraction
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from pipeline.corpus import CorpusEntry
+
+RESULTS_DIR = "results"  # per-task result files inside the store directory
+IMAGE_SIZE = 112
+EMBED_DIM = 512
+# Config fields that change which rows exist or what bytes they hold: a resume must match them.
+_RESUME_KEYS = ("store", "dtype", "chunk_rows", "task_steps", "batch_steps", "torch_threads")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that decides an extraction's output; validated on creation, stored in the store attrs.
+
+    Attributes:
+        students: Students checkpoint path, or ``random:SEED[:PRESET]`` for explicitly random weights.
+        store: Store backend (one of :func:`indexing.stores.available_stores`).
+        dtype: Feature dtype on disk, ``float16`` or ``float32``.
+        chunk_rows: Rows per store chunk; tasks always own whole chunks.
+        task_steps: Target steps per task (default ``2 * chunk_rows``, about 18 min of video); a task
+            closes once it holds this many steps, a longer video makes a longer task.
+        batch_steps: Steps per forward pass (per video, so the batches never depend on the schedule).
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        torch_threads: torch intra-op threads per task. Part of the output: matrix products round
+            differently with other thread counts, so a resume must use the same.
+        probe_timeout_s: Give up probing one file after this long (it is then ``failed``).
+        probe_batch: Videos per probe task on the cluster.
+        retries: Dask retries of a task whose worker died.
+        compression: Store codec (``default`` = the backend's measured default).
+
+    Raises:
+        ValueError: A bad value; the message names the value and the fix.
+    """
+
+    students: str
+    store: str = "zarr"
+    dtype: str = "float16"
+    chunk_rows: int = 1024
+    task_steps: int | None = None
+    batch_steps: int = 64
+    device: str = "cpu"
+    torch_threads: int = 1
+    probe_timeout_s: float = 60.0
+    probe_batch: int = 32
+    retries: int = 2
+    compression: str = "default"
+
+    def __post_init__(self) -> None:
+        if not str(self.students).strip():
+            raise ValueError("students is empty; pass --students CHECKPOINT or --students random:SEED")
+        object.__setattr__(self, "students", str(self.students))
+        if self.store not in available_stores():
+            raise ValueError(
+                f"Unknown store format {self.store!r}; available: {', '.join(available_stores())}"
+            )
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use float16 or float32")
+        for name in ("chunk_rows", "batch_steps", "torch_threads", "probe_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.task_steps is None:
+            object.__setattr__(self, "task_steps", 2 * self.chunk_rows)
+        if not isinstance(self.task_steps, int) or self.task_steps < 1:
+            raise ValueError(f"task_steps must be a positive integer, got {self.task_steps!r}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries!r}")
+        if not self.probe_timeout_s > 0:
+            raise ValueError(f"probe_timeout_s must be > 0, got {self.probe_timeout_s!r}")
+        if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device {self.device!r} is not supported; use cpu, cuda or cuda:N")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields, as stored in the store attrs under ``extraction``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    """What a task learnt about one video."""
+
+    pos: int
+    video_id: str
+    status: str  # ok | failed
+    error: str = ""
+    has_audio: bool = False
+    steps: int = 0  # valid rows written
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """The outcome of one :func:`extract_task`, also stored as ``results/<start>-<stop>.json``.
+
+    Attributes:
+        index: Task number.
+        start: First row.
+        stop: End row.
+        videos: Per-video outcomes, in row order.
+        seconds: Wall time of the task.
+        host: Where it ran.
+        pid: Worker process id.
+        torch_threads: torch threads the task ran with.
+    """
+
+    index: int
+    start: int
+    stop: int
+    videos: tuple[VideoResult, ...]
+    seconds: float = 0.0
+    host: str = ""
+    pid: int = 0
+    torch_threads: int = 0
+
+    @property
+    def steps(self) -> int:
+        """Valid rows written."""
+        return sum(v.steps for v in self.videos)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskResult:
+        videos = tuple(VideoResult(**v) for v in d["videos"])
+        return cls(**{**{k: d[k] for k in d if k != "videos"}, "videos": videos})
+
+
+@dataclass
+class ExtractReport:
+    """What :func:`run_extraction` did; ``to_json`` is the CLI's ``--json`` output."""
+
+    store: str
+    format: str
+    videos: int = 0
+    ok: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    pending: int = 0
+    steps: int = 0  # valid rows in the store
+    rows: int = 0
+    tasks: int = 0
+    tasks_run: int = 0
+    tasks_skipped: int = 0  # already done before this run
+    tasks_left: int = 0  # not done after this run (errors, max_tasks)
+    task_errors: list[dict[str, str]] = field(default_factory=list)
+    steps_run: int = 0  # rows computed by this run
+    seconds: float = 0.0  # the whole run: probing, planning, model loading, tasks, finalising
+    task_seconds: float = 0.0  # from the first task submitted to the last one finished
+    resumed: bool = False
+    complete: bool = False
+    students_random: bool = False
+
+    @property
+    def steps_per_s(self) -> float:
+        """Throughput of the task phase (decode + students + writes), all workers together."""
+        return self.steps_run / self.task_seconds if self.task_seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "steps_per_s": round(self.steps_per_s, 2)}
+
+    def summary(self) -> str:
+        lines = [
+            f"store     {self.store} ({self.format}{', resumed' if self.resumed else ''})",
+            f"videos    {self.videos}: {self.ok} ok, {len(self.failed)} failed, {self.pending} pending",
+            f"steps     {self.steps} in {self.rows} rows; {self.tasks_run} of {self.tasks} tasks run here "
+            f"({self.tasks_skipped} already done)",
+            f"speed     {self.steps_run} steps in {self.task_seconds:.1f} s of tasks = "
+            f"{self.steps_per_s:.1f} steps/s ({self.seconds:.1f} s in all)",
+        ]
+        if self.students_random:
+            lines.append("WARNING   features come from RANDOM student weights (for pipeline tests only)")
+        return "\n".join(lines)
+
+
+# ---- probing ---------------------------------------------------------------------------------------
+
+
+def probe_entries(entries: Sequence[CorpusEntry], *, timeout_s: float = 60.0) -> list[VideoRecord]:
+    """Probe videos and make their index records (a plain function, mapped over batches on the cluster).
+
+    Args:
+        entries: Corpus entries.
+        timeout_s: Per-file probe timeout.
+
+    Returns:
+        One record per entry: ``pending`` with ``steps`` / ``duration_s`` / ``fps`` / ``has_audio`` from
+        the probe, or ``failed`` with the reason and 0 steps. Never raises for a bad file.
+    """
+    from pipeline.media import probe_video
+
+    out = []
+    for e in entries:
+        rec = VideoRecord(video_id=e.video_id, path=str(e.path), label=e.label or "", split=e.split or "")
+        try:
+            info = probe_video(e.path, timeout_s=timeout_s)
+            steps = int(info.num_steps)
+            if steps <= 0:
+                raise MediaError(e.path, f"no steps (duration {info.duration_s:.3f} s)")
+            rec = replace(
+                rec,
+                steps=steps,
+                duration_s=float(info.duration_s),
+                fps=float(info.fps),
+                has_audio=bool(info.has_audio),
+            )
+        except MediaError as err:
+            rec = replace(rec, status="failed", error=err.reason)
+        except Exception as err:  # one odd file must not stop the corpus: record it as failed
+            rec = replace(rec, status="failed", error=f"probe crashed: {type(err).__name__}: {err}")
+        out.append(rec)
+    return out
+
+
+def probe_corpus(
+    entries: Sequence[CorpusEntry],
+    config: ExtractConfig,
+    *,
+    client: Client | None = None,
+    progress: bool = False,
+) -> list[VideoRecord]:
+    """Probe all entries, in parallel on ``client`` when given; records come back in corpus order."""
+    from tqdm import tqdm
+
+    batches = [entries[i : i + config.probe_batch] for i in range(0, len(entries), config.probe_batch)]
+    bar = tqdm(total=len(entries), desc="probe", unit="video", disable=not progress, file=sys.stderr)
+    out: list[list[VideoRecord]] = [[] for _ in batches]
+    with bar:
+        if client is None:
+            for i, batch in enumerate(batches):
+                out[i] = probe_entries(batch, timeout_s=config.probe_timeout_s)
+                bar.update(len(batch))
+        else:
+            from distributed import as_completed
+
+            run = uuid.uuid4().hex[:8]
+            futures = client.map(
+                probe_entries,
+                batches,
+                key=[f"probe-{run}-{i:06d}" for i in range(len(batches))],
+                timeout_s=config.probe_timeout_s,
+                retries=config.retries,
+                pure=False,
+            )
+            where = {f.key: i for i, f in enumerate(futures)}
+            for fut in as_completed(futures):
+                i = where[fut.key]
+                out[i] = fut.result()
+                bar.update(len(batches[i]))
+    return [rec for batch in out for rec in batch]
+
+
+# ---- the task ----------------------------------------------------------------------------------------
+
+_STUDENTS: dict[tuple, tuple[Any, dict]] = {}
+_STUDENTS_LOCK = threading.Lock()
+
+
+def cached_students(spec: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """``load_students(spec, device=device)``, loaded once per process (a Dask worker keeps it).
+
+    The cache key includes a checkpoint file's size and mtime, so a long-lived worker never keeps
+    weights that were replaced on disk.
+    """
+    path = Path(spec)
+    stamp = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+    key = (spec, device, stamp)
+    with _STUDENTS_LOCK:
+        if key not in _STUDENTS:
+            from indexing.models import load_students
+
+            for old in [k for k in _STUDENTS if k[:2] == (spec, device)]:
+                del _STUDENTS[old]
+            _STUDENTS[key] = load_students(spec, device=device)
+        return _STUDENTS[key]
+
+
+def extract_task(task: Task, *, store_path: str | Path, config: ExtractConfig) -> TaskResult:
+    """Extract one task: decode its videos, run the students, write its rows, mark it done.
+
+    The same function runs serially and on Dask workers. It is idempotent: a retry recomputes and
+    rewrites exactly rows ``[task.start, task.stop)`` (padding included) with one ``write_rows`` call.
+    The task's rows are held in memory in the store dtype (about 3 kB per step in float16).
+
+    Args:
+        task: A task of the store's plan.
+        store_path: The store directory (created by :func:`run_extraction`).
+        config: The extraction config the store was created with.
+
+    Returns:
+        The task's result (per-video status, error, has_audio, rows written).
+
+    Raises:
+        ValueError: The loaded students are not the ones the store was created with.
+        Exception: Anything other than a ``MediaError`` (which only fails its video) fails the task, so
+            the executor can retry it.
+    """
+    from pipeline.cluster import pin_torch_threads
+
+    t0 = time.perf_counter()
+    threads = pin_torch_threads(config.torch_threads)
+    students, meta = cached_students(config.students, config.device)
+    store = open_store(store_path, "r+")
+    try:
+        want = store.attrs.get("models", {}).get("students", {}).get("sha256")
+        if want and meta.get("sha256") != want:
+            raise ValueError(
+                f"students {config.students} have weights sha256 {meta.get('sha256')}, but store "
+                f"{store_path} was created with {want}; the checkpoint changed during extraction"
+            )
+        n = task.stop - task.start
+        dtype = np.dtype(config.dtype)
+        rows: dict[str, np.ndarray] = {name: np.zeros((n, EMBED_DIM), dtype) for name in FEATURES}
+        rows["valid"] = np.zeros(n, bool)
+        rows["audio_valid"] = np.zeros(n, bool)
+        rows["time_s"] = np.zeros(n, np.float64)
+        results = []
+        for video in task.videos:
+            lo = video.first_row - task.start
+            try:
+                has_audio = _extract_video(video, rows, lo, students, config)
+                results.append(VideoResult(video.pos, video.video_id, "ok", "", has_audio, video.steps))
+            except MediaError as err:
+                for arr in rows.values():
+                    arr[lo : lo + video.steps] = 0  # a failed video leaves no partial rows behind
+                results.append(VideoResult(video.pos, video.video_id, "failed", err.reason, False, 0))
+        store.write_rows(task.start, task.stop, rows)
+        result = TaskResult(
+            index=task.index,
+            start=task.start,
+            stop=task.stop,
+            videos=tuple(results),
+            seconds=time.perf_counter() - t0,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            torch_threads=threads,
+        )
+        _write_result(Path(store_path), result)
+        store.mark_done(task.start, task.stop)
+    finally:
+        store.close()
+    return result
+
+
+def _extract_video(
+    video: TaskVideo, rows: dict[str, np.ndarray], lo: int, students: Any, config: ExtractConfig
+) -> bool:
+    """Fill rows ``[lo, lo + video.steps)`` of the task buffers; returns has_audio. Raises MediaError."""
+    from pipeline.media import iter_step_batches, probe_video
+
+    info = probe_video(video.path, timeout_s=config.probe_timeout_s)
+    if info.num_steps != video.steps:
+        raise MediaError(
+            video.path,
+            f"has {info.num_steps} steps now but had {video.steps} when the store was planned; "
+            "the file changed, extract it into a new store",
+        )
+    # Steps starting after a shorter audio track ends have silence, not audio (t = 0 is the video start).
+    audio_end_s = info.audio_start_s - info.start_s + info.audio_duration_s if info.has_audio else 0.0
+    done = np.zeros(video.steps, bool)
+    for batch in iter_step_batches(video.path, batch_steps=config.batch_steps, size=IMAGE_SIZE, info=info):
+        steps = np.asarray(batch.steps, dtype=np.int64)  # (B,)
+        if steps.size == 0:
+            continue
+        if steps.min() < 0 or steps.max() >= video.steps:
+            raise MediaError(
+                video.path, f"decoder gave step {int(steps.max())} of a {video.steps}-step video"
+            )
+        feats = students.embed(batch.frames, batch.audio)  # {name: (B, 512) float32}
+        at = lo + steps
+        for name in FEATURES:
+            rows[name][at] = feats[name]
+        time_s = np.asarray(batch.time_s, dtype=np.float64)  # (B,) step starts
+        rows["time_s"][at] = time_s
+        rows["valid"][at] = True
+        rows["audio_valid"][at] = bool(info.has_audio) & ((audio_end_s <= 0) | (time_s < audio_end_s))
+        done[steps] = True
+    if not done.all():
+        raise MediaError(video.path, f"decoded {int(done.sum())} of {video.steps} steps")
+    return bool(info.has_audio)
+
+
+def _results_dir(store_path: Path) -> Path:
+    return Path(store_path) / RESULTS_DIR
+
+
+def _write_result(store_path: Path, result: TaskResult) -> None:
+    folder = _results_dir(store_path)
+    folder.mkdir(exist_ok=True)
+    final = folder / f"{result.start:012d}-{result.stop:012d}.json"
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(result.to_dict()))
+    os.replace(tmp, final)
+
+
+def finished_results(store: Any, plan: Plan) -> dict[int, TaskResult]:
+    """Results of the plan's tasks that are marked done and have a readable result file, by task index."""
+    done = set(store.done_ranges())
+    folder = _results_dir(store.path)
+    out = {}
+    for task in plan.tasks:
+        if (task.start, task.stop) not in done:
+            continue
+        path = folder / f"{task.start:012d}-{task.stop:012d}.json"
+        try:
+            result = TaskResult.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            result = _result_from_index(task, plan)  # e.g. a store copied by `l2l store export`
+        if result is not None and [v.pos for v in result.videos] == [v.pos for v in task.videos]:
+            out[task.index] = result
+    return out
+
+
+def _result_from_index(task: Task, plan: Plan) -> TaskResult | None:
+    """A done task's result rebuilt from a finalised index; ``None`` when the index has it pending."""
+    videos = []
+    for v in task.videos:
+        rec = plan.records[v.pos]
+        if rec.status not in ("ok", "failed"):
+            return None
+        steps = v.steps if rec.status == "ok" else 0
+        videos.append(VideoResult(v.pos, v.video_id, rec.status, rec.error, rec.has_audio, steps))
+    return TaskResult(task.index, task.start, task.stop, tuple(videos))
+
+
+# ---- driver ------------------------------------------------------------------------------------------
+
+
+def corpus_digest(entries: Sequence[CorpusEntry]) -> str:
+    """SHA-256 over the (video_id, path) pairs in order: the corpus identity a resume checks."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(json.dumps([e.video_id, str(e.path)]).encode())
+    return h.hexdigest()
+
+
+def store_attrs(
+    config: ExtractConfig, plan: Plan, meta: dict[str, Any], *, corpus: dict[str, Any]
+) -> dict[str, Any]:
+    """The attrs written once when the store is created."""
+    import torch
+
+    from indexing import frontend
+
+    students = {
+        "spec": config.students,
+        "random": bool(meta.get("random")),
+        "sha256": meta.get("sha256"),  # of the weights, independent of the file layout
+        "preset": meta.get("preset"),
+        "models": meta.get("models"),
+        "epoch": meta.get("epoch"),
+        "classes": meta.get("classes"),
+    }
+    if meta.get("path"):
+        from indexing.checkpoint import sha256_file
+
+        students["file_sha256"] = sha256_file(meta["path"])
+    return {
+        "step_s": STEP_S,
+        "image": {"size": IMAGE_SIZE, "frame": "the frame on screen at the step start"},
+        "audio": {
+            "sample_rate": SAMPLE_RATE,
+            "seconds": AUDIO_S,
+            "channels": 1,
+            "window": "hann",
+            "win_length": frontend.N_FFT,
+            "n_fft": frontend.N_FFT,
+            "hop_length": frontend.HOP,
+            "n_mels": frontend.N_MELS,
+            "log_mel_shape": [1, frontend.MEL_FRAMES, frontend.N_MELS],
+        },
+        "models": {"students": students},
+        "extraction": config.to_dict(),
+        "plan": plan.summary(),
+        "corpus": corpus,
+        "software": {"torch": torch.__version__, "l2l": _l2l_version()},
+        "created_unix": time.time(),
+    }
+
+
+def _l2l_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("listen-to-look")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _check_resume(
+    attrs: dict[str, Any], config: ExtractConfig, meta: dict[str, Any], digest: str, path
+) -> None:
+    fix = "extract into a new store path (or delete this store to start over)"
+    old = attrs.get("extraction")
+    if not isinstance(old, dict):
+        raise ValueError(
+            f"{path} was not written by `l2l extract` (no extraction config in its attrs); {fix}"
+        )
+    diffs = [
+        f"{k}: store {old.get(k)!r}, now {getattr(config, k)!r}"
+        for k in _RESUME_KEYS
+        if old.get(k) != getattr(config, k)
+    ]
+    old_sha = attrs.get("models", {}).get("students", {}).get("sha256")
+    if old_sha != meta.get("sha256"):
+        old_spec = attrs.get("models", {}).get("students", {}).get("spec")
+        diffs.append(
+            f"students: store {old_spec!r} (sha256 {str(old_sha)[:12]}), now {config.students!r} "
+            f"(sha256 {str(meta.get('sha256'))[:12]})"
+        )
+    if attrs.get("corpus", {}).get("digest") != digest:
+        diffs.append(
+            f"corpus: store has {attrs.get('corpus', {}).get('videos')} videos from "
+            f"{attrs.get('corpus', {}).get('spec')!r}, this corpus differs"
+        )
+    if diffs:
+        raise ValueError(f"{path} was extracted with a different configuration ({'; '.join(diffs)}); {fix}")
+
+
+def run_extraction(
+    corpus: str | Path | Sequence[CorpusEntry],
+    store_path: str | Path,
+    config: ExtractConfig,
+    *,
+    client: Client | None = None,
+    resume: bool | None = None,
+    max_tasks: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ExtractReport:
+    """Extract a corpus into a store, or complete an existing store of the same corpus and config.
+
+    Args:
+        corpus: A corpus spec for :func:`pipeline.corpus.read_corpus`, or its entries.
+        store_path: The store directory. If it holds a store, the run resumes it.
+        config: The extraction config.
+        client: A Dask client to run probe and extract tasks on; ``None`` runs them here, serially.
+        resume: ``True`` requires an existing store, ``False`` requires none, ``None`` accepts either.
+        max_tasks: Run at most this many unfinished tasks, then finalise and stop (a time-boxed job; a
+            later run continues). ``None`` runs them all.
+        progress: Show tqdm bars on stderr.
+        log: Where to print status lines (default: stderr).
+
+    Returns:
+        The report. ``report.complete`` is false when tasks remain (errors or ``max_tasks``).
+
+    Raises:
+        ValueError: Bad corpus, a store locked by another writer, a store made with another config or
+            corpus, or ``resume`` contradicting what is at ``store_path``.
+    """
+    from pipeline.corpus import read_corpus
+
+    log = log or (lambda line: print(line, file=sys.stderr))
+    t0 = time.perf_counter()
+    store_path = Path(store_path)
+    entries = read_corpus(corpus) if isinstance(corpus, (str, Path)) else list(corpus)
+    digest = corpus_digest(entries)
+    exists = store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir()))
+    if resume is True and not exists:
+        raise ValueError(f"--resume: there is no store at {store_path} to resume; drop --resume to create it")
+    if resume is False and exists:
+        raise ValueError(f"{store_path} already exists; resume it or choose a new store path")
+    _, meta = cached_students(config.students, config.device)  # the serial path reuses this load
+    if meta.get("random"):
+        log(
+            f"l2l: WARNING: students {config.students} are RANDOM weights; "
+            "features are for pipeline tests only"
+        )
+
+    if not exists:
+        records = probe_corpus(entries, config, client=client, progress=progress)
+        plan = plan_extraction(records, chunk_rows=config.chunk_rows, task_steps=config.task_steps)
+        corpus_attrs = {
+            "spec": str(corpus) if isinstance(corpus, (str, Path)) else "",
+            "videos": len(entries),
+            "digest": digest,
+        }
+        attrs = store_attrs(config, plan, meta, corpus=corpus_attrs)
+        try:
+            store = get_store(config.store).create(
+                store_path,
+                index=list(plan.records),
+                rows=plan.rows,
+                chunk_rows=config.chunk_rows,
+                dim=EMBED_DIM,
+                dtype=config.dtype,
+                attrs=attrs,
+                tasks=[(t.start, t.stop) for t in plan.tasks],
+                compression=config.compression,
+            )
+        except ValueError as err:
+            if not store_path.exists():
+                raise
+            try:  # another run created it meanwhile: its lock and attrs decide below
+                store = open_store(store_path, "r+")
+            except ValueError:
+                raise err from None
+            resumed = True
+        else:
+            resumed = False
+    else:
+        try:
+            fmt = store_format(store_path)
+        except ValueError:
+            raise ValueError(
+                f"{store_path} exists and is not a feature store; choose a new store path"
+            ) from None
+        if fmt != config.store:
+            raise ValueError(
+                f"{store_path} is a {fmt} store but --format {config.store} was asked; extract into a new "
+                "store path or pass --format " + fmt
+            )
+        store = open_store(store_path, "r+")
+        resumed = True
+
+    with store, store.lock():
+        if resumed:
+            _check_resume(store.attrs, config, meta, digest, store_path)
+            records = store.videos()
+            plan = plan_extraction(records, chunk_rows=config.chunk_rows, task_steps=config.task_steps)
+            if plan.digest() != store.attrs.get("plan", {}).get("digest"):
+                raise ValueError(
+                    f"{store_path}: its index no longer gives the plan it was created with "
+                    "(digest mismatch); the store is damaged, extract into a new store path"
+                )
+        done = finished_results(store, plan)
+        pending = [t for t in plan.tasks if t.index not in done]
+        if resumed:
+            log(
+                f"l2l: resuming {store_path}: {len(done)} of {len(plan.tasks)} tasks done, "
+                f"{len(pending)} to run"
+            )
+        todo = pending if max_tasks is None else pending[:max_tasks]
+        t_tasks = time.perf_counter()
+        new, errors = _run_tasks(todo, store_path, config, client=client, progress=progress)
+        t_tasks = time.perf_counter() - t_tasks
+        done.update(new)
+        report = _finalise(store, plan, done, errors, config)
+    report.resumed = resumed
+    report.tasks_run = len(new)
+    report.tasks_skipped = len(plan.tasks) - len(pending)
+    report.steps_run = sum(r.steps for r in new.values())
+    report.seconds = time.perf_counter() - t0
+    report.task_seconds = t_tasks
+    report.students_random = bool(meta.get("random"))
+    return report
+
+
+def _run_tasks(
+    tasks: Sequence[Task], store_path: Path, config: ExtractConfig, *, client: Client | None, progress: bool
+) -> tuple[dict[int, TaskResult], list[dict[str, str]]]:
+    """Run tasks serially or on Dask; returns results by task index and the tasks that failed."""
+    from tqdm import tqdm
+
+    results: dict[int, TaskResult] = {}
+    errors: list[dict[str, str]] = []
+    videos_total = sum(len(t.videos) for t in tasks)
+    bar = tqdm(
+        total=sum(t.steps for t in tasks),
+        desc="extract",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    videos_done = 0
+
+    def finished(task: Task, result: TaskResult | None, err: BaseException | None) -> None:
+        nonlocal videos_done
+        if result is not None:
+            results[task.index] = result
+        else:
+            errors.append({"task": task.key, "rows": f"[{task.start}, {task.stop})", "error": _describe(err)})
+        videos_done += len(task.videos)
+        bar.set_postfix_str(f"videos {videos_done}/{videos_total}", refresh=False)
+        bar.update(task.steps)
+
+    with bar:
+        if client is None:
+            for task in tasks:
+                try:
+                    finished(task, extract_task(task, store_path=store_path, config=config), None)
+                except Exception as err:  # the executor's job: record it, go on, leave the task for a resume
+                    finished(task, None, err)
+        else:
+            from distributed import as_completed
+
+            run = uuid.uuid4().hex[:8]
+            futures = client.map(
+                extract_task,
+                tasks,
+                key=[f"{t.key}-{run}" for t in tasks],
+                store_path=str(store_path),
+                config=config,
+                retries=config.retries,
+                pure=False,
+            )
+            by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
+            for fut in as_completed(futures):
+                task = by_key[fut.key]
+                if fut.status == "finished":
+                    finished(task, fut.result(), None)
+                else:
+                    finished(task, None, fut.exception())
+                fut.release()
+    return results, errors
+
+
+def _describe(err: BaseException | None) -> str:
+    return f"{type(err).__name__}: {err}" if err is not None else "unknown error"
+
+
+def _finalise(
+    store: Any, plan: Plan, done: dict[int, TaskResult], errors: list[dict[str, str]], config: ExtractConfig
+) -> ExtractReport:
+    """Write every video's status into the index (once per run) and build the report."""
+    records = list(plan.records)
+    for result in done.values():
+        for v in result.videos:
+            rec = records[v.pos]
+            has_audio = v.has_audio if v.status == "ok" else rec.has_audio  # a failed video keeps the probe's
+            records[v.pos] = replace(rec, status=v.status, error=v.error, has_audio=has_audio)
+    for task in plan.tasks:
+        if task.index not in done:
+            for v in task.videos:
+                records[v.pos] = replace(records[v.pos], status="pending", error="")
+    store.set_index(records)
+    failed = [
+        {"video_id": r.video_id, "path": r.path, "reason": r.error} for r in records if r.status == "failed"
+    ]
+    return ExtractReport(
+        store=str(store.path),
+        format=config.store,
+        videos=len(records),
+        ok=sum(r.status == "ok" for r in records),
+        failed=failed,
+        pending=sum(r.status == "pending" for r in records),
+        steps=sum(r.steps for r in done.values()),
+        rows=plan.rows,
+        tasks=len(plan.tasks),
+        tasks_left=len(plan.tasks) - len(done),
+        task_errors=errors,
+        complete=len(done) == len(plan.tasks),
+    )
