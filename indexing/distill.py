@@ -1,0 +1,606 @@
+"""ImgAud2Vid training: distil the clip teacher into image + audio students, then fine-tune a classifier.
+
+Both stages checkpoint after every epoch into the output file (see :mod:`indexing.checkpoint`) with the
+optimiser, scheduler and RNG state; rerunning with the same output path and config continues after the
+last completed epoch, and gives the same weights as an uninterrupted run (each epoch's data is drawn
+from ``(seed, epoch)`` by :class:`pipeline.clips.ClipDataset`). A training-curve PNG is written beside
+the checkpoint (``students.pt`` → ``students-curve.png``).
+
+Distillation loss: ``l1_weight * |z_IA - teacher(clip)|_1`` (mean over dims and batch) plus, when
+``kl_weight > 0``, ``kl_weight * T^2 * KL(softmax(fc(teacher)/T) || softmax(fc(z_IA)/T))`` where ``fc``
+is the teacher's own frozen classifier: z_IA is trained to stand in for the teacher descriptor, so the
+teacher's head scores it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from indexing import checkpoint as ckpt_io
+from indexing.frontend import clips_to_tensor, frames_to_tensor, log_mel
+from indexing.models import Students, Teacher
+
+log = logging.getLogger(__name__)
+
+AUDIO_BASELINES = ("mean", "zero")
+
+
+@dataclass(frozen=True)
+class _TrainConfig:
+    epochs: int
+    batch_size: int = 16
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    lr_decay_at: tuple[float, ...] = (1 / 2, 5 / 6)  # fractions of `epochs` where the lr is multiplied
+    lr_decay: float = 0.1
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1; the paper uses 16")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0; the paper uses 1e-3")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1); the paper uses 0.9")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0; set momentum=0.9 or nesterov=False")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if any(not 0 < f < 1 for f in self.lr_decay_at):
+            raise ValueError(f"lr_decay_at={self.lr_decay_at} must be fractions of the epochs in (0, 1)")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay={self.lr_decay} must be in (0, 1]; the paper uses 0.1")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device={self.device!r} must be cpu or cuda[:N]")
+
+    def milestones(self) -> list[int]:
+        """Epochs after which the lr decays: 30 and 50 for the paper's 60 epochs."""
+        return sorted({round(f * self.epochs) for f in self.lr_decay_at} - {0})
+
+
+@dataclass(frozen=True)
+class DistillConfig(_TrainConfig):
+    """Distillation settings; defaults are the paper's (SGD Nesterov, 60 epochs, lr ÷10 at 30 and 50).
+
+    Attributes:
+        epochs: Training epochs.
+        batch_size: Clips per batch (must equal the train loader's).
+        lr, momentum, nesterov, weight_decay: SGD settings.
+        lr_decay_at: Fractions of ``epochs`` after which the lr is multiplied by ``lr_decay``.
+        l1_weight: Weight of the L1 loss to the teacher descriptor.
+        kl_weight: Weight of the KL term between teacher and student class distributions (0: off).
+        kl_temperature: Softmax temperature of the KL term.
+        device: ``cpu`` or ``cuda[:N]``.
+        seed: Seed of the RNGs at the first epoch.
+    """
+
+    epochs: int = 60
+    l1_weight: float = 1.0
+    kl_weight: float = 0.0
+    kl_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.l1_weight < 0 or self.kl_weight < 0 or self.l1_weight + self.kl_weight == 0:
+            raise ValueError(
+                f"l1_weight={self.l1_weight}, kl_weight={self.kl_weight}: both must be >= 0 and one > 0"
+            )
+        if not self.kl_temperature > 0:
+            raise ValueError(f"kl_temperature={self.kl_temperature} must be > 0; use 1")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_TrainConfig):
+    """Fine-tuning settings: cross-entropy of the classifier on z_IA over labelled clips.
+
+    Attributes:
+        epochs: Training epochs.
+        freeze_students: Train only the classifier (students stay in eval mode: BatchNorm frozen).
+        (others as in :class:`DistillConfig`)
+    """
+
+    epochs: int = 10
+    freeze_students: bool = False
+
+
+# ---- shared loop pieces --------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def _config_dict(config: _TrainConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["lr_decay_at"] = list(d["lr_decay_at"])
+    return d
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def curve_path(out_path: str | Path) -> Path:
+    """Where the training-curve PNG of a checkpoint goes: ``students.pt`` → ``students-curve.png``."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}-curve.png")
+
+
+def _plot(history: list[dict[str, float]], png: Path, *, val_key: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title=title)
+    ax_val.plot(epochs, [h[val_key] for h in history], marker="o", color="tab:orange")
+    ax_val.set(xlabel="epoch", ylabel=val_key.replace("_", " "))
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _resume(
+    out_path: Path, *, stage: str, config: _TrainConfig, students: Students, extra: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None for a fresh run; refuse one from another run."""
+    if not out_path.exists():
+        return None
+    ckpt = ckpt_io.load_checkpoint(out_path, kind="students")
+    found_stage = ckpt["extra"].get("stage")
+    if found_stage != stage:
+        raise ValueError(
+            f"{out_path} holds a {found_stage!r} checkpoint, not {stage!r}; pass a new output path"
+        )
+    want, have = _config_dict(config), dict(ckpt["config"])
+    want.pop("device"), have.pop("device", None)  # a run may move between devices
+    diff = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
+    for key in ("teacher_sha256", "parent_sha256", "classes"):
+        if key in extra and ckpt["extra"].get(key) != extra[key]:
+            diff.append(f"{key} differs")
+    if ckpt["models"] != students.specs():
+        diff.append(f"models: {ckpt['models']} -> {students.specs()}")
+    if diff:
+        raise ValueError(
+            f"{out_path} is from a run with other settings ({'; '.join(diff)}); rerun with the same "
+            "options to resume, or pass a new output path"
+        )
+    return ckpt
+
+
+def _optimiser(params: list[torch.nn.Parameter], config: _TrainConfig):
+    opt = torch.optim.SGD(
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=config.milestones(), gamma=config.lr_decay)
+    return opt, sched
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
+def _run(
+    *,
+    stage: str,
+    students: Students,
+    params: list[torch.nn.Parameter],
+    train_loader,
+    config: _TrainConfig,
+    out_path: str | Path,
+    extra: dict[str, Any],
+    batch_loss,
+    validate,
+    val_key: str,
+    set_train_mode,
+) -> list[dict[str, float]]:
+    """The epoch loop shared by distillation and fine-tuning: resume, train, validate, checkpoint, plot."""
+    out_path = Path(out_path)
+    if getattr(train_loader, "batch_size", config.batch_size) != config.batch_size:
+        raise ValueError(
+            f"train loader batch size {train_loader.batch_size} != config.batch_size={config.batch_size}"
+        )
+    from tqdm import tqdm
+
+    opt, sched = _optimiser(params, config)
+    ckpt = _resume(out_path, stage=stage, config=config, students=students, extra=extra)
+    if ckpt is None:
+        _seed_all(config.seed)
+        history: list[dict[str, float]] = []
+        start = 0
+    else:
+        ckpt_io.load_state_checked(students, ckpt["state_dict"], where=str(out_path))
+        opt.load_state_dict(ckpt["training"]["optimizer"])
+        sched.load_state_dict(ckpt["training"]["scheduler"])
+        _set_rng_state(ckpt["training"]["rng"])
+        history = list(ckpt["training"]["history"])
+        start = int(ckpt["epoch"])
+        if start < config.epochs:
+            log.info("resuming %s from %s after epoch %d", stage, out_path, start)
+
+    for epoch in range(start, config.epochs):
+        _set_epoch(train_loader, epoch)
+        set_train_mode()
+        t0 = time.perf_counter()
+        n_clips, loss_sum = 0, 0.0
+        bar = tqdm(train_loader, desc=f"{stage} {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+        for batch in bar:
+            loss, n = batch_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n_clips += n
+            loss_sum += float(loss.detach()) * n
+            bar.set_postfix(
+                loss=f"{loss_sum / n_clips:.4f}", clips_s=f"{n_clips / (time.perf_counter() - t0):.1f}"
+            )
+        bar.close()
+        if n_clips == 0:
+            raise ValueError("the train loader yielded no clips; check the manifest and its split")
+        seconds = time.perf_counter() - t0
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / n_clips,
+            val_key: validate(),
+            "lr": lr,
+            "clips_per_s": n_clips / seconds,
+            "seconds": seconds,
+        }
+        history.append(entry)
+        tqdm.write(
+            f"{stage} epoch {epoch + 1}/{config.epochs}: train loss {entry['train_loss']:.4f}, "
+            f"{val_key} {entry[val_key]:.4f}, lr {lr:.2g}, {entry['clips_per_s']:.1f} clips/s",
+            file=sys.stderr,
+        )
+        training = {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _rng_state(),
+            "history": history,
+        }
+        ckpt_io.save_checkpoint(
+            out_path,
+            kind="students",
+            models=students.specs(),
+            state_dict=students.state_dict(),
+            epoch=epoch + 1,
+            config=_config_dict(config),
+            training=training,
+            extra=dict(extra, stage=stage),
+        )
+        _plot(history, curve_path(out_path), val_key=val_key, title=f"{stage}: {out_path.name}")
+    return history
+
+
+def _inputs(batch: dict[str, Tensor], dev: torch.device) -> tuple[Tensor, Tensor]:
+    frames = frames_to_tensor(batch["frames"].to(dev, non_blocking=True))  # (B, 3, 112, 112)
+    mel = log_mel(batch["audio"].to(dev, non_blocking=True))  # (B, 1, 101, 40)
+    return frames, mel
+
+
+# ---- distillation --------------------------------------------------------------------------------
+
+
+def distill(
+    students: Students,
+    teacher: Teacher,
+    train_loader,
+    val_loader,
+    config: DistillConfig,
+    out_path: str | Path,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """Train the students' z_IA to match the frozen teacher's clip descriptor (L1, optional KL).
+
+    Args:
+        students: Students to train in place (image, audio and Ψ; a classifier, if any, is untouched).
+        teacher: Frozen teacher.
+        train_loader: Batches of :class:`pipeline.clips.ClipDataset` items with clips.
+        val_loader: Same, for the per-epoch validation L1 (``uniform`` sampling recommended).
+        config: Distillation settings.
+        out_path: Checkpoint file, rewritten after every epoch; an existing one from the same run is
+            resumed, one from another run is refused.
+        extra: Plain metadata stored in the checkpoint (e.g. ``teacher`` name/path,
+            ``teacher_sha256``: a resume with another teacher is refused).
+
+    Returns:
+        History: one dict per epoch with ``epoch``, ``train_loss``, ``val_l1``, ``lr``, ``clips_per_s``,
+        ``seconds``.
+
+    Raises:
+        ValueError: Bad device, mismatched batch size, an incompatible existing checkpoint, no clips.
+    """
+    dev = _device(config.device)
+    students.to(dev)
+    teacher.to(dev)
+    extra = dict(extra or {})
+    temp = config.kl_temperature
+
+    def batch_loss(batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        frames, mel = _inputs(batch, dev)
+        with torch.no_grad():
+            target = teacher(clips_to_tensor(batch["clip"].to(dev, non_blocking=True)))  # (B, 512)
+        z_ia = students(frames, mel)["z_ia"]  # (B, 512)
+        loss = config.l1_weight * F.l1_loss(z_ia, target)
+        if config.kl_weight > 0:
+            log_p_student = F.log_softmax(teacher.logits(z_ia) / temp, dim=1)  # (B, C)
+            log_p_teacher = F.log_softmax(teacher.logits(target) / temp, dim=1)  # (B, C)
+            kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+            loss = loss + config.kl_weight * temp**2 * kl
+        return loss, len(z_ia)
+
+    def train_mode() -> None:
+        students.train()
+
+    def validate() -> float:
+        return float(np.mean(_clip_l1(students, teacher, val_loader, dev)["l1_image_audio"]))
+
+    params = [p for m in (students.image, students.audio, students.fusion) for p in m.parameters()]
+    return _run(
+        stage="distill",
+        students=students,
+        params=params,
+        train_loader=train_loader,
+        config=config,
+        out_path=out_path,
+        extra=extra,
+        batch_loss=batch_loss,
+        validate=validate,
+        val_key="val_l1",
+        set_train_mode=train_mode,
+    )
+
+
+@torch.no_grad()
+def _clip_l1(
+    students: Students, teacher: Teacher, loader, dev: torch.device, *, audio_baseline: str | None = None
+) -> dict[str, np.ndarray]:
+    """Per-clip L1 (mean over dims) of z_IA to the teacher descriptor, with clip ids.
+
+    With ``audio_baseline``, also the image-only L1: Ψ(z_I, ā) where ā is the mean audio embedding of the
+    evaluated clips (``mean``) or zeros (``zero``).
+    """
+    _set_epoch(loader, 0)
+    was_training = students.training
+    students.eval()
+    z_i, z_a, z_ia, target, video, step, time_s = [], [], [], [], [], [], []
+    for batch in loader:
+        frames, mel = _inputs(batch, dev)
+        out = students(frames, mel)
+        z_i.append(out["z_i"])
+        z_a.append(out["z_a"])
+        z_ia.append(out["z_ia"])
+        target.append(teacher(clips_to_tensor(batch["clip"].to(dev))))  # (B, 512)
+        video.append(batch["video"])
+        step.append(batch["step"])
+        time_s.append(batch["time_s"])
+    students.train(was_training)
+    if not z_ia:
+        raise ValueError("the evaluation loader yielded no clips; check the manifest and its split")
+    target_t = torch.cat(target)  # (N, 512)
+    result = {
+        "l1_image_audio": (torch.cat(z_ia) - target_t).abs().mean(1).cpu().numpy(),  # (N,)
+        "video": torch.cat(video).numpy(),
+        "step": torch.cat(step).numpy(),
+        "time_s": torch.cat(time_s).numpy(),
+    }
+    if audio_baseline is not None:
+        z_a_t = torch.cat(z_a)  # (N, 512)
+        fill = z_a_t.mean(0, keepdim=True) if audio_baseline == "mean" else torch.zeros_like(z_a_t[:1])
+        image_only = students.fusion(torch.cat(z_i), fill.expand_as(z_a_t))  # (N, 512)
+        result["l1_image_only"] = (image_only - target_t).abs().mean(1).cpu().numpy()
+    return result
+
+
+def distill_report(
+    students: Students,
+    teacher: Teacher,
+    loader,
+    *,
+    device: str = "cpu",
+    audio_baseline: str = "mean",
+    top_k: int = 5,
+) -> dict[str, Any]:
+    """How much the audio student helps: per-clip L1 to the teacher, image-only vs image+audio.
+
+    Image-only is the same Ψ with the audio embedding replaced by a constant, so nothing clip-specific
+    about the sound reaches it: by default the mean audio embedding over the evaluated clips (``mean``,
+    keeps Ψ's input in distribution), or zeros (``zero``). ``audio_gain = l1_image_only - l1_image_audio``
+    is positive where the clip's audio brought z_IA closer to the teacher.
+
+    Args:
+        students: Distilled students.
+        teacher: The teacher they were distilled from.
+        loader: Batches of :class:`pipeline.clips.ClipDataset` items with clips.
+        device: ``cpu`` or ``cuda[:N]``.
+        audio_baseline: ``mean`` or ``zero``.
+        top_k: Clips listed in ``most_helped`` and ``least_helped``.
+
+    Returns:
+        ``summary`` (clip count, mean L1 of both, mean gain, fraction of clips where audio helps),
+        ``clips`` (one dict per clip: ``video_id``, ``step``, ``time_s``, ``l1_image_audio``,
+        ``l1_image_only``, ``audio_gain``), ``most_helped`` and ``least_helped`` (top_k clips each).
+
+    Raises:
+        ValueError: Unknown audio baseline or an empty loader.
+    """
+    if audio_baseline not in AUDIO_BASELINES:
+        raise ValueError(
+            f"Unknown audio baseline {audio_baseline!r}; available: {', '.join(AUDIO_BASELINES)}"
+        )
+    dev = _device(device)
+    students.to(dev)
+    teacher.to(dev)
+    r = _clip_l1(students, teacher, loader, dev, audio_baseline=audio_baseline)
+    gain = r["l1_image_only"] - r["l1_image_audio"]
+    dataset = loader.dataset
+    clips = [
+        {
+            "video_id": dataset.video_id(int(v)) if hasattr(dataset, "video_id") else str(int(v)),
+            "step": int(s),
+            "time_s": round(float(t), 4),
+            "l1_image_audio": float(a),
+            "l1_image_only": float(i),
+            "audio_gain": float(g),
+        }
+        for v, s, t, a, i, g in zip(
+            r["video"], r["step"], r["time_s"], r["l1_image_audio"], r["l1_image_only"], gain, strict=True
+        )
+    ]
+    order = np.argsort(-gain, kind="stable")
+    return {
+        "summary": {
+            "clips": len(clips),
+            "audio_baseline": audio_baseline,
+            "mean_l1_image_audio": float(r["l1_image_audio"].mean()),
+            "mean_l1_image_only": float(r["l1_image_only"].mean()),
+            "mean_audio_gain": float(gain.mean()),
+            "fraction_audio_helps": float((gain > 0).mean()),
+        },
+        "clips": clips,
+        "most_helped": [clips[i] for i in order[:top_k]],
+        "least_helped": [clips[i] for i in order[::-1][:top_k]],
+    }
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------
+
+
+def finetune(
+    students: Students,
+    train_loader,
+    val_loader,
+    config: FinetuneConfig,
+    out_path: str | Path,
+    *,
+    classes: list[str],
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """Fine-tune a classifier on z_IA (and the students unless frozen) with cross-entropy.
+
+    A ``classifier_linear`` with ``len(classes)`` outputs is attached (seeded) when the students have
+    none or one of another size.
+
+    Args:
+        students: Distilled students, trained in place.
+        train_loader: Labelled :class:`pipeline.clips.ClipDataset` batches (clips not needed).
+        val_loader: Same, for the per-epoch validation accuracy (clips whose label is not a known
+            class count as wrong).
+        config: Fine-tuning settings.
+        out_path: Checkpoint file (resumable as in :func:`distill`); ``classes`` are stored in it.
+        classes: Class names, index = target.
+        extra: Plain metadata stored in the checkpoint (e.g. ``parent_sha256`` of the distilled
+            students).
+
+    Returns:
+        History: one dict per epoch with ``epoch``, ``train_loss``, ``val_accuracy``, ``lr``,
+        ``clips_per_s``, ``seconds``.
+
+    Raises:
+        ValueError: Fewer than 2 classes, bad device, mismatched batch size, incompatible checkpoint.
+    """
+    if len(classes) < 2:
+        raise ValueError(f"fine-tuning needs at least 2 classes, got {classes}; check the manifest labels")
+    dev = _device(config.device)
+    if students.classifier is None or students.classifier.num_classes != len(classes):
+        students.attach_classifier(len(classes), seed=config.seed)
+    students.to(dev)
+    extra = dict(extra or {}, classes=list(classes))
+    trunk = (students.image, students.audio, students.fusion)
+    for module in trunk:
+        module.requires_grad_(not config.freeze_students)
+
+    def batch_loss(batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        frames, mel = _inputs(batch, dev)
+        logits = students(frames, mel)["logits"]  # (B, C)
+        labels = batch["label"].to(dev)
+        if (labels < 0).any():
+            raise ValueError("a training clip has no class label; every training video needs a known label")
+        return F.cross_entropy(logits, labels), len(labels)
+
+    def train_mode() -> None:
+        students.train()
+        if config.freeze_students:
+            for module in trunk:
+                module.eval()
+
+    @torch.no_grad()
+    def validate() -> float:
+        _set_epoch(val_loader, 0)
+        students.eval()
+        correct = total = 0
+        for batch in val_loader:
+            frames, mel = _inputs(batch, dev)
+            pred = students(frames, mel)["logits"].argmax(1).cpu()  # (B,)
+            correct += int((pred == batch["label"]).sum())
+            total += len(pred)
+        if total == 0:
+            raise ValueError("the validation loader yielded no clips; check the manifest and its split")
+        return correct / total
+
+    params = [p for p in students.parameters() if p.requires_grad]
+    return _run(
+        stage="finetune",
+        students=students,
+        params=params,
+        train_loader=train_loader,
+        config=config,
+        out_path=out_path,
+        extra=extra,
+        batch_loss=batch_loss,
+        validate=validate,
+        val_key="val_accuracy",
+        set_train_mode=train_mode,
+    )

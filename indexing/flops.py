@@ -1,0 +1,96 @@
+"""Measured compute per step: GFLOPs of the students, Ψ and the teacher clip, and CPU time per step.
+
+Convention: **FLOPs = 2 x multiply-adds**, as counted by ``torch.utils.flop_counter.FlopCounterMode``
+(convolutions and matrix products; BatchNorm, ReLU and pooling are not counted, <1% here). In this
+convention torchvision's ``r2plus1d_18`` on one 16x112x112 clip is ~81 GFLOPs (torchvision's model card
+says 40.5 "GFLOPS", which are multiply-adds); halve every number here to compare with multiply-add
+tables. Paper preset, one step: image student ~0.97, audio student ~1.22 (its stride-1 stem keeps the
+spectrogram large), Ψ ~0.003, students total ~2.2 GFLOPs, against ~81 for the teacher clip (~37x).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def count_gflops(fn: Callable[[], object]) -> float:
+    """GFLOPs (2 x multiply-adds) of one call of ``fn`` under ``FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def _step_inputs(batch: int) -> dict[str, torch.Tensor]:
+    return {
+        "frames": torch.zeros(batch, 3, 112, 112),  # (B, 3, 112, 112)
+        "mel": torch.zeros(batch, 1, 101, 40),  # (B, 1, 101, 40)
+        "z": torch.zeros(batch, 512),  # (B, 512)
+        "clip": torch.zeros(batch, 3, 16, 112, 112),  # (B, 3, 16, 112, 112)
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def measured_gflops(preset: str = "paper") -> dict[str, float]:
+    """GFLOPs per step of each model of a preset (batch 1; 2 x multiply-adds), counted on the meta device.
+
+    Returns:
+        ``image``, ``audio``, ``fusion``, ``students`` (image + audio + fusion: one indexed step) and
+        ``teacher_clip`` (one 16-frame clip), in GFLOPs.
+
+    Raises:
+        ValueError: Unknown preset.
+    """
+    from indexing.models import build_students, build_teacher
+
+    with torch.device("meta"):  # shapes only: FLOPs are counted without computing anything
+        students = build_students(preset).eval()
+        teacher = build_teacher(preset)
+        x = _step_inputs(1)
+    out = {
+        "image": count_gflops(lambda: students.image(x["frames"])),
+        "audio": count_gflops(lambda: students.audio(x["mel"])),
+        "fusion": count_gflops(lambda: students.fusion(x["z"], x["z"])),
+        "teacher_clip": count_gflops(lambda: teacher(x["clip"])),
+    }
+    out["students"] = out["image"] + out["audio"] + out["fusion"]
+    return out
+
+
+def measure_ms_per_step(
+    model: nn.Module,
+    make_inputs: Callable[[int], tuple[torch.Tensor, ...]],
+    *,
+    batch_sizes: Sequence[int] = (1, 4, 16, 32),
+    repeats: int = 3,
+) -> dict[int, float]:
+    """Wall milliseconds per sample (per step) of ``model`` at several batch sizes, best of ``repeats``.
+
+    Args:
+        model: Module run in eval mode under ``inference_mode``.
+        make_inputs: ``batch -> inputs`` for the model.
+        batch_sizes: Batch sizes to try.
+        repeats: Timed runs per batch size after one warm-up.
+
+    Returns:
+        ``{batch_size: ms per sample}``.
+    """
+    model.eval()
+    result = {}
+    with torch.inference_mode():
+        for b in batch_sizes:
+            inputs = make_inputs(b)
+            model(*inputs)  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(*inputs)
+                best = min(best, time.perf_counter() - t0)
+            result[b] = 1000 * best / b
+    return result

@@ -1,0 +1,225 @@
+"""Training clips for ImgAud2Vid: (video, step) samples drawn from the step grid of a corpus.
+
+Each item is one step of one video: its frame, its 1 s of audio, its 16-frame teacher clip (optional)
+and the video's label index. The index is a list of ``(video, step)`` pairs, re-drawn every epoch with
+at most ``clips_per_video`` steps per video, from a seed and the epoch number only, so an epoch's
+samples and order are reproducible (and a resumed run sees the same data). Items are decoded one step
+at a time with :func:`pipeline.media.read_steps`; a whole video is never held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+SAMPLINGS = ("random", "uniform")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """How clips are drawn from a corpus.
+
+    Attributes:
+        clips_per_video: At most this many steps per video per epoch.
+        sampling: ``random`` (a fresh random subset of steps each epoch, shuffled across videos: for
+            training) or ``uniform`` (evenly spaced steps, fixed order: for validation and reports).
+        with_clips: Decode the 16-frame teacher clip too (distillation; not needed for fine-tuning).
+        size: Frame side in pixels (frames and clips are resized to ``size x size``).
+        seed: Seed of the per-epoch draws.
+    """
+
+    clips_per_video: int = 8
+    sampling: str = "random"
+    with_clips: bool = True
+    size: int = 112
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.clips_per_video < 1:
+            raise ValueError(f"clips_per_video={self.clips_per_video} must be >= 1; use e.g. 8")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"Unknown sampling {self.sampling!r}; available: {', '.join(SAMPLINGS)}")
+        if self.size < 16:
+            raise ValueError(f"size={self.size} is too small for the students; use 112")
+
+
+class ClipDataset(Dataset):
+    """Step samples of a list of corpus entries.
+
+    Videos are probed once on construction (metadata only); a video that cannot be probed is skipped
+    with a warning and listed in :attr:`skipped`, so one bad file never hides the others.
+
+    Args:
+        entries: Corpus entries with ``video_id``, ``path`` and ``label`` attributes
+            (e.g. :func:`pipeline.corpus.read_corpus` rows).
+        config: Sampling settings.
+        classes: Class names; a label's index in this list is its target. ``None``: the sorted labels of
+            ``entries``. Labels not in ``classes`` (or empty) get index -1.
+        require_labels: Raise if any entry's label has no class index (fine-tuning).
+
+    Items are dicts: ``frames`` ``(S, S, 3)`` uint8, ``audio`` ``(16000,)`` float32, ``clip``
+    ``(16, S, S, 3)`` uint8 (only with ``with_clips``), ``label`` int, ``video`` int (entry index),
+    ``step`` int, ``time_s`` float.
+
+    Raises:
+        ValueError: No readable video, or unlabelled entries with ``require_labels``.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[Any],
+        config: ClipConfig | None = None,
+        *,
+        classes: Sequence[str] | None = None,
+        require_labels: bool = False,
+    ):
+        from pipeline.errors import MediaError
+        from pipeline.media import probe_video
+
+        self.config = config or ClipConfig()
+        if classes is None:
+            classes = sorted({str(e.label) for e in entries if getattr(e, "label", "")})
+        self.classes = list(classes)
+        class_index = {c: i for i, c in enumerate(self.classes)}
+        self.entries = []
+        self.infos = []
+        self.skipped: list[tuple[str, str]] = []
+        for entry in entries:
+            try:
+                info = probe_video(entry.path)
+            except MediaError as exc:
+                log.warning("skipping %s: %s", entry.path, exc.reason)
+                self.skipped.append((str(entry.video_id), exc.reason))
+                continue
+            if info.num_steps < 1:
+                self.skipped.append((str(entry.video_id), "no steps"))
+                continue
+            self.entries.append(entry)
+            self.infos.append(info)
+        if not self.entries:
+            raise ValueError(
+                f"none of {len(entries)} videos could be read ({self.skipped[:3]}); check the manifest"
+            )
+        self.labels = np.array(
+            [class_index.get(str(getattr(e, "label", "")), -1) for e in self.entries], np.int64
+        )
+        if require_labels and (self.labels < 0).any():
+            bad = [str(self.entries[i].video_id) for i in np.flatnonzero(self.labels < 0)[:5]]
+            raise ValueError(f"videos without a known class label: {', '.join(bad)}; label them or drop them")
+        self.num_steps = np.array([info.num_steps for info in self.infos], np.int64)
+        self.epoch = -1
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the epoch's ``(video, step)`` index from ``(seed, epoch)`` alone."""
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        cap = self.config.clips_per_video
+        rng = np.random.default_rng([self.config.seed, epoch])
+        videos, steps = [], []
+        for v, n in enumerate(self.num_steps):
+            if n <= cap:
+                chosen = np.arange(n)
+            elif self.config.sampling == "uniform":
+                chosen = np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))
+            else:
+                chosen = np.sort(rng.choice(n, size=cap, replace=False))
+            videos.append(np.full(len(chosen), v, np.int64))
+            steps.append(chosen.astype(np.int64))
+        index = np.stack([np.concatenate(videos), np.concatenate(steps)], axis=1)  # (N, 2): video, step
+        if self.config.sampling == "random":
+            index = index[rng.permutation(len(index))]
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from pipeline.media import read_steps
+
+        v, step = (int(x) for x in self.index[i])
+        cfg = self.config
+        batch = read_steps(
+            self.entries[v].path, [step], with_clips=cfg.with_clips, size=cfg.size, info=self.infos[v]
+        )
+        item = {
+            "frames": batch.frames[0],  # (S, S, 3) uint8
+            "audio": batch.audio[0].astype(np.float32, copy=False),  # (16000,) float32
+            "label": int(self.labels[v]),
+            "video": v,
+            "step": step,
+            "time_s": float(batch.time_s[0]),
+        }
+        if cfg.with_clips:
+            item["clip"] = batch.clips[0]  # (16, S, S, 3) uint8
+        return item
+
+    def video_id(self, v: int) -> str:
+        """The ``video_id`` of entry ``v``."""
+        return str(self.entries[v].video_id)
+
+
+def make_loader(
+    dataset: ClipDataset,
+    *,
+    batch_size: int,
+    num_workers: int = 2,
+    device: str = "cpu",
+) -> DataLoader:
+    """A DataLoader over ``dataset`` in its own (seeded, per-epoch) order.
+
+    Call ``dataset.set_epoch(e)`` before iterating epoch ``e``; workers are not persistent, so each
+    epoch's iterator sees the new index. The order comes from the dataset (no sampler shuffling), so
+    results do not depend on ``num_workers``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must be >= 0")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=str(device).startswith("cuda"),
+        generator=torch.Generator().manual_seed(dataset.config.seed),
+    )
+
+
+def split_entries(
+    entries: Sequence[Any], *, train_split: str = "train", val_split: str = "auto"
+) -> tuple[list[Any], list[Any], str]:
+    """Training and validation videos of a corpus by its ``split`` column.
+
+    Args:
+        entries: Corpus entries with a ``split`` attribute.
+        train_split: Split name of the training videos; when no entry has it (e.g. a manifest without
+            splits), every entry trains.
+        val_split: Split name of the validation videos, or ``auto``: ``val`` if present, else ``test``,
+            else the training videos themselves (a fixed, evenly spaced set of their steps).
+
+    Returns:
+        ``(train, val, val_name)``; ``val_name`` says which split validates (``"train"`` for the fallback).
+
+    Raises:
+        ValueError: A named ``val_split`` that no entry has.
+    """
+    names = {str(getattr(e, "split", "")) for e in entries}
+    train = [e for e in entries if e.split == train_split] if train_split in names else list(entries)
+    if val_split == "auto":
+        val_split = next((s for s in ("val", "test") if s in names and s != train_split), "")
+        if not val_split:
+            log.warning("no val/test split in the corpus: validating on training videos")
+            return train, train, "train"
+    if val_split not in names:
+        raise ValueError(f"no video has split {val_split!r} (splits: {sorted(names)}); use --val-split auto")
+    return train, [e for e in entries if e.split == val_split], val_split

@@ -1,0 +1,379 @@
+"""ImgAud2Vid training: configs, distillation and fine-tuning loops, resume, report, clip loading, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.data import DataLoader, Dataset
+
+from indexing.distill import DistillConfig, FinetuneConfig, curve_path, distill, distill_report, finetune
+from indexing.models import build_students, load_students, load_teacher
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core box spinning threads cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SIDE = 64  # in-memory clips are 64x64 to keep the loop tests fast; the CLI test reads real 112x112 steps
+
+
+class MemoryClips(Dataset):
+    """Generated labelled clips in memory: class 0 is reddish with a 440 Hz tone, class 1 bluish at 1760 Hz.
+
+    Each item's clip is its frame drifting over 16 frames; the order is re-drawn per epoch from (seed, epoch).
+    """
+
+    def __init__(self, n: int = 8, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.labels = np.arange(n) % 2
+        base = np.where(self.labels[:, None] == 0, [200, 40, 40], [40, 40, 200])  # (n, 3)
+        noise = rng.integers(-40, 40, (n, SIDE, SIDE, 3))
+        self.frames = np.clip(base[:, None, None, :] + noise, 0, 255).astype(np.uint8)  # (n, S, S, 3)
+        self.clips = np.stack(
+            [np.roll(self.frames, k, axis=2) for k in range(16)], axis=1
+        )  # (n, 16, S, S, 3)
+        t = np.arange(16000) / 16000
+        freq = np.where(self.labels == 0, 440.0, 1760.0)
+        self.audio = (
+            0.5 * np.sin(2 * np.pi * freq[:, None] * t) + 0.05 * rng.standard_normal((n, 16000))
+        ).astype(np.float32)
+        self.seed, self.epoch = seed, -1
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(self.order[i])
+        return {
+            "frames": self.frames[j],
+            "audio": self.audio[j],
+            "clip": self.clips[j],
+            "label": int(self.labels[j]),
+            "video": j,
+            "step": 0,
+            "time_s": 0.0,
+        }
+
+    def video_id(self, v: int) -> str:
+        return f"clip{v}"
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class DyingLoader:
+    """A loader stand-in that raises in the middle of one epoch, like a killed job."""
+
+    def __init__(self, loader: DataLoader, epoch: int):
+        self.loader, self.epoch = loader, epoch
+        self.dataset, self.batch_size = loader.dataset, loader.batch_size
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if self.dataset.epoch == self.epoch and i == 1:
+                raise Interrupted("killed")
+            yield batch
+
+
+def _loaders(batch_size: int = 2):
+    return DataLoader(MemoryClips(8), batch_size=batch_size), DataLoader(MemoryClips(4, seed=1), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher(preset="tiny")[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"epochs": 0}, "epochs=0"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"lr": 0.0}, "lr=0.0"),
+        ({"momentum": 1.0}, "momentum=1.0"),
+        ({"lr_decay_at": (1.5,)}, "lr_decay_at"),
+        ({"device": "tpu"}, "device='tpu'"),
+        ({"kl_weight": -1.0}, "kl_weight=-1.0"),
+        ({"l1_weight": 0.0}, "one > 0"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**kwargs)
+
+
+def test_paper_defaults():
+    cfg = DistillConfig()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (60, 16, 1e-3, 0.9, 1e-4)
+    assert cfg.nesterov and cfg.kl_weight == 0 and cfg.milestones() == [30, 50]
+    assert FinetuneConfig(epochs=4).milestones() == [2, 3]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            distill(build_students("tiny"), None, None, None, DistillConfig(device="cuda"), "never.pt")
+
+
+FULL = DistillConfig(epochs=3, batch_size=2, lr=0.05, seed=1)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, teacher):
+    """One uninterrupted 3-epoch tiny distillation, shared by the tests below."""
+    out = tmp_path_factory.mktemp("full") / "students.pt"
+    students = build_students("tiny", seed=1)
+    history = distill(students, teacher, *_loaders(), FULL, out)
+    return out, history, students.state_dict()
+
+
+def test_distillation_loss_falls(full_run):
+    out, history, _ = full_run
+    losses = [h["train_loss"] for h in history]
+    val = [h["val_l1"] for h in history]
+    assert len(history) == 3 and losses[-1] < 0.95 * losses[0], losses
+    assert val[-1] < val[0], val
+    assert [h["lr"] for h in history] == pytest.approx([0.05, 0.05, 0.005])  # decays after 5/6 * 3 epochs
+    assert history[0]["clips_per_s"] > 0 and curve_path(out).stat().st_size > 1000
+    _, meta = load_students(out)
+    assert meta["epoch"] == 3 and meta["config"]["lr"] == 0.05
+
+
+def test_kl_term_trains(tmp_path, teacher):
+    cfg = DistillConfig(epochs=1, batch_size=4, lr=0.01, kl_weight=1.0, kl_temperature=2.0)
+    students = build_students("tiny", seed=0)
+    before = students.fusion.fc2.weight.detach().clone()
+    loader = DataLoader(MemoryClips(4), batch_size=4)
+    history = distill(students, teacher, loader, loader, cfg, tmp_path / "kl.pt")
+    assert np.isfinite(history[0]["train_loss"]) and not torch.equal(before, students.fusion.fc2.weight)
+
+
+def _strip(history):
+    return [{k: v for k, v in h.items() if k not in ("seconds", "clips_per_s")} for h in history]
+
+
+def test_resume_after_interrupted_epoch_matches_uninterrupted_run(tmp_path, teacher, full_run):
+    full_out, full_history, full_state = full_run
+    train, val = _loaders()
+    with pytest.raises(Interrupted):
+        distill(
+            build_students("tiny", seed=1),
+            teacher,
+            DyingLoader(train, epoch=1),
+            val,
+            FULL,
+            tmp_path / "cut.pt",
+        )
+    assert load_students(tmp_path / "cut.pt")[1]["epoch"] == 1
+    resumed = build_students("tiny", seed=1)
+    resumed_history = distill(resumed, teacher, train, val, FULL, tmp_path / "cut.pt")
+
+    assert _strip(resumed_history) == _strip(full_history)
+    for key, value in full_state.items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+    # A finished run is not retrained; a run with other settings is refused.
+    again = distill(build_students("tiny", seed=1), teacher, train, val, FULL, full_out)
+    assert _strip(again) == _strip(full_history)
+    other = DistillConfig(epochs=3, batch_size=2, lr=0.1, seed=1)
+    with pytest.raises(ValueError, match="lr: 0.05 -> 0.1"):
+        distill(build_students("tiny", seed=1), teacher, train, val, other, full_out)
+    with pytest.raises(ValueError, match="batch size"):
+        distill(build_students("tiny"), teacher, _loaders(4)[0], val, FULL, tmp_path / "other.pt")
+
+
+def test_finetune_learns_labels_and_freezing_keeps_students(tmp_path):
+    train, val = _loaders(4)
+    students = build_students("tiny", seed=0)
+    cfg = FinetuneConfig(epochs=3, batch_size=4, lr=0.05, seed=0)
+    history = finetune(
+        students,
+        train,
+        DataLoader(MemoryClips(8), batch_size=4),
+        cfg,
+        tmp_path / "ft.pt",
+        classes=["red", "blue"],
+    )
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_accuracy"] >= 0.75
+    loaded, meta = load_students(tmp_path / "ft.pt")
+    assert meta["classes"] == ["red", "blue"] and loaded.classifier.num_classes == 2
+
+    frozen = build_students("tiny", seed=0)
+    trunk_before = {k: v.clone() for k, v in frozen.image.state_dict().items()}
+    finetune(
+        frozen,
+        train,
+        val,
+        FinetuneConfig(epochs=1, batch_size=4, freeze_students=True),
+        tmp_path / "frozen.pt",
+        classes=["red", "blue"],
+    )
+    for key, value in frozen.image.state_dict().items():
+        assert torch.equal(value, trunk_before[key]), key  # weights and BatchNorm statistics
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        finetune(frozen, train, val, cfg, tmp_path / "one.pt", classes=["red"])
+
+
+def test_finetune_refuses_a_distill_checkpoint_as_output(full_run):
+    train, val = _loaders()
+    with pytest.raises(ValueError, match="'distill' checkpoint, not 'finetune'"):
+        finetune(
+            build_students("tiny"),
+            train,
+            val,
+            FinetuneConfig(epochs=1, batch_size=2),
+            full_run[0],
+            classes=["red", "blue"],
+        )
+
+
+def test_distill_report_ranks_clips(teacher):
+    students = build_students("tiny", seed=0)
+    loader = DataLoader(MemoryClips(6), batch_size=4)
+    report = distill_report(students, teacher, loader, top_k=3)
+    s = report["summary"]
+    assert s["clips"] == 6 and len(report["clips"]) == 6 and s["audio_baseline"] == "mean"
+    gains = [c["audio_gain"] for c in report["most_helped"]]
+    assert gains == sorted(gains, reverse=True) and len(gains) == 3
+    assert report["least_helped"][0]["audio_gain"] == min(c["audio_gain"] for c in report["clips"])
+    assert 0 <= s["fraction_audio_helps"] <= 1
+    assert s["mean_audio_gain"] == pytest.approx(s["mean_l1_image_only"] - s["mean_l1_image_audio"], abs=1e-6)
+    assert {c["video_id"] for c in report["clips"]} == {f"clip{i}" for i in range(6)}
+    zero = distill_report(students, teacher, loader, audio_baseline="zero")["summary"]
+    assert zero["mean_l1_image_only"] != s["mean_l1_image_only"]
+    assert zero["mean_l1_image_audio"] == pytest.approx(s["mean_l1_image_audio"])
+    with pytest.raises(ValueError, match="available: mean, zero"):
+        distill_report(students, teacher, loader, audio_baseline="silence")
+
+
+# ---- real media: clip dataset and CLI ------------------------------------------------------------
+
+
+def _write_corpus(root, *, durations=(1.6, 1.6, 1.6, 1.6)):
+    from pipeline.encode import write_video
+
+    rows = ["video_id,path,label,split"]
+    for i, duration in enumerate(durations):
+        label = "red" if i % 2 == 0 else "blue"
+        rgb = (200, 30, 30) if label == "red" else (30, 30, 200)
+        n = int(round(duration * 30))
+        rng = np.random.default_rng(i)
+        frames = [
+            np.clip(np.array(rgb) + rng.integers(-20, 20, (64, 80, 3)), 0, 255).astype(np.uint8)
+            for _ in range(n)
+        ]
+        t = np.arange(int(duration * 16000)) / 16000
+        audio = 0.4 * np.sin(2 * np.pi * (440 if label == "red" else 1760) * t)[None]
+        write_video(root / f"v{i}.mp4", frames, fps=30, audio=audio)
+        rows.append(f"v{i},v{i}.mp4,{label},{'train' if i < 2 else 'test'}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.csv"
+
+
+def test_clip_dataset_draws_capped_reproducible_steps(tmp_path):
+    from pipeline.clips import ClipConfig, ClipDataset, make_loader, split_entries
+    from pipeline.corpus import read_corpus
+
+    manifest = _write_corpus(tmp_path, durations=(3.0, 1.2))
+    entries = read_corpus(manifest)
+    (tmp_path / "bad.mp4").write_bytes(b"garbage")
+    entries.append(type(entries[0])(video_id="bad", path=tmp_path / "bad.mp4", label="red", split="train"))
+    ds = ClipDataset(entries, ClipConfig(clips_per_video=4, seed=3))
+    assert [v for v, _ in ds.skipped] == ["bad"] and ds.classes == ["blue", "red"]
+    assert list(ds.num_steps) == [6, 3] and len(ds) == 4 + 3
+    first = ds.index.copy()
+    ds.set_epoch(1)
+    assert not np.array_equal(ds.index, first)
+    ds.set_epoch(0)
+    np.testing.assert_array_equal(ds.index, first)
+    assert all(0 <= s < ds.num_steps[v] for v, s in ds.index)
+
+    item = ds[0]
+    assert item["frames"].shape == (112, 112, 3) and item["frames"].dtype == np.uint8
+    assert item["audio"].shape == (16000,) and item["audio"].dtype == np.float32
+    assert item["clip"].shape == (16, 112, 112, 3) and item["label"] == ds.labels[item["video"]]
+    red = item["frames"][..., 0].mean() > item["frames"][..., 2].mean()
+    assert red == (ds.entries[item["video"]].label == "red")
+
+    serial = next(iter(make_loader(ds, batch_size=3, num_workers=0)))
+    parallel = next(iter(make_loader(ds, batch_size=3, num_workers=2)))
+    assert torch.equal(serial["clip"], parallel["clip"]) and torch.equal(serial["step"], parallel["step"])
+
+    train, val, name = split_entries(read_corpus(_write_corpus(tmp_path / "four")))
+    assert name == "test" and [e.video_id for e in train] == ["v0", "v1"] and len(val) == 2
+    with pytest.raises(ValueError, match="clips_per_video=0"):
+        ClipConfig(clips_per_video=0)
+
+
+def test_cli_distill_finetune_report(tmp_path):
+    from cli import main
+
+    manifest = _write_corpus(tmp_path)
+    runner = CliRunner()
+    common = ["--epochs", "2", "--batch-size", "2", "--workers", "0", "--clips-per-video", "2", "--json"]
+    out = tmp_path / "students.pt"
+    result = runner.invoke(
+        main,
+        [
+            "distill",
+            str(manifest),
+            "--teacher-preset",
+            "tiny",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            *common,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    history = json.loads(result.stdout)["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and all(h["val_l1"] > 0 for h in history)
+    assert curve_path(out).exists()
+
+    ft = tmp_path / "ft.pt"
+    result = runner.invoke(
+        main, ["finetune", str(manifest), "--students", str(out), "--out", str(ft), *common]
+    )
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads(result.stdout)["history"][-1]["val_accuracy"] <= 1
+    students, meta = load_students(ft)
+    assert meta["classes"] == ["blue", "red"] and students.classifier.num_classes == 2
+
+    result = runner.invoke(
+        main,
+        [
+            "distill-report",
+            str(manifest),
+            "--students",
+            str(out),
+            "--teacher-preset",
+            "tiny",
+            "--workers",
+            "0",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"]["clips"] == 4 * 3  # 4 videos of 3 steps
+
+    result = runner.invoke(main, ["distill", str(manifest), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and "exactly one of --teacher-weights" in result.output
+    torch.save(load_teacher(preset="tiny")[0].net.state_dict(), tmp_path / "teacher.pt")
+    result = runner.invoke(
+        main,
+        ["finetune", str(manifest), "--students", str(tmp_path / "teacher.pt"), "--out", str(ft), *common],
+    )
+    assert result.exit_code == 2 and "expected an l2l 'students' checkpoint" in result.output
