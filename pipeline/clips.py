@@ -4,13 +4,16 @@ Each item is one step of one video: its frame, its 1 s of audio, its 16-frame te
 and the video's label index. The index is a list of ``(video, step)`` pairs, re-drawn every epoch with
 at most ``clips_per_video`` steps per video, from a seed and the epoch number only, so an epoch's
 samples and order are reproducible (and a resumed run sees the same data). Items are decoded one step
-at a time with :func:`pipeline.media.read_steps`; a whole video is never held in memory.
+at a time through a few open :class:`pipeline.media.StepReader`; a whole video is never held in memory.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,7 @@ class ClipConfig:
         with_clips: Decode the 16-frame teacher clip too (distillation; not needed for fine-tuning).
         size: Frame side in pixels (frames and clips are resized to ``size x size``).
         seed: Seed of the per-epoch draws.
+        open_readers: Videos each loader process keeps open (opening indexes the whole file).
     """
 
     clips_per_video: int = 8
@@ -41,12 +45,15 @@ class ClipConfig:
     with_clips: bool = True
     size: int = 112
     seed: int = 0
+    open_readers: int = 32
 
     def __post_init__(self) -> None:
         if self.clips_per_video < 1:
             raise ValueError(f"clips_per_video={self.clips_per_video} must be >= 1; use e.g. 8")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"Unknown sampling {self.sampling!r}; available: {', '.join(SAMPLINGS)}")
+        if self.open_readers < 1:
+            raise ValueError(f"open_readers={self.open_readers} must be >= 1; use e.g. 32")
         if self.size < 16:
             raise ValueError(f"size={self.size} is too small for the students; use 112")
 
@@ -92,12 +99,20 @@ class ClipDataset(Dataset):
         self.entries = []
         self.infos = []
         self.skipped: list[tuple[str, str]] = []
-        for entry in entries:
+
+        def probe(entry: Any) -> Any:
             try:
-                info = probe_video(entry.path)
+                return probe_video(entry.path)
             except MediaError as exc:
-                log.warning("skipping %s: %s", entry.path, exc.reason)
-                self.skipped.append((str(entry.video_id), exc.reason))
+                return exc
+
+        # Probes run in helper processes, so threads give real parallelism here.
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            probed = list(pool.map(probe, entries))
+        for entry, info in zip(entries, probed, strict=True):
+            if isinstance(info, MediaError):
+                log.warning("skipping %s: %s", entry.path, info.reason)
+                self.skipped.append((str(entry.video_id), info.reason))
                 continue
             if info.num_steps < 1:
                 self.skipped.append((str(entry.video_id), "no steps"))
@@ -144,13 +159,9 @@ class ClipDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from pipeline.media import read_steps
-
         v, step = (int(x) for x in self.index[i])
         cfg = self.config
-        batch = read_steps(
-            self.entries[v].path, [step], with_clips=cfg.with_clips, size=cfg.size, info=self.infos[v]
-        )
+        batch = self._reader(v).read([step], with_clips=cfg.with_clips)
         item = {
             "frames": batch.frames[0],  # (S, S, 3) uint8
             "audio": batch.audio[0].astype(np.float32, copy=False),  # (16000,) float32
@@ -162,6 +173,27 @@ class ClipDataset(Dataset):
         if cfg.with_clips:
             item["clip"] = batch.clips[0]  # (16, S, S, 3) uint8
         return item
+
+    def _reader(self, v: int) -> Any:
+        """An open reader of video ``v`` from a small per-process LRU cache.
+
+        Opening a video indexes the whole file, which costs far more than reading one step, so each
+        (worker) process keeps its most recently used readers open.
+        """
+        from pipeline.media import StepReader
+
+        readers = self.__dict__.setdefault("_readers", OrderedDict())
+        if v in readers:
+            readers.move_to_end(v)
+            return readers[v]
+        reader = StepReader(self.entries[v].path, info=self.infos[v], size=self.config.size)
+        readers[v] = reader
+        while len(readers) > self.config.open_readers:
+            readers.popitem(last=False)[1].close()
+        return reader
+
+    def __getstate__(self) -> dict[str, Any]:  # open readers stay in the process that opened them
+        return {k: v for k, v in self.__dict__.items() if k != "_readers"}
 
     def video_id(self, v: int) -> str:
         """The ``video_id`` of entry ``v``."""

@@ -274,6 +274,8 @@ def _inspect(path: str, heartbeat: Callable[[], None] = lambda: None) -> VideoIn
         if vstream is None:
             raise MediaError(path, "no video stream")
         astream = container.streams.best("audio")
+        if vstream.codec_context is None:  # PyAV makes no context when FFmpeg has no decoder for the codec
+            raise MediaError(path, "unsupported video codec (no decoder for it in this FFmpeg build)")
         coded_w, coded_h = vstream.codec_context.width, vstream.codec_context.height
         if coded_w <= 0 or coded_h <= 0:
             raise MediaError(path, f"corrupt video header (frame size {coded_w}x{coded_h})")

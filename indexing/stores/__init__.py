@@ -332,8 +332,12 @@ def acquire_lock(path: str | Path) -> StoreLock:
                 raise ValueError(_lock_message(path, holder)) from None
             _take_over(path, holder)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+        except BaseException:
+            path.unlink(missing_ok=True)  # e.g. a full disk: an empty lock would refuse every later run
+            raise
         return StoreLock(path, token)
     raise ValueError(_lock_message(path, _read_lock(path) or {}))
 

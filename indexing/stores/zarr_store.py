@@ -292,6 +292,13 @@ def _write_index(group: Any, columns: Mapping[str, np.ndarray]) -> None:
 
     n = len(columns["video_id"])
     for name, kind in INDEX_COLUMNS.items():
+        old = group.get(f"index/{name}")
+        if old is not None and tuple(old.shape) == (n,):
+            # Rewrite in place: each chunk is replaced atomically, so a full disk or a kill while the index
+            # is finalised leaves the old or the new column, never a deleted one.
+            if n:
+                old[:] = columns[name]
+            continue
         arr = group.create_array(
             f"index/{name}",
             shape=(n,),
