@@ -1,0 +1,426 @@
+"""Batches of stored per-step features for the skimming model.
+
+A :class:`SkimDataset` serves the ``ok`` videos of a feature store (optionally one split of a labels
+manifest). Each item is read with one slice per array (``store.read_rows`` over the video's row range, the
+same reads as ``store.read_video`` without the id lookup), so the store is never loaded whole unless
+``in_memory=True``. :func:`collate` pads a list of items to ``(B, N, D)`` float32 tensors plus a ``(B, N)``
+mask. :class:`CropBatchSampler` draws training batches cropped to one random length per batch (paper:
+200-500 steps; shorter videos are kept whole); :class:`LengthBatchSampler` groups evaluation videos of
+similar length so little padding is computed.
+
+Labels come from the manifest by video id and fall back to the store index's label; the split comes
+from the manifest and falls back to the store index's split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from indexing.stores import FeatureStore
+
+from .model import RECOGNITION_PREFIX
+
+MANIFEST_COLUMNS = ("video_id", "label")  # required; ``path`` and ``split`` are optional
+DEFAULT_STEP_S = 16 / 30  # design.md §1, used when a store's attrs lack ``step_s``
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """One manifest row: the label and split of a video (empty strings when absent)."""
+
+    label: str
+    split: str = ""
+
+
+def read_manifest(path: str | Path) -> dict[str, LabelInfo]:
+    """Labels and splits by video id from a CSV with columns ``video_id,path,label,split`` (+ extras).
+
+    Raises:
+        ValueError: The file lacks a required column or repeats a video id.
+    """
+    path = Path(path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {', '.join(missing)}; a labels manifest has columns "
+                "video_id,path,label,split"
+            )
+        out: dict[str, LabelInfo] = {}
+        for line, row in enumerate(reader, start=2):
+            vid = (row["video_id"] or "").strip()
+            if not vid:
+                raise ValueError(f"{path}:{line}: empty video_id; every row needs one")
+            if vid in out:
+                raise ValueError(f"{path}:{line}: video_id {vid!r} appears twice; keep one row per video")
+            out[vid] = LabelInfo(label=(row["label"] or "").strip(), split=(row.get("split") or "").strip())
+    return out
+
+
+def read_moments(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Ground-truth segments by video id from ``{video_id: {"label": str, "segments": [[s, e], ...]}}``.
+
+    Raises:
+        ValueError: The JSON does not have that shape or a segment ends before it starts.
+    """
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(
+            f"{path}: expected an object {{video_id: {{label, segments}}}}, got {type(doc).__name__}"
+        )
+    out: dict[str, list[tuple[float, float]]] = {}
+    for vid, entry in doc.items():
+        segments = entry.get("segments") if isinstance(entry, dict) else None
+        if not isinstance(segments, list):
+            raise ValueError(f"{path}: video {vid!r} has no 'segments' list; write [[start_s, end_s], ...]")
+        pairs = []
+        for seg in segments:
+            if not (isinstance(seg, list | tuple) and len(seg) == 2) or float(seg[1]) < float(seg[0]):
+                raise ValueError(
+                    f"{path}: video {vid!r} segment {seg!r} is not [start_s, end_s] with end >= start"
+                )
+            pairs.append((float(seg[0]), float(seg[1])))
+        out[str(vid)] = pairs
+    return out
+
+
+def default_moments_path(manifest: str | Path | None) -> Path | None:
+    """``moments.json`` beside the labels manifest when it exists, else None."""
+    if manifest is None:
+        return None
+    candidate = Path(manifest).with_name("moments.json")
+    return candidate if candidate.is_file() else None
+
+
+def step_seconds(store: FeatureStore) -> float:
+    """The store's step length in seconds (``attrs["step_s"]``; 16/30 when absent)."""
+    return float(store.attrs.get("step_s", DEFAULT_STEP_S))
+
+
+def label_names(store: FeatureStore, labels: Mapping[str, LabelInfo] | None) -> list[str]:
+    """Sorted class names over every ``ok`` video of the store that has a label (all splits).
+
+    Raises:
+        ValueError: Fewer than two classes are labelled.
+    """
+    cols = store.index_columns()
+    names = set()
+    for vid, status, label in zip(
+        cols["video_id"].tolist(), cols["status"].tolist(), cols["label"].tolist(), strict=True
+    ):
+        if status != "ok":
+            continue
+        info = labels.get(vid) if labels else None
+        label = info.label if info is not None and info.label else label
+        if label:
+            names.add(label)
+    if len(names) < 2:
+        raise ValueError(
+            f"store {getattr(store, 'path', '')} has {len(names)} labelled class(es) among its ok videos; "
+            "give a labels manifest (--labels) covering at least two classes"
+        )
+    return sorted(names)
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    """A video the dataset serves: where its rows are and its label index (-1 when unlabelled)."""
+
+    video_id: str
+    first_row: int
+    steps: int
+    label: int
+    path: str
+    rec_first_row: int = -1  # first row in the recognition store, when one is used
+
+
+class SkimDataset(Dataset):
+    """Stored features of the ``ok`` videos of a store, one item per video (or per cropped window).
+
+    Args:
+        store: An open feature store.
+        keys: Feature keys to serve (``SkimConfig.batch_keys``); ``rec:<name>`` reads ``recognition_store``.
+        labels: Manifest labels by video id (None: the store index's labels only).
+        names: Class names; a video whose label is not among them is skipped (or gets -1 if
+            ``require_label`` is false). None serves no labels (all -1).
+        split: Keep only this split (manifest first, store index second); None keeps all.
+        video_ids: Serve exactly these videos, in this order (overrides ``split``).
+        recognition_store: Second store for ``rec:`` keys; a video must have the same steps in both.
+        in_memory: Load every needed array of the store(s) once instead of reading per video.
+        require_label: Skip videos without a usable label.
+        with_time: Serve each step's start time (``time_s``); training does not need it and skips the read.
+
+    Raises:
+        KeyError: A requested video id is not in the store.
+        ValueError: A requested video is not ``ok``, or the recognition store lacks a video or disagrees
+            on its step count.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        keys: Sequence[str],
+        *,
+        labels: Mapping[str, LabelInfo] | None = None,
+        names: Sequence[str] | None = None,
+        split: str | None = None,
+        video_ids: Sequence[str] | None = None,
+        recognition_store: FeatureStore | None = None,
+        in_memory: bool = False,
+        require_label: bool = True,
+        with_time: bool = True,
+    ) -> None:
+        self.store = store
+        self.with_time = with_time
+        self.recognition_store = recognition_store
+        self.keys = tuple(keys)
+        if any(k.startswith(RECOGNITION_PREFIX) for k in self.keys) and recognition_store is None:
+            raise ValueError(f"features {list(self.keys)} need a recognition store; pass --recognition-store")
+        self.skipped: dict[str, int] = {"not_ok": 0, "other_split": 0, "unlabelled": 0}
+        cols = store.index_columns()
+        ids = cols["video_id"].tolist()
+        position = {vid: i for i, vid in enumerate(ids)}
+        name_index = {n: i for i, n in enumerate(names)} if names is not None else None
+        if video_ids is not None:
+            missing = [v for v in video_ids if v not in position]
+            if missing:
+                raise KeyError(f"video(s) {missing[:5]} are not in store {getattr(store, 'path', '')}")
+            order = [position[v] for v in video_ids]
+        else:
+            order = list(range(len(ids)))
+        rec_pos: dict[str, tuple[int, int]] = {}
+        if recognition_store is not None:
+            rcols = recognition_store.index_columns()
+            rec_pos = {
+                v: (int(f), int(s))
+                for v, f, s in zip(
+                    rcols["video_id"].tolist(), rcols["first_row"], rcols["steps"], strict=True
+                )
+            }
+        entries = []
+        for i in order:
+            vid, status, steps = ids[i], str(cols["status"][i]), int(cols["steps"][i])
+            if status != "ok" or steps <= 0:
+                if video_ids is not None:
+                    raise ValueError(
+                        f"video {vid!r} has status {status!r} ({steps} steps); only ok videos skim"
+                    )
+                self.skipped["not_ok"] += 1
+                continue
+            info = labels.get(vid) if labels else None
+            label = info.label if info is not None and info.label else str(cols["label"][i])
+            vsplit = info.split if info is not None and info.split else str(cols["split"][i])
+            if video_ids is None and split is not None and vsplit != split:
+                self.skipped["other_split"] += 1
+                continue
+            label_idx = name_index.get(label, -1) if name_index is not None else -1
+            if label_idx < 0 and require_label:
+                self.skipped["unlabelled"] += 1
+                continue
+            rec_first = self._recognition_row(vid, steps, rec_pos) if recognition_store is not None else -1
+            entries.append(
+                VideoEntry(vid, int(cols["first_row"][i]), steps, label_idx, str(cols["path"][i]), rec_first)
+            )
+        self.entries = entries
+        self._memory: dict[tuple[bool, str], np.ndarray] | None = None
+        if in_memory:
+            self._memory = {}
+            for key in (*self.keys, "valid", *(("time_s",) if with_time else ())):
+                rec, name = self._source(key)
+                src = self.recognition_store if rec else self.store
+                self._memory[(rec, name)] = src.read_rows(name, 0, src.rows)
+
+    def _recognition_row(self, vid: str, steps: int, rec_pos: Mapping[str, tuple[int, int]]) -> int:
+        where = getattr(self.recognition_store, "path", "")
+        if vid not in rec_pos:
+            raise ValueError(
+                f"video {vid!r} is not in the recognition store {where}; extract it there or drop that store"
+            )
+        first, rec_steps = rec_pos[vid]
+        if rec_steps != steps:
+            raise ValueError(
+                f"video {vid!r} has {steps} steps in the indexing store but {rec_steps} in the recognition "
+                f"store {where}; extract both stores on the same step grid"
+            )
+        return first
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def steps(self) -> list[int]:
+        """Step count of each video, in dataset order."""
+        return [e.steps for e in self.entries]
+
+    @staticmethod
+    def _source(key: str) -> tuple[bool, str]:
+        if key.startswith(RECOGNITION_PREFIX):
+            return True, key[len(RECOGNITION_PREFIX) :]
+        return False, key
+
+    def _read(self, rec: bool, name: str, first: int, start: int, stop: int) -> np.ndarray:
+        if self._memory is not None:
+            return self._memory[(rec, name)][first + start : first + stop]
+        src = self.recognition_store if rec else self.store
+        return src.read_rows(name, first + start, first + stop)
+
+    def __getitem__(self, item: int | tuple[int, int, int]) -> dict[str, Any]:
+        """Video ``item`` whole, or ``(index, start, stop)``: steps ``[start, stop)`` of video ``index``.
+
+        Returns:
+            ``video_id``, ``label``, ``offset`` (first step served), ``features`` (key -> ``(n, D)`` array),
+            ``valid`` ``(n,)`` bool and ``time_s`` ``(n,)`` step starts (NaN without ``with_time``).
+        """
+        if isinstance(item, tuple):
+            index, start, stop = item
+        else:
+            index, start, stop = item, 0, self.entries[item].steps
+        e = self.entries[index]
+        feats = {}
+        for key in self.keys:
+            rec, name = self._source(key)
+            feats[key] = self._read(rec, name, e.rec_first_row if rec else e.first_row, start, stop)
+        return {
+            "video_id": e.video_id,
+            "label": e.label,
+            "offset": start,
+            "features": feats,
+            "valid": np.asarray(self._read(False, "valid", e.first_row, start, stop), dtype=bool),
+            "time_s": (
+                np.asarray(self._read(False, "time_s", e.first_row, start, stop), dtype=np.float64)
+                if self.with_time
+                else np.full(stop - start, np.nan)
+            ),
+        }
+
+
+def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pad items to a batch.
+
+    Returns:
+        ``features`` (key -> ``(B, N, D)`` float32), ``mask`` ``(B, N)`` bool (valid and not padding),
+        ``labels`` ``(B,)`` long, ``offsets`` ``(B,)`` long, ``time_s`` ``(B, N)`` float64,
+        ``video_ids`` list of str.
+    """
+    b = len(items)
+    n = max(len(it["valid"]) for it in items)
+    keys = list(items[0]["features"])
+    feats = {}
+    for key in keys:
+        d = items[0]["features"][key].shape[1]
+        arr = np.zeros((b, n, d), dtype=np.float32)  # (B, N, D), padding zero
+        for i, it in enumerate(items):
+            x = it["features"][key]
+            arr[i, : len(x)] = x
+        feats[key] = torch.from_numpy(arr)
+    mask = np.zeros((b, n), dtype=bool)  # (B, N)
+    time_s = np.zeros((b, n), dtype=np.float64)  # (B, N)
+    for i, it in enumerate(items):
+        mask[i, : len(it["valid"])] = it["valid"]
+        time_s[i, : len(it["time_s"])] = it["time_s"]
+    return {
+        "features": feats,
+        "mask": torch.from_numpy(mask),
+        "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "offsets": torch.tensor([it["offset"] for it in items], dtype=torch.long),
+        "time_s": torch.from_numpy(time_s),
+        "video_ids": [it["video_id"] for it in items],
+    }
+
+
+class CropBatchSampler(Sampler):
+    """Shuffled training batches of ``(index, start, stop)``: one random crop length per batch.
+
+    Each batch draws ``L`` uniformly in ``[crop_min, crop_max]``; videos longer than ``L`` are cut to a
+    random window of ``L`` steps, shorter ones are kept whole. Deterministic given ``seed`` and the epoch
+    (:meth:`set_epoch`), so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self, steps: Sequence[int], *, batch_size: int, crop_min: int, crop_max: int, seed: int = 0
+    ) -> None:
+        if not 1 <= crop_min <= crop_max:
+            raise ValueError(f"crop range [{crop_min}, {crop_max}] is empty; need 1 <= crop_min <= crop_max")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.steps = list(steps)
+        self.batch_size = batch_size
+        self.crop_min, self.crop_max = crop_min, crop_max
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.steps) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.steps))
+        for b0 in range(0, len(order), self.batch_size):
+            crop = int(rng.integers(self.crop_min, self.crop_max + 1))
+            batch = []
+            for i in order[b0 : b0 + self.batch_size].tolist():
+                n = self.steps[i]
+                start = int(rng.integers(0, n - crop + 1)) if n > crop else 0
+                batch.append((i, start, min(n, start + crop)))
+            yield batch
+
+
+class LengthBatchSampler(Sampler):
+    """Evaluation batches of whole videos grouped by length (at most ``batch_size`` videos and
+    ``max_rows`` padded rows per batch), so short videos are not padded to long ones."""
+
+    def __init__(self, steps: Sequence[int], *, batch_size: int, max_rows: int = 256 * 500) -> None:
+        if batch_size < 1 or max_rows < 1:
+            raise ValueError(f"batch_size={batch_size} and max_rows={max_rows} must be >= 1")
+        order = np.argsort(np.asarray(steps, dtype=np.int64), kind="stable").tolist()
+        self.batches: list[list[int]] = []
+        batch: list[int] = []
+        for i in order:
+            # sorted ascending, so the padded width of a batch is its last video's length
+            if batch and (len(batch) >= batch_size or (len(batch) + 1) * steps[i] > max_rows):
+                self.batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            self.batches.append(batch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+
+def make_loader(dataset: SkimDataset, sampler: Sampler, *, num_workers: int = 0) -> DataLoader:
+    """A ``DataLoader`` yielding :func:`collate` batches from ``sampler``'s index lists."""
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Move a batch's tensors (features, mask, labels) to ``device``."""
+    out = dict(batch)
+    out["features"] = {k: v.to(device, non_blocking=True) for k, v in batch["features"].items()}
+    out["mask"] = batch["mask"].to(device)
+    out["labels"] = batch["labels"].to(device)
+    return out

@@ -1,0 +1,103 @@
+"""Running a trained model over a dataset in length-sorted batches (shared by evaluate, query and show)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexing.stores import FeatureStore, open_store
+
+from .checkpoint import SkimCheckpoint
+from .data import LengthBatchSampler, SkimDataset, make_loader, to_device
+from .model import SkimModel, SkimOutput
+
+
+@torch.no_grad()
+def iter_outputs(
+    model: SkimModel | None,
+    dataset: SkimDataset,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "skim",
+) -> Iterator[tuple[dict[str, Any], SkimOutput | None]]:
+    """Yield ``(batch, output)`` over every video of ``dataset`` in eval mode (output None without a model).
+
+    Batches group videos of similar length; ``batch`` is :func:`skim.data.collate`'s dict on ``device``.
+    """
+    from tqdm.auto import tqdm
+
+    if model is not None:
+        model.eval()
+    loader = make_loader(dataset, LengthBatchSampler(dataset.steps, batch_size=batch_size))
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        batch = to_device(batch, device)
+        yield batch, (model(batch["features"], batch["mask"]) if model is not None else None)
+
+
+def open_stores(
+    store_path: str | Path, ckpt: SkimCheckpoint, recognition_store: str | Path | None
+) -> tuple[FeatureStore, FeatureStore | None]:
+    """The indexing store and, for models that need one, the recognition store (default: the checkpoint's).
+
+    Raises:
+        ValueError: The model needs a recognition store and none is given or recorded.
+    """
+    store = open_store(store_path)
+    if not ckpt.config.recognition_store:
+        return store, None
+    path = recognition_store or ckpt.meta.get("features", {}).get("recognition_store")
+    if not path:
+        raise ValueError(
+            "this model reads recognition features from a second store; pass --recognition-store"
+        )
+    return store, open_store(path)
+
+
+def moments_of(
+    chosen: np.ndarray, weights: np.ndarray, time_s: np.ndarray, step_s: float
+) -> list[dict[str, float | int]]:
+    """The chosen moments of one video in selection order, a step chosen by two queries at once merged.
+
+    Args:
+        chosen: ``(S, K)`` chosen step per selection and query, -1 for none.
+        weights: ``(S, K)`` attention weight ``beta * alpha`` of each choice.
+        time_s: ``(N,)`` step start times.
+        step_s: Step length in seconds.
+
+    Returns:
+        ``[{"step", "start_s", "end_s", "weight"}]``.
+    """
+    out: list[dict[str, float | int]] = []
+    for s in range(chosen.shape[0]):
+        merged: dict[int, float] = {}
+        for j, w in zip(chosen[s].tolist(), weights[s].tolist(), strict=True):
+            if j >= 0:
+                merged[j] = merged.get(j, 0.0) + float(w)
+        for j, w in merged.items():
+            start = float(time_s[j])
+            out.append({"step": int(j), "start_s": start, "end_s": start + step_s, "weight": w})
+    return out
+
+
+def uniform_positions(n: int, k: int) -> np.ndarray:
+    """``min(n, k)`` evenly spaced positions in ``[0, n)``, the centres of ``k`` equal bins (int64)."""
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    return np.floor((np.arange(k) + 0.5) * n / k).astype(np.int64)
+
+
+def distinct_steps(chosen: np.ndarray) -> list[int]:
+    """Distinct chosen steps of one video (``(S, K)``, -1 for none) in the order they were first chosen."""
+    return list(dict.fromkeys(int(j) for j in chosen.reshape(-1).tolist() if j >= 0))
+
+
+def top_labels(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict[str, float | str]]:
+    """The ``k`` most probable labels of one video, ``[{"label", "prob"}]`` in decreasing probability."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": labels[i], "prob": float(probs[i])} for i in order]

@@ -1,0 +1,617 @@
+"""ImgAud-Skimming (design.md §3): an LSTM that previews cheap per-step features and indexes into the video.
+
+Per video of ``N`` steps with per-step features ``z_M`` (``(N, D)``, one per indexing modality ``M``) and a
+validity mask ``m`` (``(N,)``):
+
+- keys ``k_M = ReLU(BN(W_M z_M))``: a 1x1 conv (applied as a ``Linear`` on the last axis, the same map)
+  and a batch norm whose statistics count valid rows only (:class:`MaskedBatchNorm1d`);
+- start ``x`` = mean of the valid rows; ``h = c = 0``;
+- for ``t < T``: ``u_t = Psi(x)``; ``(h, c) = LSTMCell(u_t, (h, c))`` (weight-normed); queries
+  ``q_M = MLP_M(h)``; scores ``s_M = q_M . k_M / sqrt(D)`` masked to ``-inf`` on padding and on steps already
+  chosen; ``alpha_M = softmax(s_M)``; modality attention ``beta = softmax(Linear(h))``; next input
+  ``x = sum_M beta_M sum_j alpha_M[j] z[j]`` (soft) or the same with ``alpha_M`` replaced by a one-hot at
+  ``argmax alpha_M`` (hard, inference only); the steps ``argmax alpha_M`` are masked out for later steps;
+- prediction: a linear classifier on the mean of ``u_0 .. u_{T-1}``; loss: cross-entropy, plus an optional
+  per-step head on ``h`` with its own weight.
+
+The attention computed at the last step would feed nothing, so it is skipped: a run of ``T`` steps makes
+``T - 1`` selections (``K`` steps each for ``K`` indexing modalities), and every selection is consumed.
+
+Unlike the public reference implementation: every parameter taking part in the loss receives a gradient
+(modality attention and per-step head included); the hard path takes each modality's features at that
+modality's own argmax; there is no random masked start; the key batch norm ignores padding; and padding rows
+are zeroed on entry, so their values (even NaN) never reach an output, a statistic or a gradient.
+
+Variants (fields of :class:`SkimConfig`): single-modality indexing (one indexing feature), a shared query,
+recognition features that differ from the indexing features (another feature set, possibly from a second
+store: keys ``"rec:<name>"``), hard next input, stopping after ``k < T`` steps, confidence-based early
+exit, and indexing features sub-sampled by ``k`` and linearly interpolated back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+from indexing.stores import FEATURES
+
+NEXT_INPUTS = ("soft", "hard")  # next LSTM input at inference: attention-weighted mixture or argmax steps
+EXIT_ON = ("running", "step_head")  # which probability the early exit thresholds
+# Fields that change only how a trained model runs, never its parameters: evaluate/query may override them.
+INFERENCE_FIELDS = ("next_input", "stop_after", "exit_threshold", "exit_on", "subsample")
+RECOGNITION_PREFIX = "rec:"  # batch key prefix of features read from a separate recognition store
+
+
+@dataclass(frozen=True)
+class SkimConfig:
+    """Architecture and inference settings of one skimming model (written into checkpoints).
+
+    Attributes:
+        num_classes: Number of action classes.
+        index_features: Store features the queries attend over, one query per feature (``K`` of them).
+        recognition_features: Features the chosen steps are recognised with (fed to ``Psi``); empty means
+            the indexing features. When they differ, the first input ``u_0`` comes from the mean of the
+            indexing features through a separate ``Psi_start``, so recognition never runs on every step.
+        recognition_store: Recognition features come from a second store (batch keys ``rec:<name>``).
+        dim: Per-step feature dimension ``D``.
+        hidden: LSTM hidden size.
+        embed: Output size of ``Psi`` (the LSTM input and the classifier input).
+        num_steps: ``T``, recurrent steps in training (and at inference unless ``stop_after``).
+        shared_query: One query MLP for all indexing modalities instead of one each.
+        step_head_weight: If > 0, a per-step classifier on ``h`` trained with this loss weight.
+        next_input: ``soft`` or ``hard`` next input at inference (training is always soft).
+        stop_after: At inference, stop after this many steps (``<= num_steps``); None runs ``num_steps``.
+        exit_threshold: At inference, a video stops once the max class probability reaches this value.
+        exit_on: ``running`` (the classifier on the mean of the inputs so far) or ``step_head``.
+        subsample: Indexing features are kept every ``subsample`` steps and linearly interpolated back.
+        bn_momentum: Momentum of the running statistics of the batch norms.
+    """
+
+    num_classes: int
+    index_features: tuple[str, ...] = ("image", "audio")
+    recognition_features: tuple[str, ...] = ()
+    recognition_store: bool = False
+    dim: int = 512
+    hidden: int = 1024
+    embed: int = 512
+    num_steps: int = 10
+    shared_query: bool = False
+    step_head_weight: float = 0.0
+    next_input: str = "soft"
+    stop_after: int | None = None
+    exit_threshold: float | None = None
+    exit_on: str = "running"
+    subsample: int = 1
+    bn_momentum: float = 0.1
+
+    def __post_init__(self) -> None:
+        # Checkpoints store tuples as lists; accept either.
+        object.__setattr__(self, "index_features", tuple(self.index_features))
+        object.__setattr__(self, "recognition_features", tuple(self.recognition_features))
+        if self.num_classes < 2:
+            raise ValueError(
+                f"num_classes={self.num_classes}: need at least 2 classes in the labels manifest"
+            )
+        for role, names in (("index", self.index_features), ("recognition", self.recognition_features)):
+            unknown = [n for n in names if n not in FEATURES]
+            if unknown:
+                raise ValueError(f"{role} features {unknown} unknown; choose from {', '.join(FEATURES)}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"{role} features {list(names)} repeat a name; list each feature once")
+        if not self.index_features:
+            raise ValueError("index_features is empty; give at least one of " + ", ".join(FEATURES))
+        if self.recognition_store and not self.recognition_features:
+            raise ValueError(
+                "recognition_store=True needs recognition_features (which features to read there)"
+            )
+        if self.num_steps < 2:
+            raise ValueError(
+                f"num_steps={self.num_steps}: need >= 2, since the first input is the mean and only later "
+                "steps use (and train) the indexing; use stop_after=1 to evaluate a single step"
+            )
+        if min(self.dim, self.hidden, self.embed) < 1:
+            raise ValueError(f"dim/hidden/embed must be positive, got {self.dim}/{self.hidden}/{self.embed}")
+        if self.step_head_weight < 0:
+            raise ValueError(
+                f"step_head_weight={self.step_head_weight} is negative; use 0 to disable the head"
+            )
+        if self.next_input not in NEXT_INPUTS:
+            raise ValueError(f"next_input={self.next_input!r}; choose from {', '.join(NEXT_INPUTS)}")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.num_steps:
+            raise ValueError(f"stop_after={self.stop_after} must be in [1, num_steps={self.num_steps}]")
+        if self.exit_threshold is not None and not 0 < self.exit_threshold <= 1:
+            raise ValueError(f"exit_threshold={self.exit_threshold} must be a probability in (0, 1]")
+        if self.exit_on not in EXIT_ON:
+            raise ValueError(f"exit_on={self.exit_on!r}; choose from {', '.join(EXIT_ON)}")
+        if self.exit_on == "step_head" and self.exit_threshold is not None and self.step_head_weight == 0:
+            raise ValueError("exit_on='step_head' needs a trained per-step head: set step_head_weight > 0")
+        if self.subsample < 1:
+            raise ValueError(f"subsample={self.subsample} must be >= 1 (1 keeps every step)")
+        if not 0 < self.bn_momentum <= 1:
+            raise ValueError(f"bn_momentum={self.bn_momentum} must be in (0, 1]")
+
+    @property
+    def index_keys(self) -> tuple[str, ...]:
+        """Batch keys of the indexing features."""
+        return self.index_features
+
+    @property
+    def recognition_keys(self) -> tuple[str, ...]:
+        """Batch keys of the recognition features (``rec:<name>`` when read from a second store)."""
+        if not self.recognition_features:
+            return self.index_features
+        if self.recognition_store:
+            return tuple(RECOGNITION_PREFIX + n for n in self.recognition_features)
+        return self.recognition_features
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """Every feature key a batch must carry, indexing first, without repeats."""
+        return tuple(dict.fromkeys(self.index_keys + self.recognition_keys))
+
+    @property
+    def separate_recognition(self) -> bool:
+        """Whether recognition uses other features than indexing (then ``u_0`` comes from ``Psi_start``)."""
+        return self.recognition_keys != self.index_keys
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["index_features"] = list(self.index_features)
+        d["recognition_features"] = list(self.recognition_features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SkimConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown SkimConfig fields {unknown}; this checkpoint is from another version")
+        return cls(**d)
+
+    def with_inference(self, **overrides: Any) -> SkimConfig:
+        """A copy with inference-only fields changed (``None`` values keep the current setting)."""
+        bad = sorted(set(overrides) - set(INFERENCE_FIELDS))
+        if bad:
+            raise ValueError(
+                f"{bad} change the model's parameters; only {', '.join(INFERENCE_FIELDS)} may vary"
+            )
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---- registry (timm style: short named entry points over one configurable class) ------------------------
+
+_MODELS: dict[str, Callable[..., SkimConfig]] = {}
+
+
+def register_model(fn: Callable[..., SkimConfig]) -> Callable[..., SkimConfig]:
+    """Decorator: make a config preset available under its function name."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def available_models() -> list[str]:
+    """Names of the registered skimming models (the CLI's ``--model-name`` choices)."""
+    return sorted(_MODELS)
+
+
+def model_config(name: str, **overrides: Any) -> SkimConfig:
+    """The config of registered model ``name`` with ``overrides``; ``ValueError`` for unknown names."""
+    if name not in _MODELS:
+        raise ValueError(f"Unknown skimming model {name!r}; available: {', '.join(available_models())}")
+    return _MODELS[name](**overrides)
+
+
+def create_model(name: str, **overrides: Any) -> SkimModel:
+    """Build registered model ``name`` (e.g. ``create_model("imgaud_skim", num_classes=10)``)."""
+    return SkimModel(model_config(name, **overrides))
+
+
+@register_model
+def imgaud_skim(**overrides: Any) -> SkimConfig:
+    """The paper's ImgAud-Skimming: image and audio queries, recognition on image + audio features."""
+    return SkimConfig(**{"index_features": ("image", "audio"), **overrides})
+
+
+@register_model
+def fused_skim(**overrides: Any) -> SkimConfig:
+    """Single-modality indexing: one query over the fused image-audio embedding ``z_IA``."""
+    return SkimConfig(**{"index_features": ("fused",), **overrides})
+
+
+@register_model
+def visual_skim(**overrides: Any) -> SkimConfig:
+    """Visual-only indexing (one image query) with audio-visual recognition of the chosen steps."""
+    return SkimConfig(
+        **{"index_features": ("image",), "recognition_features": ("image", "audio"), **overrides}
+    )
+
+
+# ---- layers ---------------------------------------------------------------------------------------------
+
+
+class MaskedBatchNorm1d(nn.Module):
+    """Batch norm over the last axis whose statistics count only rows where ``mask`` is true.
+
+    Works on ``(B, N, C)`` with a ``(B, N)`` mask (keys) or ``(B, C)`` with a ``(B,)`` mask (queries).
+    Masked rows neither enter the batch statistics nor the running statistics, and are never read, so
+    their values (even NaN) cannot leak; their outputs are zero.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+    def normalize_rows(self, rows: Tensor) -> Tensor:
+        """Normalise valid rows ``(M, C)``: batch statistics in training (updating the running ones), the
+        running statistics in eval mode or when fewer than two rows make a batch."""
+        batch_stats = self.training and rows.shape[0] > 1
+        if batch_stats:
+            self.num_batches_tracked += 1
+        return F.batch_norm(
+            rows,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            batch_stats,
+            self.momentum,
+            self.eps,
+        )
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Normalise ``x`` ``(..., C)`` with statistics over rows where ``mask`` (``x.shape[:-1]``) holds.
+
+        Only the valid rows are gathered and normalised (one fused batch-norm kernel); masked rows come
+        back as zeros.
+        """
+        out = x.new_zeros(x.shape)
+        out[mask] = self.normalize_rows(x[mask])
+        return out
+
+
+class QueryMLP(nn.Module):
+    """``q = Linear(BN-masked ReLU(Linear(h)))``: Linear hidden -> hidden, BN, ReLU, Linear hidden -> dim."""
+
+    def __init__(self, hidden: int, dim: int, *, momentum: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.bn = MaskedBatchNorm1d(hidden, momentum=momentum)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, h: Tensor, active: Tensor) -> Tensor:
+        """``h`` ``(B, hidden)``, ``active`` ``(B,)`` (rows in the statistics) -> query ``(B, dim)``."""
+        return self.fc2(F.relu(self.bn(self.fc1(h), active)))
+
+
+def fusion_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """``Psi``: Linear in -> hidden, ReLU, Linear hidden -> out (design.md §2, trained here from scratch)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+def interpolate_subsampled(z: Tensor, lengths: Tensor, factor: int) -> Tensor:
+    """Keep rows ``0, k, 2k, ...`` of each video and linearly interpolate the rows in between.
+
+    Rows past the last kept row of a video hold its value (computing them would cost one more step).
+
+    Args:
+        z: Features ``(B, N, D)`` with padding already zeroed.
+        lengths: Per-video row count ``(B,)`` (rows at or past it are padding).
+        factor: Sub-sampling factor ``k >= 1``.
+
+    Returns:
+        ``(B, N, D)`` features; padding rows are garbage-free but meaningless.
+    """
+    if factor == 1:
+        return z
+    b, n, d = z.shape
+    j = torch.arange(n, device=z.device)  # (N,)
+    lo = (j // factor) * factor  # (N,) kept row at or before j
+    hi = lo + factor  # (N,) next kept row
+    hi_ok = hi[None, :] < lengths[:, None]  # (B, N) whether the next kept row exists in this video
+    frac = torch.where(hi_ok, ((j - lo).to(z.dtype) / factor)[None, :], 0.0)  # (B, N)
+    hi_idx = torch.where(hi_ok, hi[None, :], lo[None, :])  # (B, N)
+    z_lo = z[:, lo]  # (B, N, D)
+    z_hi = torch.gather(z, 1, hi_idx[..., None].expand(b, n, d))  # (B, N, D)
+    return z_lo + (z_hi - z_lo) * frac[..., None]
+
+
+# ---- the model ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SkimOutput:
+    """What one forward pass returns (``S = T - 1`` selections, ``K`` indexing modalities).
+
+    Attributes:
+        logits: Class scores ``(B, C)`` from the classifier on the mean of the taken inputs.
+        step_logits: Per-step head scores ``(B, T, C)``, or None without a head.
+        active: ``(B, T)`` whether each recurrent step was taken (early exit and exhausted videos stop).
+        steps_used: Recurrent steps taken per video ``(B,)``.
+        chosen: Chosen step index per selection and modality ``(B, S, K)``; -1 where no selection was made.
+        chosen_weight: ``beta_M * alpha_M[j]`` of each chosen step ``(B, S, K)``; 0 where none.
+        attention: Soft mixture weights ``sum_M beta_M alpha_M`` per selection over steps ``(B, S, N)``.
+        pooled: Mean of the taken inputs ``(B, embed)`` (the classifier input).
+        inputs: The inputs ``u_t`` ``(B, T, embed)``, zero where a step was not taken; the prediction after
+            ``k`` steps is ``classifier(inputs[:, :k].sum(1) / active[:, :k].sum(1))``.
+    """
+
+    logits: Tensor
+    step_logits: Tensor | None
+    active: Tensor
+    steps_used: Tensor
+    chosen: Tensor
+    chosen_weight: Tensor
+    attention: Tensor
+    pooled: Tensor
+    inputs: Tensor
+
+
+class SkimModel(nn.Module):
+    """ImgAud-Skimming over stored per-step features; see the module docstring for the equations."""
+
+    def __init__(self, config: SkimConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        n_index, n_rec = len(cfg.index_keys), len(cfg.recognition_keys)
+        self.num_features = cfg.embed
+        # 1x1 Conv1d over time == Linear on the feature axis.
+        self.key_proj = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim) for _ in range(n_index))
+        self.key_bn = nn.ModuleList(
+            MaskedBatchNorm1d(cfg.dim, momentum=cfg.bn_momentum) for _ in range(n_index)
+        )
+        self.psi = fusion_mlp(n_rec * cfg.dim, cfg.hidden, cfg.embed)
+        self.psi_start = (
+            fusion_mlp(n_index * cfg.dim, cfg.hidden, cfg.embed) if cfg.separate_recognition else None
+        )
+        lstm = nn.LSTMCell(cfg.embed, cfg.hidden)
+        lstm = weight_norm(lstm, name="weight_ih")
+        self.lstm = weight_norm(lstm, name="weight_hh")
+        n_queries = 1 if cfg.shared_query else n_index
+        self.query = nn.ModuleList(
+            QueryMLP(cfg.hidden, cfg.dim, momentum=cfg.bn_momentum) for _ in range(n_queries)
+        )
+        self.modality = nn.Linear(cfg.hidden, n_index) if n_index > 1 else None
+        self.classifier = nn.Linear(cfg.embed, cfg.num_classes)
+        self.step_head = nn.Linear(cfg.hidden, cfg.num_classes) if cfg.step_head_weight > 0 else None
+
+    def forward_head(self, pooled: Tensor, *, pre_logits: bool = False) -> Tensor:
+        """Classifier on pooled inputs ``(B, embed)`` -> ``(B, C)`` (``pooled`` itself if ``pre_logits``)."""
+        return pooled if pre_logits else self.classifier(pooled)
+
+    def forward(self, features: Mapping[str, Tensor], mask: Tensor) -> SkimOutput:
+        """Skim a padded batch.
+
+        Args:
+            features: ``config.batch_keys`` -> ``(B, N, D)`` float tensors; padding rows may hold anything.
+            mask: ``(B, N)`` bool, true on valid steps.
+
+        Returns:
+            A :class:`SkimOutput`.
+
+        Raises:
+            KeyError: A feature the config needs is missing from ``features``.
+        """
+        # The weight-normed LSTM weights are computed once per forward, not once per step.
+        with parametrize.cached():
+            return self._skim(features, mask)
+
+    def _skim(self, features: Mapping[str, Tensor], mask: Tensor) -> SkimOutput:
+        cfg = self.config
+        missing = [k for k in cfg.batch_keys if k not in features]
+        if missing:
+            raise KeyError(f"batch lacks features {missing}; this model needs {list(cfg.batch_keys)}")
+        mask = mask.bool()
+        b, n = mask.shape
+        device = mask.device
+        # Zero padding first, so garbage (even NaN) in padded rows reaches no sum, statistic or gradient.
+        clean = {k: torch.where(mask[..., None], features[k].float(), 0.0) for k in cfg.batch_keys}
+        # Rows past the last valid one are padding; interpolation never reads beyond it.
+        last = torch.where(mask, torch.arange(n, device=device)[None, :] + 1, 0).amax(1) if n else mask.sum(1)
+        if cfg.subsample > 1:
+            for k in cfg.index_keys:
+                clean[k] = torch.where(
+                    mask[..., None], interpolate_subsampled(clean[k], last, cfg.subsample), 0.0
+                )
+        index = [clean[k] for k in cfg.index_keys]  # K x (B, N, D)
+        rec = [clean[k] for k in cfg.recognition_keys]  # R x (B, N, D)
+        # Keys of valid steps only: padding is never projected, normalised or counted in the statistics.
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # (M,) flat indices of valid steps
+        keys = []
+        for z, proj, bn in zip(index, self.key_proj, self.key_bn, strict=True):
+            k = F.relu(bn.normalize_rows(proj(z.reshape(b * n, -1).index_select(0, rows))))  # (M, D)
+            keys.append(z.new_zeros(b * n, cfg.dim).index_copy(0, rows, k).view(b, n, cfg.dim))  # (B, N, D)
+        # dL/dk = sum_t g_t q_t^T is summed once in backward, not accumulated step by step (see _KeyHub).
+        key_grads: list[list[tuple[Tensor, Tensor]]] = [[] for _ in keys]
+        keys = [_KeyHub.apply(k, buf) for k, buf in zip(keys, key_grads, strict=True)]
+
+        counts = mask.sum(1)  # (B,)
+        mean_w = mask.float() / counts.clamp_min(1)[:, None]  # (B, N): mean over valid rows
+        if self.psi_start is not None:
+            u = self.psi_start(torch.cat([_mix(mean_w, z) for z in index], 1))  # (B, embed)
+        else:
+            u = self.psi(torch.cat([_mix(mean_w, z) for z in rec], 1))  # (B, embed)
+
+        hard = not self.training and cfg.next_input == "hard"
+        total = cfg.stop_after if (not self.training and cfg.stop_after) else cfg.num_steps
+        early_exit = not self.training and cfg.exit_threshold is not None
+        n_index = len(index)
+        h = torch.zeros(b, cfg.hidden, device=device)  # (B, hidden)
+        c = torch.zeros_like(h)
+        available = mask.clone()  # (B, N) valid and not chosen yet
+        active = counts > 0  # (B,) still skimming
+        u_sum = torch.zeros(b, cfg.embed, device=device)  # (B, embed)
+        taken = torch.zeros(b, device=device)  # (B,)
+        actives, inputs, step_logits, chosen, chosen_w, attention = [], [], [], [], [], []
+        for t in range(total):
+            actives.append(active)
+            inputs.append(torch.where(active[:, None], u, 0.0))
+            u_sum = u_sum + inputs[-1]
+            taken = taken + active.float()
+            last_step = t == total - 1
+            if last_step and self.step_head is None:
+                break  # h_{T-1} would feed nothing
+            h, c = self.lstm(u, (h, c))
+            if self.step_head is not None:
+                step_logits.append(self.step_head(h))  # (B, C)
+            if early_exit:
+                if cfg.exit_on == "step_head":
+                    conf = step_logits[-1].softmax(1).amax(1)  # (B,)
+                else:
+                    conf = self.classifier(u_sum / taken.clamp_min(1)[:, None]).softmax(1).amax(1)
+                active = active & (conf < cfg.exit_threshold)
+            if last_step:
+                break
+            # A video with no step left to choose stops here.
+            active = active & available.any(1)
+            queries = [
+                self.query[0 if cfg.shared_query else i](h, active) for i in range(n_index)
+            ]  # K x (B, D)
+            alphas = []
+            for q, k, buf in zip(queries, keys, key_grads, strict=True):
+                s = _Scores.apply(k, q, buf) / math.sqrt(cfg.dim)  # (B, N)
+                s = s.masked_fill(~available, float("-inf"))
+                # Rows with nothing available (inactive) get all-zero weights instead of a NaN softmax.
+                s = torch.where(active[:, None], s, 0.0)
+                alphas.append(torch.where(active[:, None], s.softmax(1), 0.0))  # (B, N)
+            if self.modality is not None:
+                beta = self.modality(h).softmax(1)  # (B, K)
+            else:
+                beta = torch.ones(b, 1, device=device)
+            picks = torch.stack([a.argmax(1) for a in alphas], 1)  # (B, K)
+            soft_w = sum(beta[:, i, None] * a for i, a in enumerate(alphas))  # (B, N)
+            if hard:
+                onehots = [F.one_hot(picks[:, i], n).float() for i in range(n_index)]  # K x (B, N)
+                mix_w = sum(beta[:, i, None] * o for i, o in enumerate(onehots)) * active[:, None]
+            else:
+                mix_w = soft_w
+            x = torch.cat([_mix(mix_w, z) for z in rec], 1)  # (B, R * D)
+            u = self.psi(x)  # (B, embed)
+            pick_w = torch.stack(
+                [beta[:, i] * a.gather(1, picks[:, i : i + 1])[:, 0] for i, a in enumerate(alphas)], 1
+            )
+            chosen.append(torch.where(active[:, None], picks, -1))
+            chosen_w.append(torch.where(active[:, None], pick_w, 0.0))
+            attention.append(soft_w)
+            picked = torch.zeros_like(available).scatter_(1, picks, True) & active[:, None]  # (B, N)
+            available = available & ~picked
+
+        pooled = u_sum / taken.clamp_min(1)[:, None]  # (B, embed)
+        return SkimOutput(
+            logits=self.classifier(pooled),
+            step_logits=torch.stack(step_logits, 1) if step_logits else None,
+            active=torch.stack(actives, 1),
+            steps_used=taken.long(),
+            chosen=_stack(chosen, (b, 0, n_index), torch.long, device),  # (B, S, K)
+            chosen_weight=_stack(chosen_w, (b, 0, n_index), torch.float32, device),  # (B, S, K)
+            attention=_stack(attention, (b, 0, n), torch.float32, device),  # (B, S, N)
+            pooled=pooled,
+            inputs=torch.stack(inputs, 1),
+        )
+
+    def loss(self, out: SkimOutput, labels: Tensor) -> Tensor:
+        """Cross-entropy of the prediction plus ``step_head_weight`` x the per-step head's mean cross-entropy.
+
+        Args:
+            out: The forward output.
+            labels: Class indices ``(B,)``.
+
+        Returns:
+            A scalar loss.
+        """
+        loss = F.cross_entropy(out.logits, labels)
+        if out.step_logits is not None:
+            b, t, c = out.step_logits.shape
+            per = F.cross_entropy(
+                out.step_logits.reshape(b * t, c), labels.repeat_interleave(t), reduction="none"
+            )
+            act = out.active[:, :t].reshape(-1).float()  # steps that were taken
+            loss = loss + self.config.step_head_weight * (per * act).sum() / act.sum().clamp_min(1)
+        return loss
+
+    def gflops(self, n_steps: int, steps_used: int) -> float:
+        """Analytic GFLOPs (2 x multiply-adds) of the skimming network itself for one video.
+
+        Counts the key projections over all ``n_steps`` steps and, per taken recurrent step, the LSTM, the
+        queries, the scores and mixtures over ``n_steps`` and ``Psi``; feature extraction is not included.
+        """
+        cfg = self.config
+        k, r = len(cfg.index_keys), len(cfg.recognition_keys)
+        keys = k * n_steps * cfg.dim * cfg.dim
+        per_step = (
+            4 * cfg.hidden * (cfg.embed + cfg.hidden)  # LSTM
+            + len(self.query) * (cfg.hidden * cfg.hidden + cfg.hidden * cfg.dim)  # queries
+            + k * n_steps * cfg.dim  # scores
+            + r * n_steps * cfg.dim  # mixture
+            + r * cfg.dim * cfg.hidden
+            + cfg.hidden * cfg.embed  # Psi
+            + cfg.hidden * k  # modality attention
+        )
+        return 2 * (keys + steps_used * per_step + cfg.embed * cfg.num_classes) / 1e9
+
+
+class _KeyHub(torch.autograd.Function):
+    """Identity on keys ``(B, N, D)`` whose backward adds ``sum_t g_t q_t^T`` as one batched matmul.
+
+    Each :class:`_Scores` call ``s_t = K q_t`` records ``(q_t, dL/ds_t)`` instead of returning its own
+    ``(B, N, D)`` key gradient; autograd runs this node only after all of them, so ``T`` key-sized
+    gradient tensors shrink to one ``bmm``. Same values as plain autograd (tested).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, keys: Tensor, buf: list[tuple[Tensor, Tensor]]) -> Tensor:
+        ctx.buf = buf
+        ctx.set_materialize_grads(False)
+        return keys.view_as(keys)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, None]:
+        buf, ctx.buf = ctx.buf, None
+        if buf:
+            q = torch.stack([q for q, _ in buf], 1)  # (B, T, D)
+            g = torch.stack([g for _, g in buf], 2)  # (B, N, T)
+            summed = torch.bmm(g, q)  # (B, N, D)
+            grad = summed if grad is None else grad + summed
+            buf.clear()
+        return grad, None
+
+
+class _Scores(torch.autograd.Function):
+    """``s = K q`` per video (``(B, N, D)``, ``(B, D)`` -> ``(B, N)``); the key gradient goes to ``buf``."""
+
+    @staticmethod
+    def forward(ctx: Any, keys: Tensor, q: Tensor, buf: list[tuple[Tensor, Tensor]]) -> Tensor:
+        ctx.save_for_backward(keys, q)
+        ctx.buf = buf
+        return torch.bmm(keys, q[:, :, None])[:, :, 0]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[None, Tensor | None, None]:
+        keys, q = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:
+            ctx.buf.append((q.detach(), g))
+        grad_q = torch.bmm(g[:, None, :], keys)[:, 0] if ctx.needs_input_grad[1] else None  # (B, D)
+        return None, grad_q, None
+
+
+def _stack(items: list[Tensor], empty: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Stack per-selection tensors on axis 1, or an empty tensor of shape ``empty`` when there are none."""
+    return torch.stack(items, 1) if items else torch.zeros(empty, dtype=dtype, device=device)
+
+
+def _mix(weights: Tensor, z: Tensor) -> Tensor:
+    """Weighted sum over steps: ``weights`` ``(B, N)``, ``z`` ``(B, N, D)`` -> ``(B, D)``."""
+    return torch.bmm(weights[:, None, :], z)[:, 0]

@@ -1,0 +1,406 @@
+"""Training the skimming model on a feature store (paper recipe by default, design.md §3).
+
+SGD with Nesterov momentum 0.9, weight decay 1e-4, lr 1e-2 divided by 10 at epochs 15 and 20, 25 epochs,
+batches of 256 videos each cropped to one random length in [200, 500] steps. After every epoch: validation
+on the ``val`` split (``test`` when the manifest has no ``val`` videos, said in the log and the checkpoint),
+a checkpoint (atomic; ``resume=True`` continues from it with the same batches) and the training-curve PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from indexing.stores import FeatureStore, open_store
+
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    json_safe,
+    read_checkpoint,
+    save_checkpoint,
+    store_summary,
+)
+from .data import (
+    CropBatchSampler,
+    LengthBatchSampler,
+    SkimDataset,
+    label_names,
+    make_loader,
+    read_manifest,
+    to_device,
+)
+from .model import SkimConfig, SkimModel, model_config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (paper defaults).
+
+    Attributes:
+        epochs: Training epochs.
+        batch_size: Videos per batch.
+        lr: Initial learning rate.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 weight decay.
+        milestones: Epochs (0-based) at which the lr is multiplied by ``gamma``.
+        gamma: Learning-rate decay factor.
+        crop_min: Shortest random crop of a training batch, in steps.
+        crop_max: Longest random crop, in steps (videos shorter than the crop are kept whole).
+        train_split: Manifest split to train on.
+        val_split: Split validated after each epoch (falls back to ``test`` when ``val`` is empty).
+        eval_batch_size: Videos per validation batch.
+        seed: Seed of the initial weights and of the batch order and crops.
+        num_workers: DataLoader worker processes (0 reads in the training process).
+        in_memory: Load the needed arrays of the store once instead of reading per video.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        threads: torch CPU threads (None leaves torch's default).
+    """
+
+    epochs: int = 25
+    batch_size: int = 256
+    lr: float = 1e-2
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    milestones: tuple[int, ...] = (15, 20)
+    gamma: float = 0.1
+    crop_min: int = 200
+    crop_max: int = 500
+    train_split: str = "train"
+    val_split: str = "val"
+    eval_batch_size: int = 64
+    seed: int = 0
+    num_workers: int = 0
+    in_memory: bool = False
+    device: str = "cpu"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr} must be a positive number")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0; set momentum or disable nesterov")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma={self.gamma} must be in (0, 1]")
+        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+            raise ValueError(f"milestones={list(self.milestones)} must be increasing epochs >= 1, e.g. 15,20")
+        if not 1 <= self.crop_min <= self.crop_max:
+            raise ValueError(f"crop range [{self.crop_min}, {self.crop_max}] needs 1 <= crop_min <= crop_max")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers} must be >= 0")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r}; use cpu, cuda, cuda:N or auto")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 0-based ``epoch``: ``lr * gamma ** (milestones passed)``."""
+        return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``ValueError`` for cuda without a GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def train(
+    store_path: str | Path,
+    out: str | Path,
+    *,
+    labels: str | Path | None = None,
+    model_name: str = "imgaud_skim",
+    model_options: Mapping[str, Any] | None = None,
+    config: TrainConfig = TrainConfig(),
+    recognition_store: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    plot: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train a skimming model and write a checkpoint after every epoch.
+
+    Args:
+        store_path: Feature store to train on.
+        out: Checkpoint path.
+        labels: Labels manifest (CSV ``video_id,path,label,split``); None uses the store index's labels.
+        model_name: Registered model (:func:`skim.model.available_models`).
+        model_options: :class:`SkimConfig` overrides (``num_classes`` and ``dim`` come from the data).
+        config: Optimisation settings.
+        recognition_store: Second store holding the recognition features (needs ``recognition_features``).
+        resume: Continue from ``out`` if it exists (same model, options and labels required).
+        overwrite: Replace an existing ``out`` instead of refusing.
+        plot: Training-curve PNG (default: ``out`` with suffix ``.png``), redrawn after the last epoch and
+            after any epoch ending a minute or more after the previous drawing.
+        progress: Show progress bars.
+        log: Where to print notes (default: ``tqdm.write``).
+
+    Returns:
+        A summary: ``out``, ``plot``, ``model``, ``labels``, ``train_videos``, ``val_videos``,
+        ``validated_on``, ``epochs`` and ``history`` (one dict per epoch).
+
+    Raises:
+        ValueError: Bad options, no training videos, or ``out`` exists without ``resume``/``overwrite``.
+    """
+    from tqdm.auto import tqdm
+
+    note = log or tqdm.write
+    out = Path(out)
+    plot_path = Path(plot) if plot is not None else out.with_suffix(".png")
+    if out.exists() and not (resume or overwrite):
+        raise ValueError(f"{out} exists; pass --resume to continue training it or --overwrite to start over")
+    device = resolve_device(config.device)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(store_path, out, labels, model_name, model_options, config, recognition_store, resume,
+                      plot_path, progress, note, device)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    store_path: str | Path,
+    out: Path,
+    labels: str | Path | None,
+    model_name: str,
+    model_options: Mapping[str, Any] | None,
+    config: TrainConfig,
+    recognition_store: str | Path | None,
+    resume: bool,
+    plot_path: Path,
+    progress: bool,
+    note: Callable[[str], None],
+    device: torch.device,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    store = open_store(store_path)
+    rec_store = open_store(recognition_store) if recognition_store is not None else None
+    manifest = read_manifest(labels) if labels is not None else None
+    names = label_names(store, manifest)
+    options = dict(model_options or {})
+    options.setdefault("dim", store.dim)
+    if rec_store is not None:
+        options["recognition_store"] = True
+    skim_config = model_config(model_name, num_classes=len(names), **options)
+    if skim_config.recognition_store and rec_store is None:
+        raise ValueError(
+            "this model reads recognition features from a second store; pass --recognition-store"
+        )
+
+    data_kw: dict[str, Any] = {"labels": manifest, "names": names, "recognition_store": rec_store}
+    data_kw["in_memory"] = config.in_memory
+    train_ds = SkimDataset(
+        store, skim_config.batch_keys, split=config.train_split, with_time=False, **data_kw
+    )
+    if len(train_ds) == 0:
+        raise ValueError(
+            f"no labelled ok videos in split {config.train_split!r} of {store_path} "
+            f"(skipped: {train_ds.skipped}); check the manifest's split column or pass --train-split"
+        )
+    val_ds, validated_on = _validation_set(store, skim_config, config, data_kw, note)
+
+    torch.manual_seed(config.seed)
+    model = SkimModel(skim_config).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume and out.exists():
+        ckpt = read_checkpoint(out)
+        _check_resumable(ckpt, out, model_name, skim_config, names)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = list(ckpt["history"])
+        start_epoch = int(ckpt["epoch"])
+        note(f"resuming {out} after epoch {start_epoch}")
+
+    sampler = CropBatchSampler(
+        train_ds.steps,
+        batch_size=config.batch_size,
+        crop_min=config.crop_min,
+        crop_max=config.crop_max,
+        seed=config.seed,
+    )
+    loader = make_loader(train_ds, sampler, num_workers=config.num_workers)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": model_name,
+        "config": skim_config.to_dict(),
+        "train_config": config.to_dict(),
+        "labels": names,
+        "features": {
+            "index": list(skim_config.index_features),
+            "recognition": list(skim_config.recognition_features or skim_config.index_features),
+            "recognition_store": str(recognition_store) if recognition_store is not None else None,
+        },
+        "store": store_summary(store),
+        "validated_on": validated_on,
+    }
+    drawn = time.monotonic()
+    for epoch in range(start_epoch, config.epochs):
+        lr = config.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        t0 = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not progress)
+        for batch in bar:
+            batch = to_device(batch, device)
+            out_b = model(batch["features"], batch["mask"])
+            loss = model.loss(out_b, batch["labels"])
+            if not torch.isfinite(loss):
+                raise RuntimeError(
+                    f"loss became {float(loss)} in epoch {epoch + 1}; lower --lr (now {lr:g}) and retrain"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            b = len(batch["video_ids"])
+            loss_sum += loss.item() * b
+            correct += int((out_b.logits.argmax(1) == batch["labels"]).sum())
+            seen += b
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        train_s = time.perf_counter() - t0
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "train_videos_per_s": seen / train_s,
+            "val_loss": None,
+            "val_accuracy": None,
+        }
+        if val_ds is not None:
+            record.update(validate(model, val_ds, batch_size=config.eval_batch_size, device=device))
+        history.append(record)
+        save_checkpoint(
+            out,
+            {
+                **meta,
+                "epoch": epoch + 1,
+                "history": json_safe(history),
+                "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+            },
+        )
+        if epoch + 1 == config.epochs or time.monotonic() - drawn >= 60:
+            _save_curves(history, plot_path)
+            drawn = time.monotonic()
+        val = f", val acc {record['val_accuracy']:.3f}" if record["val_accuracy"] is not None else ""
+        note(
+            f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, "
+            f"train acc {record['train_accuracy']:.3f}{val}, {record['train_videos_per_s']:.1f} videos/s"
+        )
+    return {
+        "out": str(out),
+        "plot": str(plot_path) if history else None,
+        "model": model_name,
+        "labels": names,
+        "train_videos": len(train_ds),
+        "val_videos": len(val_ds) if val_ds is not None else 0,
+        "validated_on": validated_on,
+        "epochs": len(history),
+        "history": json_safe(history),
+    }
+
+
+@torch.no_grad()
+def validate(
+    model: SkimModel, dataset: SkimDataset, *, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on every video of ``dataset`` (eval mode, whole videos)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    loader = make_loader(dataset, LengthBatchSampler(dataset.steps, batch_size=batch_size))
+    for batch in loader:
+        batch = to_device(batch, device)
+        out = model(batch["features"], batch["mask"])
+        b = len(batch["video_ids"])
+        loss_sum += float(model.loss(out, batch["labels"])) * b
+        correct += int((out.logits.argmax(1) == batch["labels"]).sum())
+        seen += b
+    model.train(was_training)
+    return {"val_loss": loss_sum / max(seen, 1), "val_accuracy": correct / max(seen, 1)}
+
+
+def _validation_set(
+    store: FeatureStore,
+    skim_config: SkimConfig,
+    config: TrainConfig,
+    data_kw: Mapping[str, Any],
+    note: Callable[[str], None],
+) -> tuple[SkimDataset | None, str | None]:
+    for split in dict.fromkeys(
+        [config.val_split, "test"] if config.val_split == "val" else [config.val_split]
+    ):
+        # Validation reads per video even with in_memory: a second copy of the store is not worth it.
+        ds = SkimDataset(
+            store, skim_config.batch_keys, split=split, with_time=False, **{**data_kw, "in_memory": False}
+        )
+        if len(ds):
+            if split != config.val_split:
+                note(f"no videos in split {config.val_split!r}: validating on {split!r} (monitoring only)")
+            return ds, split
+    note(f"no videos in split {config.val_split!r}: training without validation")
+    return None, None
+
+
+def _check_resumable(
+    ckpt: Mapping[str, Any], out: Path, model_name: str, skim_config: SkimConfig, names: list[str]
+) -> None:
+    if ckpt["model"] != model_name or SkimConfig.from_dict(ckpt["config"]) != skim_config:
+        raise ValueError(
+            f"{out} was trained as {ckpt['model']} with {ckpt['config']}; resume with the same model options "
+            "or pass --overwrite to start over"
+        )
+    if list(ckpt["labels"]) != names:
+        raise ValueError(f"{out} was trained on labels {ckpt['labels']}, the manifest now gives {names}")
+
+
+def _save_curves(history: list[Mapping[str, Any]], path: Path) -> None:
+    from .plot import training_curves_figure
+
+    fig = training_curves_figure(history)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

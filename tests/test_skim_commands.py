@@ -1,0 +1,343 @@
+"""Skimming end to end on a generated store: data layer, train/evaluate/query/show commands and JSON schemas.
+
+The planted store (skim.synthetic) hides a class direction in 4 consecutive steps of each 30-80 step video;
+a small model (32-d features, hidden 64) trained for 10 epochs finds them, uniform sampling mostly misses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from indexing.stores import open_store
+from skim.data import (
+    CropBatchSampler,
+    LengthBatchSampler,
+    SkimDataset,
+    collate,
+    label_names,
+    read_manifest,
+    read_moments,
+)
+from skim.evaluate import accuracy, mean_average_precision
+from skim.synthetic import PlantedSpec, write_planted_store
+
+SPEC = PlantedSpec(videos=80, classes=4, dim=32, min_steps=30, max_steps=80, strength=8.0, chunk_rows=256)
+SMALL_MODEL = ["--hidden", "64", "--embed", "32"]
+FAST_TRAIN = ["--lr", "0.1", "--batch-size", "16", "--milestones", "", "--seed", "0"]
+METRICS = {"accuracy", "map", "gflops_per_video", "steps_used", "evidence_precision"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread avoids thread-pool handoffs that dominate on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*args: str) -> dict | list:
+    """Invoke ``l2l`` in-process with ``--json`` and return the parsed output (fails on a non-zero exit)."""
+    result = CliRunner().invoke(main, [*args, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    return write_planted_store(tmp_path_factory.mktemp("skim") / "store", SPEC)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("model") / "skim.pt"
+    summary = run(
+        "train", str(corpus["store"]), "--labels", str(corpus["labels"]), "--out", str(out), "--epochs", "10",
+        *SMALL_MODEL, *FAST_TRAIN,
+    )  # fmt: skip
+    return {"summary": summary, "model": out}
+
+
+# ---- data layer --------------------------------------------------------------------------------------------
+
+
+def test_dataset_labels_splits_and_status(corpus, tmp_path):
+    store = open_store(corpus["store"])
+    manifest = read_manifest(corpus["labels"])
+    # The manifest wins over the store index: relabel one video and move another to another split.
+    rows = corpus["labels"].read_text().splitlines()
+    rows[1] = rows[1].replace("class0", "class3")
+    rows[2] = rows[2].replace(",train", ",val")
+    edited = tmp_path / "labels.csv"
+    edited.write_text("\n".join(rows) + "\n")
+    manifest = read_manifest(edited)
+    names = label_names(store, manifest)
+    train = SkimDataset(store, ("image", "audio"), labels=manifest, names=names, split="train")
+    by_id = {e.video_id: e for e in train.entries}
+    assert by_id["vid00000"].label == names.index("class3")
+    assert "vid00001" not in by_id
+    assert len(train) == 47 and train.skipped["other_split"] == 33
+    everything = SkimDataset(store, ("image",), names=names)  # store index labels only
+    assert len(everything) == SPEC.videos and everything.entries[0].label == names.index("class0")
+    with pytest.raises(ValueError, match="missing column"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("id,label\na,b\n")
+        read_manifest(bad)
+
+
+def test_items_read_one_slice_per_array_and_match_memory(corpus):
+    store = open_store(corpus["store"])
+    reads: list[tuple[str, int, int]] = []
+    original = store.read_rows
+
+    def counting(name: str, start: int, stop: int) -> np.ndarray:
+        reads.append((name, start, stop))
+        return original(name, start, stop)
+
+    store.read_rows = counting
+    ds = SkimDataset(store, ("image", "audio"), split="test", require_label=False)
+    item = ds[(3, 5, 25)]
+    e = ds.entries[3]
+    assert sorted(reads) == sorted(
+        (n, e.first_row + 5, e.first_row + 25) for n in ("image", "audio", "valid", "time_s")
+    )
+    assert item["features"]["image"].shape == (20, SPEC.dim) and item["offset"] == 5
+    np.testing.assert_allclose(item["time_s"], np.arange(5, 25) * 16 / 30)
+    store.read_rows = original
+    memory = SkimDataset(store, ("image", "audio"), split="test", require_label=False, in_memory=True)
+    np.testing.assert_array_equal(memory[3]["features"]["audio"], ds[3]["features"]["audio"])
+
+
+def test_collate_pads_and_masks(corpus):
+    store = open_store(corpus["store"])
+    ds = SkimDataset(store, ("fused",), require_label=False)
+    batch = collate([ds[0], ds[(1, 0, 7)]])
+    n0 = ds.entries[0].steps
+    assert (
+        batch["features"]["fused"].shape == (2, n0, SPEC.dim)
+        and batch["features"]["fused"].dtype == torch.float32
+    )
+    assert batch["mask"].sum(1).tolist() == [n0, 7]
+    assert float(batch["features"]["fused"][1, 7:].abs().sum()) == 0.0
+
+
+def test_crop_sampler_lengths_and_determinism():
+    steps = [50, 300, 800, 120, 1000, 450]
+    sampler = CropBatchSampler(steps, batch_size=4, crop_min=200, crop_max=500, seed=3)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i, _, _ in b) == list(range(len(steps)))
+    for batch in batches:
+        lengths = {stop - start for i, start, stop in batch if steps[i] > 500}
+        assert len(lengths) <= 1 and all(200 <= n <= 500 for n in lengths)  # one crop length per batch
+        for i, start, stop in batch:
+            assert 0 <= start < stop <= steps[i]
+            if steps[i] <= 200:
+                assert (start, stop) == (0, steps[i])  # short videos kept whole
+    assert list(sampler) == batches  # same epoch, same batches
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    grouped = list(LengthBatchSampler(steps, batch_size=2))
+    assert [[steps[i] for i in b] for b in grouped] == [[50, 120], [300, 450], [800, 1000]]
+
+
+def test_metrics_by_hand():
+    scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
+    labels = np.array([0, 1, 1, 0])
+    assert accuracy(scores, labels) == 0.75
+    # class 0 ranking: v0(+), v3(+), v1, v2 -> AP 1; class 1 ranking: v2(+), v1(+), v3, v0 -> AP 1
+    assert mean_average_precision(scores, labels) == 1.0
+    labels = np.array([0, 0, 1, 1])
+    flipped = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.7, 0.3]])
+    # class 0 ranking v0(+), v3, v1(+), v2 and class 1 ranking v2(+), v1, v3(+), v0: positives at ranks 1, 3
+    assert mean_average_precision(flipped, labels) == pytest.approx((1 + 2 / 3) / 2)
+    assert mean_average_precision(flipped, np.array([1, 1, 1, 1])) == 1.0  # classes without positives skipped
+
+
+# ---- commands ----------------------------------------------------------------------------------------------
+
+
+def test_train_writes_self_describing_checkpoint_and_curves(trained):
+    summary = trained["summary"]
+    assert summary["epochs"] == 10 and summary["labels"] == [f"class{c}" for c in range(4)]
+    assert summary["validated_on"] == "val" and summary["train_videos"] == 48
+    assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
+    ckpt = torch.load(trained["model"], weights_only=True)
+    assert ckpt["model"] == "imgaud_skim" and ckpt["config"]["hidden"] == 64 and ckpt["epoch"] == 10
+    assert ckpt["features"]["index"] == ["image", "audio"] and ckpt["store"]["dim"] == SPEC.dim
+    assert ckpt["train_config"]["nesterov"] is True and ckpt["train_config"]["momentum"] == 0.9
+    assert Path(summary["plot"]).stat().st_size > 1000
+
+
+def test_skim_beats_uniform_on_planted_evidence(trained, corpus, tmp_path):
+    png = tmp_path / "curves.png"
+    result = run(
+        "evaluate", str(corpus["store"]), "--model", str(trained["model"]), "--labels", str(corpus["labels"]),
+        "--curve-steps", "2", "--subsample-factors", "1,4", "--plot", str(png),
+    )  # fmt: skip
+    assert set(result["methods"]) == {"skim", "uniform", "random", "dense"}
+    assert all(set(m) == METRICS for m in result["methods"].values())
+    assert result["videos"] == 16
+    skim, uniform = result["methods"]["skim"], result["methods"]["uniform"]
+    assert skim["accuracy"] >= uniform["accuracy"] + 0.2, result["methods"]
+    assert skim["map"] > uniform["map"]
+    # moments.json beside the manifest is found: skim looks at evidence far above chance
+    assert skim["evidence_precision"] > 2 * uniform["evidence_precision"]
+    assert skim["steps_used"] == 10 and uniform["steps_used"] == 10
+    dense = result["methods"]["dense"]
+    assert dense["steps_used"] > 30 and dense["gflops_per_video"] > uniform["gflops_per_video"]
+    assert result["costs"]["dense_teacher_gflops_per_video"] > dense["gflops_per_video"]
+    assert (
+        result["curves"]["steps"]["k"] == list(range(1, 11))
+        and len(result["curves"]["subsample"]["skim"]) == 2
+    )
+    assert png.stat().st_size > 1000
+
+
+def test_evaluate_inference_variants(trained, corpus):
+    common = ["--curve-steps", "1", "--subsample-factors", "1", "--baseline-epochs", "1"]
+    store, model, labels = str(corpus["store"]), str(trained["model"]), str(corpus["labels"])
+    short = run("evaluate", store, "--model", model, "--labels", labels, "--stop-after", "3", *common)
+    assert short["methods"]["skim"]["steps_used"] == 3 and short["methods"]["uniform"]["steps_used"] == 3
+    eager = run("evaluate", store, "--model", model, "--labels", labels, "--exit-threshold", "0.01", *common)
+    assert eager["methods"]["skim"]["steps_used"] == 1  # any probability clears 0.01: exit after one step
+    hard = run("evaluate", store, "--model", model, "--labels", labels, "--next-input", "hard", *common)
+    assert hard["inference"]["next_input"] == "hard" and 0 <= hard["methods"]["skim"]["accuracy"] <= 1
+    no_moments = run("evaluate", store, "--model", model, *common)  # store labels and splits, no moments
+    assert no_moments["methods"]["skim"]["evidence_precision"] is None and no_moments["videos"] == 16
+
+
+def test_query_json_schema_and_errors(trained, corpus):
+    store, model = str(corpus["store"]), str(trained["model"])
+    answers = run("query", store, "vid00004", "vid00009", "--model", model, "--top-k", "3")
+    assert [a["video_id"] for a in answers] == ["vid00004", "vid00009"]
+    moments = read_moments(corpus["moments"])
+    for a in answers:
+        assert set(a) == {"video_id", "top", "moments"}
+        probs = [t["prob"] for t in a["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        steps = [m["step"] for m in a["moments"]]
+        assert len(steps) == len(set(steps)) >= 9
+        for m in a["moments"]:
+            assert set(m) == {"step", "start_s", "end_s", "weight"}
+            assert m["end_s"] - m["start_s"] == pytest.approx(16 / 30) and 0 < m["weight"] <= 1
+        # the first moment the model picks is planted evidence
+        start, end = moments[a["video_id"]][0]
+        first = a["moments"][0]
+        assert start <= first["start_s"] + 8 / 30 <= end
+    everything = run("query", store, "--all", "--model", model, "--top-k", "1")
+    assert len(everything) == SPEC.videos
+    result = CliRunner().invoke(main, ["query", store, "nope", "--model", model])
+    assert result.exit_code == 2 and "nope" in result.output
+    result = CliRunner().invoke(main, ["query", store, "--model", model])
+    assert result.exit_code == 2 and "--all" in result.output
+
+
+def test_show_draws_png_and_notes_missing_video(trained, corpus, tmp_path):
+    png = tmp_path / "moments.png"
+    shown = run(
+        "show", str(corpus["store"]), "vid00004", "--model", str(trained["model"]), "--out", str(png),
+        "--moments", str(corpus["moments"]),
+    )  # fmt: skip
+    assert png.stat().st_size > 1000
+    assert shown["frames"] is False and "gone" in shown["note"]  # synthetic paths do not exist
+    distinct = list(dict.fromkeys(m["step"] for m in shown["moments"]))
+    assert shown["shown_steps"] == distinct[:12] and len(shown["uniform_steps"]) == len(shown["shown_steps"])
+    steps = shown["uniform_steps"]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    args = ["train", str(corpus["store"]), "--labels", str(corpus["labels"]), *SMALL_MODEL, *FAST_TRAIN]
+    straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
+    run(*args, "--out", str(straight), "--epochs", "2")
+    run(*args, "--out", str(split), "--epochs", "1")
+    refused = CliRunner().invoke(main, [*args, "--out", str(split), "--epochs", "2"])
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    resumed = run(*args, "--out", str(split), "--epochs", "2", "--resume")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    a = torch.load(straight, weights_only=True)["state_dict"]
+    b = torch.load(split, weights_only=True)["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+@pytest.mark.parametrize("name", ["imgaud_skim", "fused_skim", "visual_skim"])
+def test_every_registered_model_trains_and_answers(name, corpus, tmp_path):
+    from skim.model import available_models
+
+    assert name in available_models()
+    out = tmp_path / f"{name}.pt"
+    args = [
+        "train",
+        str(corpus["store"]),
+        "--labels",
+        str(corpus["labels"]),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+    ]
+    summary = run(*args, "--model-name", name, *SMALL_MODEL, *FAST_TRAIN, "--step-head-weight", "0.5")
+    assert summary["model"] == name and summary["epochs"] == 1
+    answers = run("query", str(corpus["store"]), "vid00001", "--model", str(out), "--exit-on", "step_head",
+                  "--exit-threshold", "0.99")  # fmt: skip
+    assert answers[0]["top"] and 1 <= len(answers[0]["moments"]) <= 18
+
+
+def test_recognition_features_from_a_second_store(corpus, tmp_path):
+    # Same step grid (same seed and lengths), stronger evidence: stands for an expensive recognition model.
+    other = write_planted_store(tmp_path / "rec", PlantedSpec(**{**SPEC.__dict__, "strength": 16.0}))["store"]
+    out = tmp_path / "rec.pt"
+    summary = run(
+        "train", str(corpus["store"]), "--labels", str(corpus["labels"]), "--out", str(out), "--epochs", "1",
+        "--recognition-features", "fused", "--recognition-store", str(other), *SMALL_MODEL, *FAST_TRAIN,
+    )  # fmt: skip
+    assert summary["epochs"] == 1
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["config"]["recognition_store"] is True and ckpt["features"]["recognition_store"] == str(other)
+    common = ["--labels", str(corpus["labels"]), "--curve-steps", "1", "--subsample-factors", "1"]
+    result = run("evaluate", str(corpus["store"]), "--model", str(out), *common, "--baseline-epochs", "1")
+    assert result["costs"]["recognition_networks"] == ["rec:audio", "rec:fusion", "rec:image"]
+    hard = run("evaluate", str(corpus["store"]), "--model", str(out), *common, "--baseline-epochs", "1",
+               "--next-input", "hard")  # fmt: skip
+    # soft mixing reads recognition features at every step; hard input only at the chosen ones
+    assert hard["methods"]["skim"]["gflops_per_video"] < result["methods"]["skim"]["gflops_per_video"]
+    shifted = write_planted_store(tmp_path / "shifted", PlantedSpec(**{**SPEC.__dict__, "min_steps": 31}))
+    bad = CliRunner().invoke(main, ["query", str(corpus["store"]), "--all", "--model", str(out),
+                                    "--recognition-store", str(shifted["store"])])  # fmt: skip
+    assert bad.exit_code == 2 and "same step grid" in bad.output
+
+
+def test_show_decodes_frames_at_chosen_and_uniform_steps(trained, tmp_path, monkeypatch):
+    import pipeline.media
+
+    videos = tmp_path / "videos"
+    corpus = write_planted_store(tmp_path / "store", SPEC, video_root=videos)
+    videos.mkdir()
+    (videos / "vid00004.mp4").write_bytes(b"")  # exists; decoding is faked below
+    calls: list[list[int]] = []
+
+    class Batch:
+        def __init__(self, steps):
+            self.frames = np.full((len(steps), 112, 112, 3), 128, dtype=np.uint8)  # (B, 112, 112, 3)
+
+    def fake_read_steps(path, steps, **kwargs):
+        calls.append(list(steps))
+        return Batch(steps)
+
+    monkeypatch.setattr(pipeline.media, "read_steps", fake_read_steps)
+    png = tmp_path / "frames.png"
+    shown = run(
+        "show", str(corpus["store"]), "vid00004", "--model", str(trained["model"]), "--out", str(png),
+        "--max-frames", "5",
+    )  # fmt: skip
+    assert len(shown["shown_steps"]) == 5 and shown["frames"] is True and shown["note"] is None
+    assert calls == [shown["shown_steps"] + shown["uniform_steps"]]
+    assert png.stat().st_size > 1000
