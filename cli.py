@@ -1242,7 +1242,7 @@ def demo(ctx: click.Context, out: str, videos: int, classes: int, workers: int, 
           out=str(students), epochs=3, **common)  # fmt: skip
     common.pop("preset")
     stage("finetune: classifier on labelled clips", finetune, manifest=str(manifest),
-          students=str(students), out=str(students_ft), epochs=4, **common)  # fmt: skip
+          students_path=str(students), out=str(students_ft), epochs=4, **common)  # fmt: skip
     stage("extract: features into a Zarr store on a local Dask cluster", extract, corpus=str(manifest),
           store=str(store), students=str(students_ft), workers=workers)  # fmt: skip
     stage("train: the skimming model on stored features", train_cmd, store=str(store), labels=str(manifest),
