@@ -13,7 +13,6 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,15 +99,12 @@ class ClipDataset(Dataset):
         self.infos = []
         self.skipped: list[tuple[str, str]] = []
 
-        def probe(entry: Any) -> Any:
+        probed = []
+        for entry in entries:
             try:
-                return probe_video(entry.path)
+                probed.append(probe_video(entry.path))
             except MediaError as exc:
-                return exc
-
-        # Probes run in helper processes, so threads give real parallelism here.
-        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-            probed = list(pool.map(probe, entries))
+                probed.append(exc)
         for entry, info in zip(entries, probed, strict=True):
             if isinstance(info, MediaError):
                 log.warning("skipping %s: %s", entry.path, info.reason)
@@ -182,7 +178,9 @@ class ClipDataset(Dataset):
         """
         from pipeline.media import StepReader
 
-        readers = self.__dict__.setdefault("_readers", OrderedDict())
+        # Keyed by process: a forked loader worker inherits its parent's open readers, and decoder
+        # handles must never be used (or even closed) across a fork, so each process opens its own.
+        readers = self.__dict__.setdefault("_readers", {}).setdefault(os.getpid(), OrderedDict())
         if v in readers:
             readers.move_to_end(v)
             return readers[v]

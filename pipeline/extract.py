@@ -484,14 +484,28 @@ def corpus_digest(entries: Sequence[CorpusEntry]) -> str:
 
 
 def store_attrs(
-    config: ExtractConfig, plan: Plan, meta: dict[str, Any], *, corpus: dict[str, Any]
+    config: ExtractConfig,
+    plan: Plan,
+    meta: dict[str, Any],
+    *,
+    corpus: dict[str, Any],
+    students: Any | None = None,
 ) -> dict[str, Any]:
-    """The attrs written once when the store is created."""
+    """The attrs written once when the store is created.
+
+    ``gflops_per_step`` holds the measured cost of the students that ran (when given) and the paper
+    teacher clip's, so ``l2l evaluate`` reports the cost of this store's models.
+    """
     import torch
 
     from indexing import frontend
+    from indexing.flops import measured_gflops, students_gflops
 
-    students = {
+    gflops = {"teacher_clip": measured_gflops("paper")["teacher_clip"]}
+    if students is not None:
+        gflops |= students_gflops(students)
+
+    student_attrs = {
         "spec": config.students,
         "random": bool(meta.get("random")),
         "sha256": meta.get("sha256"),  # of the weights, independent of the file layout
@@ -503,7 +517,7 @@ def store_attrs(
     if meta.get("path"):
         from indexing.checkpoint import sha256_file
 
-        students["file_sha256"] = sha256_file(meta["path"])
+        student_attrs["file_sha256"] = sha256_file(meta["path"])
     return {
         "step_s": STEP_S,
         "image": {"size": IMAGE_SIZE, "frame": "the frame on screen at the step start"},
@@ -518,7 +532,8 @@ def store_attrs(
             "n_mels": frontend.N_MELS,
             "log_mel_shape": [1, frontend.MEL_FRAMES, frontend.N_MELS],
         },
-        "models": {"students": students},
+        "models": {"students": student_attrs},
+        "gflops_per_step": gflops,
         "extraction": config.to_dict(),
         "plan": plan.summary(),
         "corpus": corpus,
@@ -609,7 +624,7 @@ def run_extraction(
         raise ValueError(f"--resume: there is no store at {store_path} to resume; drop --resume to create it")
     if resume is False and exists:
         raise ValueError(f"{store_path} already exists; resume it or choose a new store path")
-    _, meta = cached_students(config.students, config.device)  # the serial path reuses this load
+    students, meta = cached_students(config.students, config.device)  # the serial path reuses this load
     if meta.get("random"):
         log(
             f"l2l: WARNING: students {config.students} are RANDOM weights; "
@@ -624,7 +639,7 @@ def run_extraction(
             "videos": len(entries),
             "digest": digest,
         }
-        attrs = store_attrs(config, plan, meta, corpus=corpus_attrs)
+        attrs = store_attrs(config, plan, meta, corpus=corpus_attrs, students=students)
         try:
             store = get_store(config.store).create(
                 store_path,

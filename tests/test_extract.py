@@ -180,6 +180,12 @@ def test_store_contents_failures_and_audio_mask(reference):
         assert attrs["models"]["students"]["random"] is True and attrs["models"]["students"]["sha256"]
         assert attrs["audio"]["n_mels"] == 40 and attrs["audio"]["hop_length"] == 160
         assert attrs["extraction"]["chunk_rows"] == 4 and attrs["plan"]["tasks"] == 3
+        # The cost of the students that ran (tiny), not the paper's, is what evaluate will report.
+        from indexing.flops import measured_gflops
+
+        tiny = measured_gflops("tiny")
+        assert attrs["gflops_per_step"]["students"] == pytest.approx(tiny["students"])
+        assert attrs["gflops_per_step"]["students"] < measured_gflops("paper")["students"] / 5
 
 
 def test_plain_zarr_and_h5py_readers_match_the_store_api(reference):

@@ -315,29 +315,23 @@ def test_recognition_features_from_a_second_store(corpus, tmp_path):
     assert bad.exit_code == 2 and "same step grid" in bad.output
 
 
-def test_show_decodes_frames_at_chosen_and_uniform_steps(trained, tmp_path, monkeypatch):
-    import pipeline.media
+def test_show_decodes_frames_at_chosen_and_uniform_steps(trained, tmp_path):
+    from pipeline.encode import write_video
 
     videos = tmp_path / "videos"
     corpus = write_planted_store(tmp_path / "store", SPEC, video_root=videos)
-    videos.mkdir()
-    (videos / "vid00004.mp4").write_bytes(b"")  # exists; decoding is faked below
-    calls: list[list[int]] = []
+    steps = open_store(corpus["store"]).video("vid00004").steps
+    n_frames = int(np.ceil(steps * 16 / 30 * 10)) + 1  # a real 10 fps mp4 covering every step
 
-    class Batch:
-        def __init__(self, steps):
-            self.frames = np.full((len(steps), 112, 112, 3), 128, dtype=np.uint8)  # (B, 112, 112, 3)
+    def frames():
+        for i in range(n_frames):
+            yield np.full((48, 64, 3), i % 256, dtype=np.uint8)  # (48, 64, 3)
 
-    def fake_read_steps(path, steps, **kwargs):
-        calls.append(list(steps))
-        return Batch(steps)
-
-    monkeypatch.setattr(pipeline.media, "read_steps", fake_read_steps)
+    write_video(videos / "vid00004.mp4", frames(), fps=10)
     png = tmp_path / "frames.png"
     shown = run(
         "show", str(corpus["store"]), "vid00004", "--model", str(trained["model"]), "--out", str(png),
         "--max-frames", "5",
     )  # fmt: skip
     assert len(shown["shown_steps"]) == 5 and shown["frames"] is True and shown["note"] is None
-    assert calls == [shown["shown_steps"] + shown["uniform_steps"]]
     assert png.stat().st_size > 1000
