@@ -25,13 +25,13 @@ def test_folder_recipe_round_trip_through_extract_and_train(tmp_path):
     root = tmp_path / "videos"
     for c, name in enumerate(["cheering", "drumming"]):
         for i in range(3):
-            _video(root / name / f"clip{i}.mp4", seed=10 * c + i)
+            _video(root / name / f"{name}{i}.mp4", seed=10 * c + i)
     runner = CliRunner()
 
     def run(*args: str) -> dict:
         result = runner.invoke(main, [*args, "--json"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        return json.loads(result.output)
+        return json.loads(result.stdout)
 
     manifest = tmp_path / "m.csv"
     report = run("prepare", "folder", str(root), "--out", str(manifest), "--test-fraction", "0.34")
