@@ -59,7 +59,7 @@ def measured_gflops(preset: str = "paper") -> dict[str, float]:
 
 
 def students_gflops(students: nn.Module) -> dict[str, float]:
-    """GFLOPs per step of the given students (batch 1), counted on the meta device.
+    """GFLOPs per step of the given students (one batch-1 forward on their own device).
 
     Extraction records this for the students it actually ran, so costs reported by ``l2l evaluate``
     match the checkpoint (a tiny preset costs far less than the paper's).
@@ -67,16 +67,18 @@ def students_gflops(students: nn.Module) -> dict[str, float]:
     Returns:
         ``image``, ``audio``, ``fusion`` and ``students`` (their sum: one indexed step), in GFLOPs.
     """
-    import copy
-
-    with torch.device("meta"):
-        x = _step_inputs(1)
-    meta_students = copy.deepcopy(students).to("meta").eval()
-    out = {
-        "image": count_gflops(lambda: meta_students.image(x["frames"])),
-        "audio": count_gflops(lambda: meta_students.audio(x["mel"])),
-        "fusion": count_gflops(lambda: meta_students.fusion(x["z"], x["z"])),
-    }
+    device = next(students.parameters()).device
+    x = {k: v.to(device) for k, v in _step_inputs(1).items()}
+    was_training = students.training
+    students.eval()  # BatchNorm in eval: counting must not touch running statistics
+    try:
+        out = {
+            "image": count_gflops(lambda: students.image(x["frames"])),
+            "audio": count_gflops(lambda: students.audio(x["mel"])),
+            "fusion": count_gflops(lambda: students.fusion(x["z"], x["z"])),
+        }
+    finally:
+        students.train(was_training)
     out["students"] = out["image"] + out["audio"] + out["fusion"]
     return out
 
