@@ -98,17 +98,12 @@ class ClipDataset(Dataset):
         self.entries = []
         self.infos = []
         self.skipped: list[tuple[str, str]] = []
-
-        probed = []
         for entry in entries:
             try:
-                probed.append(probe_video(entry.path))
+                info = probe_video(entry.path)
             except MediaError as exc:
-                probed.append(exc)
-        for entry, info in zip(entries, probed, strict=True):
-            if isinstance(info, MediaError):
-                log.warning("skipping %s: %s", entry.path, info.reason)
-                self.skipped.append((str(entry.video_id), info.reason))
+                log.warning("skipping %s: %s", entry.path, exc.reason)
+                self.skipped.append((str(entry.video_id), exc.reason))
                 continue
             if info.num_steps < 1:
                 self.skipped.append((str(entry.video_id), "no steps"))
