@@ -147,6 +147,25 @@ def test_crop_sampler_lengths_and_determinism():
     assert [[steps[i] for i in b] for b in grouped] == [[50, 120], [300, 450], [800, 1000]]
 
 
+def test_baseline_head_trains_for_steps_not_epochs():
+    """A small corpus is one batch per epoch; the head must still get its optimiser steps (no strawman)."""
+    from skim.evaluate import train_head
+
+    rng = np.random.default_rng(0)
+    y = np.arange(12) % 3
+    x = rng.normal(size=(12, 16)).astype(np.float32) + 1.5 * np.eye(3, 16, dtype=np.float32)[y]
+    kw = {"hidden": 32, "embed": 16, "lr": 1e-2, "batch_size": 256, "seed": 0}
+
+    def train_accuracy(steps: int) -> float:
+        head = train_head(x, y, 3, steps=steps, **kw)
+        with torch.no_grad():
+            pred = head(torch.from_numpy(x)).argmax(1).numpy()
+        return float((pred == y).mean())
+
+    assert train_accuracy(60) == 1.0  # 60 steps on 12 samples: 60 passes, not 1
+    assert train_accuracy(1) < 1.0
+
+
 def test_metrics_by_hand():
     scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
     labels = np.array([0, 1, 1, 0])
@@ -201,7 +220,7 @@ def test_skim_beats_uniform_on_planted_evidence(trained, corpus, tmp_path):
 
 
 def test_evaluate_inference_variants(trained, corpus):
-    common = ["--curve-steps", "1", "--subsample-factors", "1", "--baseline-epochs", "1"]
+    common = ["--curve-steps", "1", "--subsample-factors", "1", "--baseline-steps", "1"]
     store, model, labels = str(corpus["store"]), str(trained["model"]), str(corpus["labels"])
     short = run("evaluate", store, "--model", model, "--labels", labels, "--stop-after", "3", *common)
     assert short["methods"]["skim"]["steps_used"] == 3 and short["methods"]["uniform"]["steps_used"] == 3
@@ -303,9 +322,9 @@ def test_recognition_features_from_a_second_store(corpus, tmp_path):
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["config"]["recognition_store"] is True and ckpt["features"]["recognition_store"] == str(other)
     common = ["--labels", str(corpus["labels"]), "--curve-steps", "1", "--subsample-factors", "1"]
-    result = run("evaluate", str(corpus["store"]), "--model", str(out), *common, "--baseline-epochs", "1")
+    result = run("evaluate", str(corpus["store"]), "--model", str(out), *common, "--baseline-steps", "1")
     assert result["costs"]["recognition_networks"] == ["rec:audio", "rec:fusion", "rec:image"]
-    hard = run("evaluate", str(corpus["store"]), "--model", str(out), *common, "--baseline-epochs", "1",
+    hard = run("evaluate", str(corpus["store"]), "--model", str(out), *common, "--baseline-steps", "1",
                "--next-input", "hard")  # fmt: skip
     # soft mixing reads recognition features at every step; hard input only at the chosen ones
     assert hard["methods"]["skim"]["gflops_per_video"] < result["methods"]["skim"]["gflops_per_video"]
