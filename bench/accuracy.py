@@ -1,10 +1,11 @@
 """Accuracy against cost on a synthetic corpus: skimming vs uniform, random and dense sampling.
 
 The whole pipeline on a labelled synthetic corpus whose class shows only in short evidence segments
-(``l2l synth``): distil tiny students from the tiny teacher (``l2l distill``), fine-tune them
-(``l2l finetune``), extract features (``l2l extract``), train the skimming model on the ``train`` split
-(:func:`skim.train.train`) and evaluate it with the baselines on the held-out ``test`` split
-(:func:`skim.evaluate.evaluate`, the library call behind ``l2l evaluate --json``). The CLI stages run as
+(``l2l synth``): distil tiny students from the tiny teacher (``l2l distill``), fine-tune them on trimmed
+clips from the ground-truth segments (``l2l finetune --moments``), extract features (``l2l extract``),
+train the skimming model on the ``train`` split (:func:`skim.train.train`, the demo's small-batch recipe)
+and evaluate it with the baselines on the held-out ``test`` split (:func:`skim.evaluate.evaluate`, the
+library call behind ``l2l evaluate --json``). The CLI stages run as
 subprocesses; their outputs are cached in the work folder and reused when their options are unchanged,
 so a rerun only retrains and re-evaluates the skimming model.
 
@@ -56,16 +57,16 @@ def cached(stamp: Path, spec: dict[str, Any], outputs: list[Path]) -> bool:
 
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--videos", type=int, help="synthetic videos (default 36, quick 9)")
-    p.add_argument("--classes", type=int, help="classes (default 6, quick 3)")
-    p.add_argument("--min-s", type=float, help="shortest video in seconds (default 20, quick 8)")
-    p.add_argument("--max-s", type=float, help="longest video in seconds (default 40, quick 14)")
+    p.add_argument("--videos", type=int, help="synthetic videos (default 240, quick 9)")
+    p.add_argument("--classes", type=int, help="classes (default 4, quick 3)")
+    p.add_argument("--min-s", type=float, help="shortest video in seconds (default 30, quick 8)")
+    p.add_argument("--max-s", type=float, help="longest video in seconds (default 90, quick 14)")
     p.add_argument("--distill-epochs", type=int, help="tiny distillation epochs (default 2, quick 1)")
-    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default 1, quick 1)")
+    p.add_argument("--finetune-epochs", type=int, help="trimmed-clip fine-tuning epochs (4; quick 1)")
     p.add_argument(
-        "--clips-per-video", type=int, help="distil/fine-tune steps per video per epoch (4; quick 2)"
+        "--clips-per-video", type=int, help="distil/fine-tune steps per video per epoch (3; quick 2)"
     )
-    p.add_argument("--train-epochs", type=int, help="skimming epochs (default 40, quick 3)")
+    p.add_argument("--train-epochs", type=int, help="skimming epochs (default 60, quick 3)")
     p.add_argument("--train-batch", type=int, default=16, help="skimming batch size (small corpus)")
     p.add_argument("--lr", type=float, default=1e-2, help="skimming learning rate")
     p.add_argument("--workers", type=int, help="extraction worker processes (default 2; quick 0 = serial)")
@@ -73,17 +74,17 @@ def main() -> None:
 
     quick = args.quick
     corpus_spec = {
-        "videos": args.videos or (9 if quick else 36),
-        "classes": args.classes or (3 if quick else 6),
+        "videos": args.videos or (9 if quick else 240),
+        "classes": args.classes or (3 if quick else 4),
         "seed": 0,
-        "min_s": args.min_s or (8.0 if quick else 20.0),
-        "max_s": args.max_s or (14.0 if quick else 40.0),
+        "min_s": args.min_s or (8.0 if quick else 30.0),
+        "max_s": args.max_s or (14.0 if quick else 90.0),
     }
     distill_epochs = args.distill_epochs or (1 if quick else 2)
-    finetune_epochs = args.finetune_epochs or 1
-    clips = args.clips_per_video or (2 if quick else 4)
+    finetune_epochs = args.finetune_epochs or (1 if quick else 4)
+    clips = args.clips_per_video or (2 if quick else 3)
     loader_workers = "0" if quick else "2"  # DataLoader processes of distill/finetune
-    train_epochs = args.train_epochs or (3 if quick else 40)
+    train_epochs = args.train_epochs or (3 if quick else 60)
     extract_workers = args.workers if args.workers is not None else (0 if quick else 2)
     work = args.work / NAME / ("quick" if quick else "full")
     work.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,7 @@ def main() -> None:
             *("--max-s", str(corpus_spec["max_s"]), "--jobs", "2", "--overwrite", "--json"),
             stage="synth",
         )
-    spec = {"corpus": corpus_spec, "distill_epochs": distill_epochs, "clips": clips}
+    spec = {"corpus": corpus_spec, "distill_epochs": distill_epochs, "clips": clips, "lr": 0.05}
     if not cached(work / "students.json", spec, [students]):
         students.unlink(missing_ok=True)
         _, stages["distill"] = l2l(
@@ -114,11 +115,11 @@ def main() -> None:
             str(manifest),
             *("--teacher-preset", "tiny", "--preset", "tiny", "--out", str(students)),
             *("--epochs", str(distill_epochs), "--clips-per-video", str(clips), "--workers", loader_workers),
-            "--json",
+            *("--lr", "0.05", "--batch-size", "32", "--json"),
             stage="distill",
         )
         (work / "students.json").write_text(json.dumps(spec))
-    spec = {**spec, "finetune_epochs": finetune_epochs}
+    spec = {**spec, "finetune_epochs": finetune_epochs, "finetune_on": "moments"}
     if not cached(work / "finetuned.json", spec, [finetuned]):
         finetuned.unlink(missing_ok=True)
         _, stages["finetune"] = l2l(
@@ -126,6 +127,7 @@ def main() -> None:
             str(manifest),
             *("--students", str(students), "--out", str(finetuned), "--epochs", str(finetune_epochs)),
             *("--clips-per-video", str(clips), "--workers", loader_workers, "--json"),
+            *("--lr", "0.05", "--batch-size", "32", "--moments", str(corpus / "moments.json")),  # as the demo
             stage="finetune",
         )
         (work / "finetuned.json").write_text(json.dumps(spec))
@@ -156,12 +158,15 @@ def main() -> None:
         batch_size=args.train_batch,
         lr=args.lr,
         milestones=tuple(sorted(set(milestones))),
+        crop_min=100,
+        crop_max=200,
+        in_memory=True,
         threads=torch.get_num_threads(),
     )
     # Quick runs skip evaluate's accuracy-vs-steps and sub-sampling curves (each trains extra heads).
     eval_cfg = (
         EvalConfig(
-            split="test", train_split="train", baseline_epochs=10, curve_steps=(), subsample_factors=()
+            split="test", train_split="train", baseline_steps=100, curve_steps=(), subsample_factors=()
         )
         if quick
         else EvalConfig(split="test", train_split="train")

@@ -3,7 +3,12 @@
 Each item is one step of one video: its frame, its 1 s of audio, its 16-frame teacher clip (optional)
 and the video's label index. The index is a list of ``(video, step)`` pairs, re-drawn every epoch with
 at most ``clips_per_video`` steps per video, from a seed and the epoch number only, so an epoch's
-samples and order are reproducible (and a resumed run sees the same data). Items are decoded one step
+samples and order are reproducible (and a resumed run sees the same data).
+
+With ground-truth ``moments`` (``moments.json``: ``l2l synth``, ``l2l prepare activitynet``) the steps are
+drawn only from inside the annotated segments (a step counts when its midpoint lies in one): trimmed
+clips, as the paper's students see on Kinetics. In an untrimmed video most steps are background that
+says nothing about the label, so fine-tuning on random steps teaches mostly noise. Items are decoded one step
 at a time through a few open :class:`pipeline.media.StepReader`; a whole video is never held in memory.
 """
 
@@ -12,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +75,9 @@ class ClipDataset(Dataset):
         classes: Class names; a label's index in this list is its target. ``None``: the sorted labels of
             ``entries``. Labels not in ``classes`` (or empty) get index -1.
         require_labels: Raise if any entry's label has no class index (fine-tuning).
+        moments: ``video_id -> [(start_s, end_s), ...]`` ground-truth segments; a video's steps are then
+            drawn from inside its segments only. A video without segments (or none covering a step
+            midpoint) keeps all its steps and is counted in :attr:`untrimmed`.
 
     Items are dicts: ``frames`` ``(S, S, 3)`` uint8, ``audio`` ``(16000,)`` float32, ``clip``
     ``(16, S, S, 3)`` uint8 (only with ``with_clips``), ``label`` int, ``video`` int (entry index),
@@ -86,8 +94,10 @@ class ClipDataset(Dataset):
         *,
         classes: Sequence[str] | None = None,
         require_labels: bool = False,
+        moments: Mapping[str, Sequence[Sequence[float]]] | None = None,
     ):
         from pipeline.errors import MediaError
+        from pipeline.grid import STEP_S, step_starts
         from pipeline.media import probe_video
 
         self.config = config or ClipConfig()
@@ -121,6 +131,21 @@ class ClipDataset(Dataset):
             bad = [str(self.entries[i].video_id) for i in np.flatnonzero(self.labels < 0)[:5]]
             raise ValueError(f"videos without a known class label: {', '.join(bad)}; label them or drop them")
         self.num_steps = np.array([info.num_steps for info in self.infos], np.int64)
+        # Steps each video may draw from: all, or those whose midpoint lies in a ground-truth segment.
+        self.candidates: list[np.ndarray] = []
+        self.untrimmed: list[str] = []  # videos drawing from all steps although moments were given
+        for entry, n in zip(self.entries, self.num_steps, strict=True):
+            steps = np.arange(n, dtype=np.int64)  # (n,)
+            if moments is not None:
+                mid = step_starts(int(n)) + STEP_S / 2  # (n,) step midpoints in seconds
+                inside = np.zeros(int(n), dtype=bool)
+                for start_s, end_s in moments.get(str(entry.video_id), ()):
+                    inside |= (mid >= start_s) & (mid <= end_s)
+                if inside.any():
+                    steps = steps[inside]
+                else:
+                    self.untrimmed.append(str(entry.video_id))
+            self.candidates.append(steps)
         self.epoch = -1
         self.set_epoch(0)
 
@@ -132,13 +157,14 @@ class ClipDataset(Dataset):
         cap = self.config.clips_per_video
         rng = np.random.default_rng([self.config.seed, epoch])
         videos, steps = [], []
-        for v, n in enumerate(self.num_steps):
+        for v, allowed in enumerate(self.candidates):
+            n = len(allowed)
             if n <= cap:
-                chosen = np.arange(n)
+                chosen = allowed
             elif self.config.sampling == "uniform":
-                chosen = np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))
+                chosen = allowed[np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))]
             else:
-                chosen = np.sort(rng.choice(n, size=cap, replace=False))
+                chosen = allowed[np.sort(rng.choice(n, size=cap, replace=False))]
             videos.append(np.full(len(chosen), v, np.int64))
             steps.append(chosen.astype(np.int64))
         index = np.stack([np.concatenate(videos), np.concatenate(steps)], axis=1)  # (N, 2): video, step

@@ -317,6 +317,33 @@ def test_clip_dataset_draws_capped_reproducible_steps(tmp_path):
         ClipConfig(clips_per_video=0)
 
 
+def test_clip_dataset_draws_only_inside_moments(tmp_path):
+    from pipeline.clips import ClipConfig, ClipDataset
+    from pipeline.corpus import read_corpus
+    from pipeline.grid import STEP_S
+
+    # v0: 3.0 s = 6 steps (midpoints 0.27, 0.8, 1.33, 1.87, 2.4, 2.93 s); v1: 1.2 s = 3 steps, no segment.
+    entries = read_corpus(_write_corpus(tmp_path, durations=(3.0, 1.2)))
+    moments = {"v0": [[0.6, 1.4], [2.8, 3.0]]}  # midpoints of steps 1, 2 and 5 lie inside
+    for sampling in ("random", "uniform"):
+        ds = ClipDataset(entries, ClipConfig(clips_per_video=8, sampling=sampling), moments=moments)
+        assert ds.untrimmed == ["v1"]
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            steps = {v: sorted(int(s) for w, s in ds.index if w == v) for v in (0, 1)}
+            assert steps == {0: [1, 2, 5], 1: [0, 1, 2]}
+    capped = ClipDataset(entries[:1], ClipConfig(clips_per_video=2, seed=1), moments=moments)
+    for epoch in range(4):
+        capped.set_epoch(epoch)
+        assert len(capped) == 2 and set(capped.index[:, 1]) <= {1, 2, 5}
+    item = capped[0]
+    mid = item["time_s"] + STEP_S / 2
+    assert any(a <= mid <= b for a, b in moments["v0"])
+    # Without moments nothing changes: the same draws as before the option existed.
+    plain = ClipDataset(entries, ClipConfig(clips_per_video=4, seed=3))
+    assert plain.untrimmed == [] and [len(c) for c in plain.candidates] == [6, 3]
+
+
 def test_cli_distill_finetune_report(tmp_path):
     from cli import main
 
@@ -351,6 +378,18 @@ def test_cli_distill_finetune_report(tmp_path):
     assert 0 <= json.loads(result.stdout)["history"][-1]["val_accuracy"] <= 1
     students, meta = load_students(ft)
     assert meta["classes"] == ["blue", "red"] and students.classifier.num_classes == 2
+
+    moments = tmp_path / "moments.json"
+    moments.write_text(json.dumps({"v0": {"label": "red", "segments": [[0.5, 1.2]]}}))
+    trimmed = tmp_path / "ft-moments.pt"
+    result = runner.invoke(
+        main,
+        ["finetune", str(manifest), "--students", str(out), "--out", str(trimmed), "--moments", str(moments),
+         *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 train videos have no segment" in result.stderr and "v1" in result.stderr
+    assert json.loads(result.stdout)["history"][-1]["epoch"] == 2
 
     result = runner.invoke(
         main,
