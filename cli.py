@@ -954,7 +954,7 @@ def train_cmd(store, labels, out, model_name, index_features, recognition_featur
             overwrite=overwrite,
             plot=plot,
             progress=not as_json,
-            log=(lambda _msg: None) if as_json else None,
+            log=_warnings_only if as_json else None,
         )
     except ValueError as err:
         _fail(str(err))
@@ -1036,7 +1036,7 @@ def evaluate_cmd(store, model_path, labels, split, train_split, moments, next_in
             inference=inference,
             plot=plot,
             progress=not as_json,
-            log=(lambda _msg: None) if as_json else None,
+            log=_warnings_only if as_json else None,
         )
     except ValueError as err:
         _fail(str(err))
@@ -1044,6 +1044,12 @@ def evaluate_cmd(store, model_path, labels, split, train_split, moments, next_in
         _echo_json(result)
         return
     _echo_evaluation(result)
+
+
+def _warnings_only(message: str) -> None:
+    """A ``log`` for ``--json`` runs: progress notes are dropped, warnings still reach stderr."""
+    if message.startswith("warning"):
+        click.secho(message, fg="yellow", err=True)
 
 
 def _echo_evaluation(result: dict) -> None:

@@ -47,7 +47,7 @@ def run(*args: str) -> dict | list:
     """Invoke ``l2l`` in-process with ``--json`` and return the parsed output (fails on a non-zero exit)."""
     result = CliRunner().invoke(main, [*args, "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)  # warnings go to stderr
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,9 @@ def test_resume_continues_exactly(corpus, tmp_path):
     args = ["train", str(corpus["store"]), "--labels", str(corpus["labels"]), *SMALL_MODEL, *FAST_TRAIN]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
     run(*args, "--out", str(straight), "--epochs", "2")
-    run(*args, "--out", str(split), "--epochs", "1")
+    few = CliRunner().invoke(main, [*args, "--out", str(split), "--epochs", "1", "--json"])
+    assert few.exit_code == 0 and json.loads(few.stdout)["epochs"] == 1
+    assert "make only 3 optimiser updates" in few.stderr  # 48 train videos / batch 16 x 1 epoch
     refused = CliRunner().invoke(main, [*args, "--out", str(split), "--epochs", "2"])
     assert refused.exit_code == 2 and "--resume" in refused.output
     resumed = run(*args, "--out", str(split), "--epochs", "2", "--resume")
