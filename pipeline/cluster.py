@@ -35,6 +35,11 @@ if TYPE_CHECKING:  # distributed is imported lazily so that ``l2l --help`` stays
 
 logger = logging.getLogger(__name__)
 
+# Dask's Nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers. An explicit trim threshold also
+# freezes glibc's mmap threshold at 128 KiB, so every activation tensor is mmapped and unmapped and
+# page-faulted afresh: measured, the students run 35% slower (21-28 vs 33-40 steps/s, paper preset,
+# 1 thread, same worker otherwise). Local workers start without it; see cluster/README.md for others.
+KEEP_UNSET = ("MALLOC_TRIM_THRESHOLD_",)
 # Thread-pool variables read once by OpenMP (torch), MKL, OpenBLAS and numexpr when they load.
 THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
@@ -387,9 +392,16 @@ class LocalKind(ClusterKind):
         workers, threads, torch_threads = local_layout(config)
         thread_env = {var: str(torch_threads) for var in THREAD_ENV_VARS}
         # Must be in the environment before the worker process starts (OpenMP reads it once); the
-        # config stays set while the cluster lives, so lifetime restarts get it too.
-        pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **thread_env}
-        stack.enter_context(_environ(thread_env))
+        # config stays set while the cluster lives, so lifetime restarts get it too. A None value
+        # makes the Nanny leave a variable unset (see KEEP_UNSET).
+        pre_spawn = {
+            **dask.config.get("distributed.nanny.pre-spawn-environ", {}),
+            **thread_env,
+            **dict.fromkeys(KEEP_UNSET),
+        }
+        stack.enter_context(_environ({**thread_env, **dict.fromkeys(KEEP_UNSET, "")}))
+        for var in KEEP_UNSET:  # an earlier Nanny in this process may have exported it: workers inherit
+            os.environ.pop(var, None)
         stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}))
         security = config.security()
         lifetime = (
