@@ -3,13 +3,13 @@
 Each item is one step of one video: its frame, its 1 s of audio, its 16-frame teacher clip (optional)
 and the video's label index. The index is a list of ``(video, step)`` pairs, re-drawn every epoch with
 at most ``clips_per_video`` steps per video, from a seed and the epoch number only, so an epoch's
-samples and order are reproducible (and a resumed run sees the same data).
+samples and order are reproducible (and a resumed run sees the same data). Items are decoded one step
+at a time through a few open :class:`pipeline.media.StepReader`; a whole video is never held in memory.
 
 With ground-truth ``moments`` (``moments.json``: ``l2l synth``, ``l2l prepare activitynet``) the steps are
 drawn only from inside the annotated segments (a step counts when its midpoint lies in one): trimmed
 clips, as the paper's students see on Kinetics. In an untrimmed video most steps are background that
-says nothing about the label, so fine-tuning on random steps teaches mostly noise. Items are decoded one step
-at a time through a few open :class:`pipeline.media.StepReader`; a whole video is never held in memory.
+says nothing about the label, so fine-tuning on random steps teaches mostly noise.
 """
 
 from __future__ import annotations
