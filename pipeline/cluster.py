@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -356,9 +356,9 @@ def local_layout(config: ClusterConfig, cpus: int | None = None) -> tuple[int, i
 
 
 @contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
+def _environ(names: Iterable[str]) -> Iterator[None]:
     """Restore these variables on exit (the Nanny writes its pre-spawn environment into ours)."""
-    saved = {k: os.environ.get(k) for k in values}
+    saved = {k: os.environ.get(k) for k in names}
     try:
         yield
     finally:
@@ -399,7 +399,7 @@ class LocalKind(ClusterKind):
             **thread_env,
             **dict.fromkeys(KEEP_UNSET),
         }
-        stack.enter_context(_environ({**thread_env, **dict.fromkeys(KEEP_UNSET, "")}))
+        stack.enter_context(_environ([*thread_env, *KEEP_UNSET]))
         for var in KEEP_UNSET:  # an earlier Nanny in this process may have exported it: workers inherit
             os.environ.pop(var, None)
         stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}))
