@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 from _common import (
@@ -381,19 +382,17 @@ def dask_runs(corpora: list[tuple[str, Path]], work: Path, config: Any, *, trim:
     from pipeline.cluster import ClusterConfig, open_client
     from pipeline.corpus import read_corpus
 
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    keep_unset = cluster_mod.KEEP_UNSET
-    if trim:
-        environ["MALLOC_TRIM_THRESHOLD_"] = 65536  # Dask's default
-        cluster_mod.KEEP_UNSET = ()
     cluster = ClusterConfig(
         kind="local", workers=1, torch_threads=config.torch_threads, dashboard_address=None
     )
     rates = []
-    with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
-        open_client(cluster, announce=lambda _line: None) as client,
-    ):
+    with contextlib.ExitStack() as stack:
+        if trim:  # Dask's default worker environment, which open_client otherwise keeps out
+            stack.enter_context(mock.patch.object(cluster_mod, "KEEP_UNSET", ()))
+            stack.enter_context(
+                dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 65536})
+            )
+        client = stack.enter_context(open_client(cluster, announce=lambda _line: None))
         for i, (label, manifest) in enumerate(corpora):
             warm_cluster(
                 client, str(read_corpus(warm_manifest(manifest, work / "warm.csv"))[0].path), STUDENTS
@@ -405,7 +404,6 @@ def dask_runs(corpora: list[tuple[str, Path]], work: Path, config: Any, *, trim:
             )
             log(f"  {report.steps_per_s:.1f} steps/s")
             rates.append(report.steps_per_s)
-    cluster_mod.KEEP_UNSET = keep_unset
     return rates
 
 
