@@ -358,8 +358,8 @@ def distill(
     _set_threads(threads)
     from indexing.distill import DistillConfig
     from indexing.distill import distill as run_distill
+    from indexing.errors import MediaError
     from indexing.models import build_students
-    from pipeline.errors import MediaError
 
     try:
         config = DistillConfig(
@@ -446,8 +446,8 @@ def finetune(
 
     from indexing.distill import FinetuneConfig
     from indexing.distill import finetune as run_finetune
+    from indexing.errors import MediaError
     from indexing.models import load_students
-    from pipeline.errors import MediaError
 
     if Path(out).resolve() == Path(students_path).resolve():
         _fail("--out must differ from --students (the distilled checkpoint is kept)")
@@ -529,10 +529,10 @@ def distill_report_cmd(
     """Per-clip L1 to the teacher of image-only vs image+audio students: where does audio help?"""
     _set_threads(threads)
     from indexing.distill import distill_report
+    from indexing.errors import MediaError
     from indexing.models import load_students
     from pipeline.clips import ClipConfig, ClipDataset, make_loader
     from pipeline.corpus import read_corpus
-    from pipeline.errors import MediaError
 
     try:
         teacher, teacher_meta = _teacher_source(teacher_weights, teacher_preset)
@@ -1184,7 +1184,7 @@ def show_cmd(store, video_id, model_path, out, moments, max_frames, next_input, 
         note = f"frames skipped: source video {source} is gone"
     else:
         try:
-            from pipeline.errors import MediaError
+            from indexing.errors import MediaError
             from pipeline.media import read_steps
 
             frames = read_steps(source, chosen + uniform).frames  # (len(chosen) + len(uniform), 112, 112, 3)

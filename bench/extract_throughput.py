@@ -133,7 +133,7 @@ def native_decode(paths: list[Path], *, batch_steps: int) -> float:
     of the extraction's scaled decode."""
     import decord
 
-    from pipeline.grid import frames_at
+    from indexing.grid import frames_at
     from pipeline.media import StepReader, probe_video
 
     seconds = 0.0
@@ -162,7 +162,7 @@ def naive_video(path: Path, students: Any, out_dir: Path, *, read_batch: int = 6
     import torch.nn.functional as F
 
     from indexing.frontend import frames_to_tensor, log_mel
-    from pipeline.grid import STEP_S, num_steps
+    from indexing.grid import STEP_S, num_steps
 
     vr = decord.VideoReader(str(path), num_threads=1)  # full size
     n = len(vr)

@@ -34,7 +34,7 @@ from _common import (
 
 NAME = "scaling"
 STUDENTS = "random:0"
-STEP_S = 16 / 30
+from indexing.grid import STEP_S  # noqa: E402
 
 
 def quiet(_line: str) -> None:

@@ -44,7 +44,8 @@ from _common import (
 
 NAME = "store"
 STUDENTS = "random:0"
-STEP_S = 16 / 30
+from indexing.grid import STEP_S  # noqa: E402
+
 STEPS_PER_MINUTE = 60 / STEP_S  # 112.5
 DIM = 512
 REFERENCE_NOTE = (

@@ -17,7 +17,8 @@ import functools
 import torch
 from torch import Tensor
 
-SAMPLE_RATE = 16_000  # Hz
+from indexing.grid import SAMPLE_RATE
+
 N_FFT = 400  # 25 ms Hann window
 HOP = 160  # 10 ms
 N_MELS = 40

@@ -25,12 +25,12 @@ from torch import Tensor, nn
 
 from indexing import checkpoint as ckpt_io
 from indexing.frontend import frames_to_tensor, log_mel
+from indexing.grid import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
 ROLES = ("image", "audio", "fusion", "classifier", "teacher")
 RESNET18_WIDTHS = (64, 128, 256, 512)  # torchvision resnet18 / r2plus1d_18 stage widths
-EMBED_DIM = 512  # z_I, z_A, z_IA and the teacher descriptor
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 

@@ -96,8 +96,8 @@ class ClipDataset(Dataset):
         require_labels: bool = False,
         moments: Mapping[str, Sequence[Sequence[float]]] | None = None,
     ):
-        from pipeline.errors import MediaError
-        from pipeline.grid import STEP_S, step_starts
+        from indexing.errors import MediaError
+        from indexing.grid import STEP_S, step_starts
         from pipeline.media import probe_video
 
         self.config = config or ClipConfig()

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from indexing.errors import MediaError
+from indexing.grid import AUDIO_S, SAMPLE_RATE, STEP_S
 from indexing.stores import FEATURES, VideoRecord, available_stores, get_store, open_store, store_format
-from pipeline.errors import MediaError
-from pipeline.grid import AUDIO_S, SAMPLE_RATE, STEP_S
 from pipeline.plan import Plan, Task, TaskVideo, plan_extraction
 
 if TYPE_CHECKING:

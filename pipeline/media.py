@@ -1,7 +1,7 @@
 """Reading videos on the step grid (design.md §1): probe a file, stream its steps, or fetch a few steps.
 
 * :func:`probe_video` inspects a file in a helper process (a hang or a decoder crash becomes a
-  :class:`~pipeline.errors.MediaError`) and returns a :class:`VideoInfo`.
+  :class:`~indexing.errors.MediaError`) and returns a :class:`VideoInfo`.
 * :func:`iter_step_batches` streams every step of a video as :class:`StepBatch` es; memory is bounded by
   one batch whatever the length (frames are decoded per batch, audio is decoded packet by packet).
 * :func:`read_steps` (and :class:`StepReader` for many calls on one file) fetches a few steps for
@@ -10,7 +10,7 @@
 Clock: ``t = 0`` is the start time of the video stream (the first frame's presentation time, which is
 what decord measures from). Audio is put on the same clock by its own timestamps, so a track that starts
 late gets zeros in front. Frames are chosen from demuxer timestamps (the last frame whose pts is at or
-before ``t``, :func:`pipeline.grid.frames_at`), so 25, 29.97, 30 fps and variable-frame-rate files share
+before ``t``, :func:`indexing.grid.frames_at`), so 25, 29.97, 30 fps and variable-frame-rate files share
 one grid.
 
 Pixels: decord decodes only the frames a batch needs and scales them with FFmpeg's swscale **bicubic**
@@ -53,8 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import MediaError
-from pipeline.grid import AUDIO_S, SAMPLE_RATE, STEP_S, TEACHER_FRAMES, frames_at, num_steps, teacher_times
+from indexing.errors import MediaError
+from indexing.grid import AUDIO_S, SAMPLE_RATE, STEP_S, TEACHER_FRAMES, frames_at, num_steps, teacher_times
 
 MAX_SIDE = 8192  # larger frames are refused as absurd (corrupt headers claim 65535x65535)
 # Decoded audio may fall short of the stated duration by this much before it counts as truncated. The

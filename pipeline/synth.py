@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.grid import AUDIO_S, STEP_S, num_steps
+from indexing.grid import AUDIO_S, STEP_S, num_steps
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {

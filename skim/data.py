@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from indexing.grid import STEP_S
 from indexing.stores import FeatureStore
 
 from .model import RECOGNITION_PREFIX
 
 MANIFEST_COLUMNS = ("video_id", "label")  # required; ``path`` and ``split`` are optional
-DEFAULT_STEP_S = 16 / 30  # design.md §1, used when a store's attrs lack ``step_s``
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def default_moments_path(manifest: str | Path | None) -> Path | None:
 
 def step_seconds(store: FeatureStore) -> float:
     """The store's step length in seconds (``attrs["step_s"]``; 16/30 when absent)."""
-    return float(store.attrs.get("step_s", DEFAULT_STEP_S))
+    return float(store.attrs.get("step_s", STEP_S))
 
 
 def label_names(store: FeatureStore, labels: Mapping[str, LabelInfo] | None) -> list[str]:

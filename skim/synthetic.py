@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from indexing.grid import STEP_S
 from indexing.stores import VideoRecord, get_store
-
-from .data import DEFAULT_STEP_S
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def write_planted_store(
                 path=str(Path(video_root) / f"{vid}.mp4"),
                 first_row=int(first[v]),
                 steps=n,
-                duration_s=n * DEFAULT_STEP_S,
+                duration_s=n * STEP_S,
                 fps=30.0,
                 has_audio=True,
                 status="ok",
@@ -107,12 +106,12 @@ def write_planted_store(
                 split=str(splits[v]),
             )
         )
-        seg = [start * DEFAULT_STEP_S, (start + spec.evidence_steps) * DEFAULT_STEP_S]
+        seg = [start * STEP_S, (start + spec.evidence_steps) * STEP_S]
         moments[vid] = {"label": f"class{label}", "segments": [seg]}
     image_rows, audio_rows = np.concatenate(image), np.concatenate(audio)  # (rows, D) each
-    time_s = np.concatenate([np.arange(n) * DEFAULT_STEP_S for n in steps])  # (rows,)
+    time_s = np.concatenate([np.arange(n) * STEP_S for n in steps])  # (rows,)
     attrs = {
-        "step_s": DEFAULT_STEP_S,
+        "step_s": STEP_S,
         "synthetic": {"kind": "planted", **spec.__dict__},
         "gflops_per_step": {"image": 0.97, "audio": 1.22, "fusion": 0.003, "teacher_clip": 81.0},
     }

@@ -318,9 +318,9 @@ def test_clip_dataset_draws_capped_reproducible_steps(tmp_path):
 
 
 def test_clip_dataset_draws_only_inside_moments(tmp_path):
+    from indexing.grid import STEP_S
     from pipeline.clips import ClipConfig, ClipDataset
     from pipeline.corpus import read_corpus
-    from pipeline.grid import STEP_S
 
     # v0: 3.0 s = 6 steps (midpoints 0.27, 0.8, 1.33, 1.87, 2.4, 2.93 s); v1: 1.2 s = 3 steps, no segment.
     entries = read_corpus(_write_corpus(tmp_path, durations=(3.0, 1.2)))

@@ -16,10 +16,10 @@ import av
 import numpy as np
 import pytest
 
+from indexing.errors import MediaError
+from indexing.grid import STEP_S, frames_at, num_steps, teacher_times
 from pipeline import media
 from pipeline.encode import write_video
-from pipeline.errors import MediaError
-from pipeline.grid import STEP_S, frames_at, num_steps, teacher_times
 from pipeline.media import StepReader, VideoInfo, iter_step_batches, probe_video, read_steps
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,6 +15,7 @@ TEACHER_FRAMES = 16  # frames in a teacher clip
 TEACHER_STRIDE_S = 2 / 30  # every other frame at 30 fps
 AUDIO_S = 1.0  # audio window per step
 SAMPLE_RATE = 16_000  # Hz, mono
+EMBED_DIM = 512  # z_I, z_A, z_IA and the teacher descriptor (design notes §2)
 
 
 def num_steps(duration_s: float, step_s: float = STEP_S) -> int:
