@@ -9,8 +9,8 @@ Stages (``shared/design.md`` §4, §5):
    sha256, extraction config, plan summary and digest, corpus digest) and the index (``pending``).
 4. **Run** :func:`extract_task` for every unfinished task: serially, or mapped over a Dask client with
    retries. A task decodes its videos step batch by step batch, runs the students, writes all its rows
-   with one ``write_rows`` call, then records its result (``results/<start>-<stop>.json`` in the store)
-   and marks itself done (``FeatureStore.mark_done``). A retried task rewrites exactly its own rows.
+   with one ``write_rows`` call, then marks itself done with its result (``FeatureStore.mark_done``, which
+   keeps the result with the done marker). A retried task rewrites exactly its own rows.
 5. **Finalise** once: the index gets every video's status, error and has_audio.
 
 Rows of a video that fails while decoding (``MediaError``) stay in place with zero features and
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
     from pipeline.corpus import CorpusEntry
 
-RESULTS_DIR = "results"  # per-task result files inside the store directory
 IMAGE_SIZE = 112
 EMBED_DIM = 512
 # Config fields that change which rows exist or what bytes they hold: a resume must match them.
@@ -140,7 +139,7 @@ class VideoResult:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """The outcome of one :func:`extract_task`, also stored as ``results/<start>-<stop>.json``.
+    """The outcome of one :func:`extract_task`, kept with the task's done marker in the store.
 
     Attributes:
         index: Task number.
@@ -384,8 +383,7 @@ def extract_task(task: Task, *, store_path: str | Path, config: ExtractConfig) -
             pid=os.getpid(),
             torch_threads=threads,
         )
-        _write_result(Path(store_path), result)
-        store.mark_done(task.start, task.stop)
+        store.mark_done(task.start, task.stop, result=result.to_dict())
     finally:
         store.close()
     return result
@@ -429,32 +427,17 @@ def _extract_video(
     return bool(info.has_audio)
 
 
-def _results_dir(store_path: Path) -> Path:
-    return Path(store_path) / RESULTS_DIR
-
-
-def _write_result(store_path: Path, result: TaskResult) -> None:
-    folder = _results_dir(store_path)
-    folder.mkdir(exist_ok=True)
-    final = folder / f"{result.start:012d}-{result.stop:012d}.json"
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(result.to_dict()))
-    os.replace(tmp, final)
-
-
 def finished_results(store: Any, plan: Plan) -> dict[int, TaskResult]:
-    """Results of the plan's tasks that are marked done and have a readable result file, by task index."""
-    done = set(store.done_ranges())
-    folder = _results_dir(store.path)
+    """Results of the plan's tasks that are marked done, by task index (from the markers' results)."""
+    done = store.done_results()
     out = {}
     for task in plan.tasks:
         if (task.start, task.stop) not in done:
             continue
-        path = folder / f"{task.start:012d}-{task.stop:012d}.json"
         try:
-            result = TaskResult.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            result = _result_from_index(task, plan)  # e.g. a store copied by `l2l store export`
+            result = TaskResult.from_dict(done[(task.start, task.stop)])
+        except (ValueError, KeyError, TypeError):
+            result = _result_from_index(task, plan)  # e.g. a marker written without a result
         if result is not None and [v.pos for v in result.videos] == [v.pos for v in task.videos]:
             out[task.index] = result
     return out

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -75,10 +76,11 @@ ATTRS = {
 }
 
 
-class StoreContract:
-    """Behaviour every backend must show; subclasses set ``fmt`` and the plain-library helpers."""
+class StoreHelpers:
+    """Create and fill a store of backend ``fmt``; ``plain`` reads and damages it without l2l code."""
 
     fmt: str
+    plain: Any
 
     def create(self, path: Path, **kw: object) -> FeatureStore:
         args = dict(index=make_index(), rows=ROWS, chunk_rows=CHUNK, dim=DIM, attrs=ATTRS, tasks=TASKS)
@@ -93,18 +95,14 @@ class StoreContract:
                 store.mark_done(*TASKS[i])
         return data
 
-    # backend-specific helpers (plain zarr / plain h5py)
-    def read_plain(self, path: Path, name: str, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
 
-    def read_plain_ids(self, path: Path) -> list[str]:
-        raise NotImplementedError
+class TestStoreContract(StoreHelpers):
+    """Behaviour every registered backend must show (one run per name in :func:`available_stores`)."""
 
-    def write_plain_first_row(self, path: Path, first_row: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def damage_first_chunk(self, path: Path) -> None:
-        raise NotImplementedError
+    @pytest.fixture(autouse=True, params=available_stores())
+    def _backend(self, request: pytest.FixtureRequest) -> None:
+        self.fmt = request.param
+        self.plain = PLAIN[self.fmt]()
 
     # ---- contract ------------------------------------------------------------------------------
     def test_roundtrip(self, tmp_path: Path) -> None:
@@ -229,12 +227,12 @@ class StoreContract:
 
     def test_plain_library_reader(self, tmp_path: Path) -> None:
         data = self.filled(tmp_path / "s")
-        ids = self.read_plain_ids(tmp_path / "s")
+        ids = self.plain.read_ids(tmp_path / "s")
         assert ids == [r.video_id for r in make_index()]
         rec = make_index()[1]
-        got = self.read_plain(tmp_path / "s", "fused", rec.first_row, rec.first_row + rec.steps)
+        got = self.plain.read(tmp_path / "s", "fused", rec.first_row, rec.first_row + rec.steps)
         np.testing.assert_array_equal(got, data["fused"][5:16])
-        np.testing.assert_array_equal(self.read_plain(tmp_path / "s", "valid", 0, ROWS), data["valid"])
+        np.testing.assert_array_equal(self.plain.read(tmp_path / "s", "valid", 0, ROWS), data["valid"])
 
     def test_open_store_pickles_for_worker_processes(self, tmp_path: Path) -> None:
         data = self.filled(tmp_path / "s")
@@ -276,8 +274,8 @@ class StoreContract:
             assert store.done_ranges() == [(0, 16), (16, 24)]
             with pytest.raises(ValueError, match="not inside"):
                 store.mark_done(24, 40)
-            store.clear_done()
-            assert store.done_ranges() == []
+            store.mark_done(24, 28, result={"videos": ["e"]})
+            assert store.done_results() == {(0, 16): None, (16, 24): None, (24, 28): {"videos": ["e"]}}
 
     def test_check_clean_and_incomplete(self, tmp_path: Path) -> None:
         self.filled(tmp_path / "s")
@@ -298,7 +296,7 @@ class StoreContract:
 
     def test_check_finds_damaged_chunk(self, tmp_path: Path) -> None:
         self.filled(tmp_path / "s")
-        self.damage_first_chunk(tmp_path / "s")
+        self.plain.damage_first_chunk(tmp_path / "s")
         problems = store_check(tmp_path / "s")
         assert any("[0, 8) are unreadable" in p for p in problems), problems
         assert any("'a'" in p and "unreadable" in p for p in problems), problems
@@ -307,7 +305,7 @@ class StoreContract:
     def test_check_finds_overlap_and_stray_valid_rows(self, tmp_path: Path) -> None:
         self.filled(tmp_path / "s")
         first_row = np.array([0, 5, 14, 0, 24])  # c now starts inside b's rows
-        self.write_plain_first_row(tmp_path / "s", first_row)
+        self.plain.write_first_row(tmp_path / "s", first_row)
         problems = store_check(tmp_path / "s")
         assert any("'vidéo_β/ü 中'" in p and "'c'" in p and "overlap" in p for p in problems), problems
         with open_store(tmp_path / "s", "r+") as store:
@@ -370,21 +368,55 @@ class StoreContract:
         assert store_info(tmp_path / "s")["videos"] == 0
 
 
-class TestZarrStore(StoreContract):
-    fmt = "zarr"
+class ZarrPlain:
+    """The zarr store read and damaged with plain zarr, no l2l code."""
 
-    def read_plain(self, path: Path, name: str, start: int, stop: int) -> np.ndarray:
+    def read(self, path: Path, name: str, start: int, stop: int) -> np.ndarray:
         group = zarr.open_group(path, mode="r")
         return group[f"features/{name}" if name in FEATURES else name][start:stop]
 
-    def read_plain_ids(self, path: Path) -> list[str]:
+    def read_ids(self, path: Path) -> list[str]:
         return zarr.open_group(path, mode="r")["index/video_id"][:].tolist()
 
-    def write_plain_first_row(self, path: Path, first_row: np.ndarray) -> None:
+    def write_first_row(self, path: Path, first_row: np.ndarray) -> None:
         zarr.open_array(path / "index" / "first_row", mode="r+")[:] = first_row
 
     def damage_first_chunk(self, path: Path) -> None:
         (path / "features" / "fused" / "c" / "0" / "0").write_bytes(b"not zstd" * 10)
+
+
+class Hdf5Plain:
+    """The HDF5 store read and damaged with plain h5py, no l2l code."""
+
+    def read(self, path: Path, name: str, start: int, stop: int) -> np.ndarray:
+        with h5py.File(path / "store.h5", "r") as f:
+            return f[f"features/{name}" if name in FEATURES else name][start:stop]
+
+    def read_ids(self, path: Path) -> list[str]:
+        with h5py.File(path / "store.h5", "r") as f:
+            return f["index/video_id"].asstr()[:].tolist()
+
+    def write_first_row(self, path: Path, first_row: np.ndarray) -> None:
+        with h5py.File(path / "store.h5", "r+") as f:
+            f["index/first_row"][:] = first_row
+
+    def damage_first_chunk(self, path: Path) -> None:
+        (path / "parts" / "rows-000000000000-000000000016.h5").write_bytes(b"not hdf5" * 10)
+
+
+PLAIN = {"zarr": ZarrPlain, "hdf5": Hdf5Plain}  # a new backend adds its plain-library reader here
+
+
+def test_every_registered_store_runs_the_contract() -> None:
+    from importlib.metadata import entry_points
+
+    declared = sorted(ep.name for ep in entry_points(group="l2l.stores"))
+    assert declared == available_stores() == sorted(PLAIN)
+
+
+class TestZarrOnly(StoreHelpers):
+    fmt = "zarr"
+    plain = ZarrPlain()
 
     def test_sharded_roundtrip(self, tmp_path: Path) -> None:
         data = make_rows(1)
@@ -406,23 +438,9 @@ class TestZarrStore(StoreContract):
         assert group["index/first_row"][:].tolist() == [r.first_row for r in make_index()]
 
 
-class TestHdf5Store(StoreContract):
+class TestHdf5Only(StoreHelpers):
     fmt = "hdf5"
-
-    def read_plain(self, path: Path, name: str, start: int, stop: int) -> np.ndarray:
-        with h5py.File(path / "store.h5", "r") as f:
-            return f[f"features/{name}" if name in FEATURES else name][start:stop]
-
-    def read_plain_ids(self, path: Path) -> list[str]:
-        with h5py.File(path / "store.h5", "r") as f:
-            return f["index/video_id"].asstr()[:].tolist()
-
-    def write_plain_first_row(self, path: Path, first_row: np.ndarray) -> None:
-        with h5py.File(path / "store.h5", "r+") as f:
-            f["index/first_row"][:] = first_row
-
-    def damage_first_chunk(self, path: Path) -> None:
-        (path / "parts" / "rows-000000000000-000000000016.h5").write_bytes(b"not hdf5" * 10)
+    plain = Hdf5Plain()
 
     def test_missing_parts_read_as_fill_and_unplanned_parts_mapped_at_finalise(self, tmp_path: Path) -> None:
         data = make_rows(2)
@@ -430,14 +448,14 @@ class TestHdf5Store(StoreContract):
             store.write_rows(16, 24, task_arrays(data, 16, 24))
             store.write_rows(24, 28, task_arrays(data, 24, 28))
         path = tmp_path / "s"
-        assert not self.read_plain(path, "valid", 0, 16).any()  # planned but not written yet: fill
-        np.testing.assert_array_equal(self.read_plain(path, "fused", 16, 24), data["fused"][16:24])
-        assert not self.read_plain(path, "valid", 24, 28).any()  # written but not mapped yet
+        assert not self.plain.read(path, "valid", 0, 16).any()  # planned but not written yet: fill
+        np.testing.assert_array_equal(self.plain.read(path, "fused", 16, 24), data["fused"][16:24])
+        assert not self.plain.read(path, "valid", 24, 28).any()  # written but not mapped yet
         assert any("not mapped" in p for p in store_check(path))
         with open_store(path, "r+") as store:
             store.set_index(make_index())  # finalising rebuilds the mapping
-        np.testing.assert_array_equal(self.read_plain(path, "fused", 24, 28), data["fused"][24:28])
-        assert self.read_plain(path, "valid", 24, 28).all()
+        np.testing.assert_array_equal(self.plain.read(path, "fused", 24, 28), data["fused"][24:28])
+        assert self.plain.read(path, "valid", 24, 28).all()
         with open_store(path, "r+") as store:
             with pytest.raises(ValueError, match="overlap existing part"):
                 store.write_rows(16, 28, task_arrays(data, 16, 28))
@@ -471,7 +489,7 @@ def test_open_store_rejects_non_stores(tmp_path: Path) -> None:
 
 
 def test_cli_store_commands(tmp_path: Path) -> None:
-    contract = TestZarrStore()
+    contract = TestZarrOnly()
     contract.filled(tmp_path / "s")
     runner = CliRunner()
     result = runner.invoke(main, ["store", "info", str(tmp_path / "s"), "--json"])
@@ -486,7 +504,7 @@ def test_cli_store_commands(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert runner.invoke(main, ["store", "check", str(tmp_path / "h")]).exit_code == 0
-    contract.damage_first_chunk(tmp_path / "s")
+    contract.plain.damage_first_chunk(tmp_path / "s")
     result = runner.invoke(main, ["store", "check", str(tmp_path / "s")])
     assert result.exit_code == 1 and "unreadable" in result.output
     result = runner.invoke(main, ["store", "info", str(tmp_path)])

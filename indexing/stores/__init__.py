@@ -30,6 +30,7 @@ import shutil
 import socket
 import time
 import uuid
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -395,13 +396,16 @@ def _lock_message(path: Path, holder: Mapping[str, Any]) -> str:
 
 
 class FeatureStore(ABC):
-    """A feature store backend. Subclasses set ``name`` and are registered with :func:`register_store`.
+    """A feature store backend. Subclasses set ``name`` and are registered with :func:`register_store`
+    and the ``l2l.stores`` entry point group (see :func:`available_stores`).
 
-    Every store is a directory ``path``; the lock file and the ``done/`` markers live inside it.
+    Every store is a directory ``path``; the lock file and the ``done/`` markers live inside it and are
+    handled here, so a backend only implements its arrays, its index and its attrs.
     """
 
     name: ClassVar[str]
     path: Path
+    mode: str
 
     # ---- creation and writing (pipeline) -------------------------------------------------------
     @classmethod
@@ -458,9 +462,9 @@ class FeatureStore(ABC):
         """Open an existing store (``mode`` ``"r"`` or ``"r+"``)."""
 
     @classmethod
+    @abstractmethod
     def is_store(cls, path: Path) -> bool:
         """Whether ``path`` holds a store of this backend (used by :func:`open_store`)."""
-        return False
 
     @property
     @abstractmethod
@@ -478,14 +482,19 @@ class FeatureStore(ABC):
         """Feature dimension (512 for the paper's models)."""
 
     @property
+    @abstractmethod
     def chunk_rows(self) -> int:
         """Rows per write unit: tasks start on multiples of it."""
-        raise NotImplementedError(f"{type(self).__name__} does not report chunk_rows")
 
     @property
+    @abstractmethod
     def dtype(self) -> str:
         """Feature dtype on disk (``float16`` or ``float32``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not report its dtype")
+
+    @property
+    @abstractmethod
+    def compression(self) -> str:
+        """The backend codec name the feature arrays were written with (see the backend's docstring)."""
 
     @abstractmethod
     def videos(self) -> list[VideoRecord]:
@@ -533,6 +542,41 @@ class FeatureStore(ABC):
         rec = self.video(video_id)
         return {n: self.read_rows(n, rec.first_row, rec.first_row + rec.steps) for n in names}
 
+    # ---- shared by every backend -------------------------------------------------------------------
+    def disk_bytes(self) -> int:
+        """Bytes of every file under the store directory."""
+        total = 0
+        for root, _, files in os.walk(self.path):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except OSError:
+                    continue
+        return total
+
+    def _check_writable(self) -> None:
+        if self.mode == "r":
+            raise ValueError(f"store {self.path} is open read-only; open it with mode='r+' to write")
+
+    @staticmethod
+    def _check_mode(mode: str) -> None:
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode {mode!r} is not supported; use 'r' or 'r+'")
+
+    @staticmethod
+    def _check_version(path: Path, attrs: Mapping[str, Any]) -> None:
+        version = attrs.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: store format version {version!r} is newer than this l2l reads ({FORMAT_VERSION}); "
+                "upgrade listen-to-look"
+            )
+
+    @staticmethod
+    def _check_sizes(rows: int, chunk_rows: int, dim: int) -> None:
+        if rows < 0 or chunk_rows <= 0 or dim <= 0:
+            raise ValueError(f"need rows >= 0, chunk_rows > 0 and dim > 0; got {rows}, {chunk_rows}, {dim}")
+
     # ---- writer lock and task markers ------------------------------------------------------------
     def lock(self) -> StoreLock:
         """Take the store's writer lock (``write.lock``), for use as ``with store.lock(): ...``.
@@ -543,15 +587,21 @@ class FeatureStore(ABC):
         """
         return acquire_lock(self.path / LOCK_NAME)
 
-    def mark_done(self, start: int, stop: int) -> None:
-        """Record that task rows ``[start, stop)`` are written (call after :meth:`write_rows` returned)."""
+    def mark_done(self, start: int, stop: int, result: Mapping[str, Any] | None = None) -> None:
+        """Record that task rows ``[start, stop)`` are written (call after :meth:`write_rows` returned).
+
+        Args:
+            start: First row of the task.
+            stop: End row of the task.
+            result: What the task learnt (JSON-serialisable, e.g. per-video status); read back with
+                :meth:`done_results`.
+        """
         check_row_range(start, stop, rows=self.rows)
         done = self.path / DONE_DIR
         done.mkdir(exist_ok=True)
-        final = done / f"{start:012d}-{stop:012d}"
-        tmp = done / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
-        os.replace(tmp, final)
+        final = done / _marker_name(start, stop)
+        doc = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "result": result}
+        _write_atomic(final, json.dumps(doc).encode())
 
     def done_ranges(self) -> list[tuple[int, int]]:
         """Row ranges marked done by :meth:`mark_done`, sorted."""
@@ -565,15 +615,38 @@ class FeatureStore(ABC):
                 out.append((int(parts[0]), int(parts[1])))
         return sorted(out)
 
-    def clear_done(self) -> None:
-        """Forget every task marker (a fresh extraction into the same store)."""
-        done = self.path / DONE_DIR
-        if done.is_dir():
-            for entry in done.iterdir():
-                entry.unlink()
+    def done_results(self) -> dict[tuple[int, int], dict[str, Any] | None]:
+        """The ``result`` given to :meth:`mark_done` per done range (``None`` when none or unreadable)."""
+        out: dict[tuple[int, int], dict[str, Any] | None] = {}
+        for start, stop in self.done_ranges():
+            try:
+                doc = json.loads((self.path / DONE_DIR / _marker_name(start, stop)).read_text())
+                result = doc.get("result") if isinstance(doc, dict) else None
+            except (OSError, ValueError):
+                result = None
+            out[(start, stop)] = result if isinstance(result, dict) else None
+        return out
 
 
+def _marker_name(start: int, stop: int) -> str:
+    return f"{start:012d}-{stop:012d}"
+
+
+def _write_atomic(final: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``final``, then rename it over ``final``."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- registry ----------------------------------------------------------------------------------------
+
+ENTRY_POINT_GROUP = "l2l.stores"  # [project.entry-points."l2l.stores"] name = "module:Class"
 _STORES: dict[str, type[FeatureStore]] = {}
+_ENTRY_POINTS_LOADED = False
 
 
 def register_store(cls: type[FeatureStore]) -> type[FeatureStore]:
@@ -627,4 +700,32 @@ def open_store(path: str | Path, mode: str = "r") -> FeatureStore:
 
 
 def _load_backends() -> None:
-    from . import hdf5_store, zarr_store  # noqa: F401 - registration side effect
+    """Import every backend declared in the ``l2l.stores`` entry point group (once per process).
+
+    The built-in backends are declared there too (``pyproject.toml``), so a third-party package registers
+    a backend the same way. A backend that fails to import is skipped with a warning naming it.
+    """
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group=ENTRY_POINT_GROUP))
+    for ep in found:
+        try:
+            cls = ep.load()
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not hide the others
+            warnings.warn(f"store backend {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, FeatureStore)) or cls.name != ep.name:
+            warnings.warn(
+                f"entry point {ep.name!r} = {ep.value} in {ENTRY_POINT_GROUP!r} is not a FeatureStore named "
+                f"{ep.name!r}; skipped",
+                stacklevel=2,
+            )
+            continue
+        _STORES.setdefault(ep.name, cls)
+    if not found:
+        # A source checkout that was never `pip install -e .`-ed has no entry points metadata.
+        from . import hdf5_store, zarr_store  # noqa: F401 - registration side effect
+    _ENTRY_POINTS_LOADED = True

@@ -44,7 +44,6 @@ import numpy as np
 from . import (
     FEATURES,
     FORMAT_NAME,
-    FORMAT_VERSION,
     INDEX_COLUMNS,
     ROW_ARRAYS,
     FeatureStore,
@@ -131,8 +130,7 @@ class Hdf5Store(FeatureStore):
     ) -> Hdf5Store:
         """Create an empty HDF5 store mapping every planned task; see :meth:`FeatureStore.create`."""
         path = Path(path)
-        if rows < 0 or chunk_rows <= 0 or dim <= 0:
-            raise ValueError(f"need rows >= 0, chunk_rows > 0 and dim > 0; got {rows}, {chunk_rows}, {dim}")
+        cls._check_sizes(rows, chunk_rows, dim)
         dtype = check_feature_dtype(dtype)
         root_attrs = check_attrs(attrs)
         columns = check_index(index, rows)
@@ -239,17 +237,11 @@ class Hdf5Store(FeatureStore):
         path = Path(path)
         if path.name == STORE_FILE and path.is_file():
             path = path.parent
-        if mode not in ("r", "r+"):
-            raise ValueError(f"mode {mode!r} is not supported; use 'r' or 'r+'")
+        cls._check_mode(mode)
         if not cls.is_store(path):
             raise ValueError(f"{path} is not an hdf5 feature store (no {STORE_FILE} of format {FORMAT_NAME})")
         store = cls(path, mode)
-        version = store._attrs.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: store format version {version!r} is newer than this l2l reads ({FORMAT_VERSION}); "
-                "upgrade listen-to-look"
-            )
+        cls._check_version(path, store._attrs)
         return store
 
     @classmethod
@@ -287,6 +279,10 @@ class Hdf5Store(FeatureStore):
     @property
     def dtype(self) -> str:
         return self._dtype
+
+    @property
+    def compression(self) -> str:
+        return self._compression
 
     def index_columns(self) -> dict[str, np.ndarray]:
         if self._columns is None:
@@ -365,10 +361,6 @@ class Hdf5Store(FeatureStore):
         if self._file is None:
             self._file = h5py.File(self.path / STORE_FILE, "r")
         return self._file
-
-    def _check_writable(self) -> None:
-        if self.mode == "r":
-            raise ValueError(f"store {self.path} is open read-only; open it with mode='r+' to write")
 
 
 def _build_store_file(

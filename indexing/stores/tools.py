@@ -6,7 +6,6 @@ stores of any size, and they work on every registered backend through the :class
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
                 for i in failed
             ],
             "models": store.attrs.get("models", {}),
-            "bytes": _disk_bytes(Path(store.path)),
+            "bytes": store.disk_bytes(),
             "rows": store.rows,
             "chunk_rows": store.chunk_rows,
             "dtype": store.dtype,
@@ -240,8 +239,8 @@ def export_store(
                 target.write_rows(
                     a, b, {name: source.read_rows(name, a, b) for name in FEATURES + ROW_ARRAYS}
                 )
-            for a, b in source.done_ranges():
-                target.mark_done(a, b)
+            for (a, b), result in source.done_results().items():
+                target.mark_done(a, b, result=result)
     return dst
 
 
@@ -251,14 +250,3 @@ def _progress(blocks: list[tuple[int, int]], enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(blocks, desc=desc, unit="block", leave=False)
-
-
-def _disk_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                continue
-    return total

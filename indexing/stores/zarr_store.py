@@ -37,7 +37,6 @@ import numpy as np
 from . import (
     FEATURES,
     FORMAT_NAME,
-    FORMAT_VERSION,
     INDEX_COLUMNS,
     ROW_ARRAYS,
     FeatureStore,
@@ -132,8 +131,7 @@ class ZarrStore(FeatureStore):
         import zarr
 
         path = Path(path)
-        if rows < 0 or chunk_rows <= 0 or dim <= 0:
-            raise ValueError(f"need rows >= 0, chunk_rows > 0 and dim > 0; got {rows}, {chunk_rows}, {dim}")
+        cls._check_sizes(rows, chunk_rows, dim)
         dtype = check_feature_dtype(dtype)
         root_attrs = check_attrs(attrs)
         columns = check_index(index, rows)
@@ -206,17 +204,11 @@ class ZarrStore(FeatureStore):
         import zarr
 
         path = Path(path)
-        if mode not in ("r", "r+"):
-            raise ValueError(f"mode {mode!r} is not supported; use 'r' or 'r+'")
+        cls._check_mode(mode)
         if not cls.is_store(path):
             raise ValueError(f"{path} is not a zarr feature store (no zarr.json with format {FORMAT_NAME!r})")
         group = zarr.open_group(str(path), mode=mode)
-        version = group.attrs.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: store format version {version!r} is newer than this l2l reads ({FORMAT_VERSION}); "
-                "upgrade listen-to-look"
-            )
+        cls._check_version(path, group.attrs)
         return cls(path, group, mode)
 
     @classmethod
@@ -250,6 +242,15 @@ class ZarrStore(FeatureStore):
     def dtype(self) -> str:
         return self._dtype
 
+    @property
+    def compression(self) -> str:
+        codecs = [type(c).__name__ for c in self._array("fused").compressors]
+        if "ZstdCodec" in codecs:
+            return "zstd"
+        if "BloscCodec" in codecs:
+            return "blosc-lz4"
+        return "none"
+
     def index_columns(self) -> dict[str, np.ndarray]:
         if self._columns is None:
             raw = {name: self._group[f"index/{name}"][:] for name in INDEX_COLUMNS}
@@ -281,10 +282,6 @@ class ZarrStore(FeatureStore):
         if name not in self._arrays:
             self._arrays[name] = self._group[_array_path(name)]
         return self._arrays[name]
-
-    def _check_writable(self) -> None:
-        if self.mode == "r":
-            raise ValueError(f"store {self.path} is open read-only; open it with mode='r+' to write")
 
 
 def _write_index(group: Any, columns: Mapping[str, np.ndarray]) -> None:
