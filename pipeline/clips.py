@@ -274,3 +274,121 @@ def split_entries(
     if val_split not in names:
         raise ValueError(f"no video has split {val_split!r} (splits: {sorted(names)}); use --val-split auto")
     return train, [e for e in entries if e.split == val_split], val_split
+
+
+@dataclass(frozen=True)
+class ClipLoaders:
+    """What :func:`clip_loaders` builds for a training command.
+
+    Attributes:
+        train: Loader of the training clips (random steps, re-drawn every epoch).
+        val: Loader of the validation clips (evenly spaced steps).
+        classes: Class names of the training split, in label-index order.
+        data: Provenance recorded in the checkpoint (manifest, splits, clips per video, moments).
+        notes: Human-readable lines about what was read (``warning: ...`` lines first).
+    """
+
+    train: DataLoader
+    val: DataLoader
+    classes: list[str]
+    data: dict[str, Any]
+    notes: list[str]
+
+
+def clip_loaders(
+    manifest: str | os.PathLike,
+    *,
+    with_clips: bool,
+    clips_per_video: int,
+    train_split: str = "train",
+    val_split: str = "auto",
+    seed: int = 0,
+    batch_size: int,
+    workers: int = 2,
+    device: str = "cpu",
+    require_labels: bool = False,
+    moments: str | os.PathLike | None = None,
+) -> ClipLoaders:
+    """Training and validation loaders over the videos of ``manifest`` (``l2l distill``/``finetune``).
+
+    Args:
+        manifest: Corpus manifest CSV.
+        with_clips: Also decode each step's 16-frame teacher clip (distillation).
+        clips_per_video: Steps per video per epoch.
+        train_split: Split of the training videos (see :func:`split_entries`).
+        val_split: Validation split, or ``auto``.
+        seed: Seed of the per-epoch step choice.
+        batch_size: Clips per batch.
+        workers: DataLoader worker processes.
+        device: Where batches go (pinned memory for cuda).
+        require_labels: Refuse videos without a label (fine-tuning).
+        moments: Ground-truth segments (``moments.json``): draw clips only from inside them.
+
+    Raises:
+        ConfigError: A bad manifest, moments file, split or value.
+    """
+    from pipeline.corpus import read_corpus, read_moments
+
+    segments = None
+    if moments is not None:
+        segments = {vid: item["segments"] for vid, item in read_moments(moments).items()}
+    train_entries, val_entries, val_name = split_entries(
+        read_corpus(manifest), train_split=train_split, val_split=val_split
+    )
+    train_cfg = ClipConfig(clips_per_video=clips_per_video, with_clips=with_clips, seed=seed)
+    val_cfg = ClipConfig(
+        clips_per_video=clips_per_video, sampling="uniform", with_clips=with_clips, seed=seed
+    )
+    train_set = ClipDataset(train_entries, train_cfg, require_labels=require_labels, moments=segments)
+    val_set = ClipDataset(val_entries, val_cfg, classes=train_set.classes, moments=segments)
+    notes = []
+    for name, ds in (("train", train_set), ("val", val_set)):
+        if ds.skipped:
+            notes.append(f"warning: {len(ds.skipped)} unreadable {name} videos skipped")
+        if segments is not None and ds.untrimmed:
+            notes.append(
+                f"warning: {len(ds.untrimmed)} {name} videos have no segment in {moments} "
+                f"(e.g. {ds.untrimmed[0]}); their clips come from the whole video"
+            )
+    notes.append(
+        f"{len(train_set.entries)} train videos ({len(train_set)} clips/epoch), "
+        f"{len(val_set.entries)} validation videos from split {val_name!r} ({len(val_set)} clips)"
+    )
+    data = {
+        "manifest": str(manifest),
+        "train_split": train_split,
+        "val_split": val_name,
+        "clips_per_video": clips_per_video,
+        "moments": str(moments) if moments is not None else None,
+    }
+    return ClipLoaders(
+        train=make_loader(train_set, batch_size=batch_size, num_workers=workers, device=device),
+        val=make_loader(val_set, batch_size=batch_size, num_workers=workers, device=device),
+        classes=train_set.classes,
+        data=data,
+        notes=notes,
+    )
+
+
+def report_loader(
+    manifest: str | os.PathLike,
+    *,
+    split: str = "",
+    clips_per_video: int,
+    batch_size: int,
+    workers: int = 2,
+    device: str = "cpu",
+) -> DataLoader:
+    """Evenly spaced clips of the videos of ``manifest`` (only ``split`` when given) for ``distill-report``.
+
+    Raises:
+        ConfigError: No video has ``split``.
+    """
+    from indexing.errors import ConfigError
+    from pipeline.corpus import read_corpus
+
+    entries = [e for e in read_corpus(manifest) if not split or e.split == split]
+    if not entries:
+        raise ConfigError(f"no video of {manifest} has split {split!r}; drop --split or pick another")
+    dataset = ClipDataset(entries, ClipConfig(clips_per_video=clips_per_video, sampling="uniform"))
+    return make_loader(dataset, batch_size=batch_size, num_workers=workers, device=device)

@@ -29,6 +29,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import click
+
+from indexing.options import cli_field
+
 if TYPE_CHECKING:  # distributed is imported lazily so that ``l2l --help`` stays instant
     from distributed import Client
     from distributed.security import Security
@@ -48,27 +52,6 @@ THREAD_ENV_VARS = (
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
 )
-
-# The CLI flag behind each field, so that errors name what the user typed.
-_FLAGS = {
-    "kind": "--cluster",
-    "workers": "--workers",
-    "threads_per_worker": "--threads-per-worker",
-    "torch_threads": "--torch-threads",
-    "memory_limit": "--memory-limit",
-    "scheduler_address": "--scheduler",
-    "scheduler_file": "--scheduler-file",
-    "jobqueue_config": "--cluster-config",
-    "tls_ca_file": "--tls-ca-file",
-    "tls_cert": "--tls-cert",
-    "tls_key": "--tls-key",
-    "dashboard_address": "--dashboard-address",
-    "lifetime": "--worker-lifetime",
-    "lifetime_stagger": "--worker-lifetime-stagger",
-    "lifetime_restart": "--worker-lifetime-restart",
-    "connect_timeout_s": "--connect-timeout-s",
-}
-
 
 # ----------------------------------------------------------------------------------------------
 # Torch threads
@@ -191,22 +174,64 @@ class ClusterConfig:
             the flag and the fix.
     """
 
-    kind: str | None = None
-    workers: int | None = None
-    threads_per_worker: int | None = None
-    torch_threads: int | None = None
-    memory_limit: str | None = None
-    scheduler_address: str | None = None
-    scheduler_file: str | None = None
-    jobqueue_config: str | None = None
-    tls_ca_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    dashboard_address: str | None = ":8787"
-    lifetime: str | None = None
-    lifetime_stagger: str | None = None
-    lifetime_restart: bool = True
-    connect_timeout_s: float = 60.0
+    kind: str | None = cli_field(
+        flag="--cluster", choices=lambda: available_clusters(), help="Cluster kind (default: inferred)."
+    )
+    workers: int | None = cli_field(
+        flag="--workers",
+        type=int,
+        help="Worker processes (default: all cores; slurm/pbs: one job's; extract: 0 runs serially).",
+    )
+    threads_per_worker: int | None = cli_field(
+        flag="--threads-per-worker",
+        type=int,
+        help="Dask threads (concurrent tasks) per local worker (default 1).",
+    )
+    torch_threads: int | None = None  # the command's --torch-threads, shared with the extraction config
+    memory_limit: str | None = cli_field(
+        flag="--memory-limit", help="Memory per local worker, e.g. 6GiB (default auto: RAM / workers)."
+    )
+    scheduler_address: str | None = cli_field(
+        flag="--scheduler", help="Use a running Dask scheduler at this address."
+    )
+    scheduler_file: str | None = cli_field(
+        flag="--scheduler-file", type=click.Path(dir_okay=False), help="Use the scheduler in this file."
+    )
+    jobqueue_config: str | None = cli_field(
+        flag="--cluster-config", type=click.Path(dir_okay=False), help="dask-jobqueue YAML (slurm/pbs)."
+    )
+    tls_ca_file: str | None = cli_field(
+        flag="--tls-ca-file",
+        type=click.Path(dir_okay=False),
+        help="TLS: CA certificate (PEM); with --tls-cert/--tls-key.",
+    )
+    tls_cert: str | None = cli_field(
+        flag="--tls-cert",
+        type=click.Path(dir_okay=False),
+        help="TLS: certificate of this client and its workers (PEM).",
+    )
+    tls_key: str | None = cli_field(
+        flag="--tls-key", type=click.Path(dir_okay=False), help="TLS: private key (PEM)."
+    )
+    dashboard_address: str | None = cli_field(
+        ":8787",
+        flag="--dashboard-address",
+        help="Dashboard of a scheduler started here (default :8787; none: off).",
+    )
+    lifetime: str | None = cli_field(
+        flag="--worker-lifetime", help="Restart each worker after this long, e.g. 1h (default: never)."
+    )
+    lifetime_stagger: str | None = cli_field(
+        flag="--worker-lifetime-stagger", help="Random +/- spread of --worker-lifetime, e.g. 5m."
+    )
+    lifetime_restart: bool = cli_field(
+        True,
+        flag="--worker-lifetime-restart/--no-worker-lifetime-restart",
+        help="Restart a worker whose lifetime ended (default) or let it exit.",
+    )
+    connect_timeout_s: float = cli_field(
+        60.0, flag="--connect-timeout-s", type=float, help="Seconds to wait for a scheduler (default 60)."
+    )
 
     def __post_init__(self) -> None:
         kind = self.kind
@@ -284,9 +309,12 @@ class ClusterConfig:
         }
         return Security(tls_ca_file=self.tls_ca_file, require_encryption=True, **pairs)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain fields, for recording in the store's attributes."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+# The option each field is set by, for error messages (the options are generated from the fields).
+_FLAGS = {
+    f.name: f.metadata["flag"].split("/")[0] if "flag" in f.metadata else "--" + f.name.replace("_", "-")
+    for f in fields(ClusterConfig)
+}
 
 
 def _forbid(config: ClusterConfig, names: dict[str, str]) -> None:

@@ -684,6 +684,19 @@ def read_steps(
         return reader.read(steps, with_clips=with_clips)
 
 
+def read_step_frames(path: str | Path, steps: Sequence[int]) -> np.ndarray:
+    """The 112 x 112 frames at the starts of ``steps`` of one video (``l2l show``).
+
+    Returns:
+        ``(len(steps), 112, 112, 3)`` uint8, in the order of ``steps``.
+
+    Raises:
+        MediaError: The video cannot be read.
+        IndexError: A step outside the video.
+    """
+    return read_steps(path, steps).frames  # (len(steps), 112, 112, 3)
+
+
 class StepReader:
     """An open video (decord) and audio (PyAV) reader pair serving steps of one file.
 

@@ -6,10 +6,13 @@ Frames arrive already decoded (``(n, H, W, 3)`` uint8): this package never impor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from indexing.errors import L2LError
 
 
 def _pyplot() -> Any:
@@ -137,3 +140,81 @@ def moments_figure(
     fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def save_figure(fig: Any, out: str | Path) -> Path:
+    """Write ``fig`` as a PNG to ``out`` (its folder must exist) and close it.
+
+    Raises:
+        ConfigError: ``out``'s folder does not exist.
+    """
+    from indexing.errors import ConfigError
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out}: folder {out.parent} does not exist; create it or pick another path")
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
+def draw_moments(
+    explanation: Mapping[str, Any],
+    out: str | Path,
+    *,
+    read_frames: Callable[[str, Sequence[int]], np.ndarray] | None = None,
+    segments: Sequence[tuple[float, float]] = (),
+) -> dict[str, Any]:
+    """Draw what :func:`skim.query.explain` found for one video into the PNG ``out``.
+
+    Args:
+        explanation: :func:`skim.query.explain`'s answer for the video.
+        out: PNG to write.
+        read_frames: ``(path, steps) -> (len(steps), H, W, 3) uint8`` frames at step starts (a video
+            decoder lives on the pipeline side; this package never imports one). None: no frames.
+        segments: Ground-truth ``(start_s, end_s)`` segments to shade.
+
+    Returns:
+        What was drawn: ``video_id``, ``out``, ``top``, ``moments``, ``shown_steps``, ``uniform_steps``,
+        ``frames`` (whether frames were drawn) and ``note`` (why not, or None).
+    """
+    ex = explanation
+    chosen, uniform = list(ex["shown_steps"]), list(ex["uniform_steps"])
+    chosen_frames = uniform_frames = None
+    note = ""
+    source = Path(ex["path"])
+    if read_frames is None:
+        note = "frames skipped: no video decoder available"
+    elif not source.is_file():
+        note = f"frames skipped: source video {source} is gone"
+    else:
+        try:
+            frames = read_frames(str(source), chosen + uniform)  # (len(chosen) + len(uniform), H, W, 3)
+            chosen_frames, uniform_frames = frames[: len(chosen)], frames[len(chosen) :]
+        except (L2LError, IndexError, OSError) as err:
+            note = f"frames skipped: cannot decode {source}: {err}"
+    top = ex["top"][0]
+    fig = moments_figure(
+        video_id=ex["video_id"],
+        chosen_steps=chosen,
+        marked_steps=ex["chosen_steps"],
+        uniform_steps=uniform,
+        attention=ex["attention"],
+        step_s=ex["step_s"],
+        chosen_frames=chosen_frames,
+        uniform_frames=uniform_frames,
+        segments=segments,
+        title=f"{top['label']} ({top['prob']:.2f})",
+        note=note,
+    )
+    save_figure(fig, out)
+    return {
+        "video_id": ex["video_id"],
+        "out": str(out),
+        "top": ex["top"],
+        "moments": ex["moments"],
+        "shown_steps": chosen,
+        "uniform_steps": uniform,
+        "frames": chosen_frames is not None,
+        "note": note or None,
+    }

@@ -1,0 +1,355 @@
+"""ImgAud2Vid commands: ``distill``, ``finetune``, ``distill-report``.
+
+Thin: options -> config -> one library call -> report. Only click and the standard library are imported at
+module level (``l2l --help`` stays instant); ``cli.py`` registers :data:`COMMANDS`. The clips these
+commands train on are decoded video, so the loaders come from ``pipeline.clips``, imported when a command
+runs (the one place ``indexing`` reaches into ``pipeline``: the command line, which sits above both).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from indexing.errors import ConfigError
+from indexing.options import (
+    RegistryChoice,
+    echo_json,
+    json_option,
+    note,
+    set_threads,
+    threads_option,
+    user_errors,
+    warn,
+)
+
+
+def _model_presets() -> list[str]:
+    from indexing.models import available_presets
+
+    return available_presets()
+
+
+def _clip_options(fn):
+    """Options of the commands that train on clips of a manifest's videos."""
+    options = [
+        click.option("--clips-per-video", default=8, show_default=True, help="Steps per video per epoch."),
+        click.option(
+            "--train-split", default="train", show_default=True, help="Split of the training videos."
+        ),
+        click.option(
+            "--val-split", default="auto", show_default=True, help="Validation split; auto: val, else test."
+        ),
+        click.option("--workers", default=2, show_default=True, help="DataLoader worker processes."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+        click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling."),
+        threads_option,
+        json_option("the history"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _teacher(teacher_weights: str | None, teacher_preset: str | None) -> tuple[Any, dict]:
+    from indexing.models import load_teacher
+
+    if (teacher_weights is None) == (teacher_preset is None):
+        raise ConfigError("give exactly one of --teacher-weights PATH or --teacher-preset (e.g. tiny)")
+    return load_teacher(teacher_weights, preset=teacher_preset)
+
+
+def _loaders(manifest: str, **kwargs: Any):
+    from pipeline.clips import clip_loaders
+
+    loaders = clip_loaders(manifest, **kwargs)
+    for line in loaders.notes:
+        (warn if line.startswith("warning") else note)(line)
+    return loaders
+
+
+def _report_history(history: list[dict], out: str, val_key: str, as_json: bool) -> None:
+    from indexing.distill import curve_path
+
+    if as_json:
+        echo_json({"out": out, "curve": str(curve_path(out)), "history": history})
+        return
+    last = history[-1]
+    click.echo(
+        f"{last['epoch']} epochs: train loss {last['train_loss']:.4f}, {val_key} {last[val_key]:.4f}; "
+        f"wrote {out} and {curve_path(out)}"
+    )
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--teacher-weights",
+    type=click.Path(exists=True, dir_okay=False),
+    help="torchvision r2plus1d_18 state dict file (e.g. Kinetics-400 weights).",
+)
+@click.option(
+    "--teacher-preset",
+    type=RegistryChoice(_model_presets),
+    help="Seeded random teacher instead of weights (tiny: tests and demos).",
+)
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Students checkpoint (resumable)."
+)
+@click.option(
+    "--preset",
+    type=RegistryChoice(_model_presets),
+    default="paper",
+    show_default=True,
+    help="Student architecture preset.",
+)
+@click.option(
+    "--init-resnet18",
+    type=click.Path(exists=True, dir_okay=False),
+    help="torchvision resnet18 state dict (e.g. ImageNet) to initialise both trunks, as the paper.",
+)
+@click.option("--epochs", default=60, show_default=True, help="Training epochs.")
+@click.option("--batch-size", default=16, show_default=True, help="Clips per batch.")
+@click.option("--lr", default=1e-3, show_default=True, help="Initial SGD learning rate.")
+@click.option("--weight-decay", default=1e-4, show_default=True, help="SGD weight decay.")
+@click.option("--kl-weight", default=0.0, show_default=True, help="Weight of the teacher-student KL term.")
+@_clip_options
+def distill(
+    manifest,
+    teacher_weights,
+    teacher_preset,
+    out,
+    preset,
+    init_resnet18,
+    epochs,
+    batch_size,
+    lr,
+    weight_decay,
+    kl_weight,
+    clips_per_video,
+    train_split,
+    val_split,
+    workers,
+    device,
+    seed,
+    threads,
+    as_json,
+) -> None:
+    """Distil the clip teacher into image + audio students on MANIFEST's videos.
+
+    Rerunning with the same --out and options resumes after the last completed epoch.
+    """
+    set_threads(threads)
+    from indexing.distill import DistillConfig
+    from indexing.distill import distill as run_distill
+    from indexing.models import build_students
+
+    with user_errors():
+        config = DistillConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            kl_weight=kl_weight,
+            device=device,
+            seed=seed,
+        )
+        teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
+        students = build_students(preset, seed=seed, init_resnet18=init_resnet18)
+        loaders = _loaders(
+            manifest,
+            with_clips=True,
+            clips_per_video=clips_per_video,
+            train_split=train_split,
+            val_split=val_split,
+            seed=seed,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+        )
+        extra = {
+            "teacher": teacher_meta,
+            "teacher_sha256": teacher_meta["sha256"],
+            "preset": preset,
+            "init_resnet18": init_resnet18,
+            "data": loaders.data,
+        }
+        history = run_distill(students, teacher, loaders.train, loaders.val, config, out, extra=extra)
+    _report_history(history, out, "val_l1", as_json)
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--students",
+    "students_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Distilled students checkpoint.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Fine-tuned checkpoint (resumable)."
+)
+@click.option("--epochs", default=10, show_default=True, help="Training epochs.")
+@click.option("--batch-size", default=16, show_default=True, help="Clips per batch.")
+@click.option("--lr", default=1e-3, show_default=True, help="Initial SGD learning rate.")
+@click.option("--weight-decay", default=1e-4, show_default=True, help="SGD weight decay.")
+@click.option("--freeze-students", is_flag=True, help="Train only the classifier.")
+@click.option(
+    "--moments",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ground-truth segments (moments.json): draw training and validation clips only from inside "
+    "them (trimmed clips) instead of anywhere in the untrimmed videos.",
+)
+@_clip_options
+def finetune(
+    manifest,
+    students_path,
+    out,
+    epochs,
+    batch_size,
+    lr,
+    weight_decay,
+    freeze_students,
+    moments,
+    clips_per_video,
+    train_split,
+    val_split,
+    workers,
+    device,
+    seed,
+    threads,
+    as_json,
+) -> None:
+    """Fine-tune a classifier on z_IA (and the students) with MANIFEST's labels."""
+    set_threads(threads)
+    from indexing.distill import FinetuneConfig
+    from indexing.distill import finetune as run_finetune
+    from indexing.models import load_students
+
+    if Path(out).resolve() == Path(students_path).resolve():
+        raise ConfigError("--out must differ from --students (the distilled checkpoint is kept)")
+    with user_errors():
+        config = FinetuneConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            freeze_students=freeze_students,
+            device=device,
+            seed=seed,
+        )
+        students, meta = load_students(students_path, device=device)
+        loaders = _loaders(
+            manifest,
+            with_clips=False,
+            clips_per_video=clips_per_video,
+            train_split=train_split,
+            val_split=val_split,
+            seed=seed,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            require_labels=True,
+            moments=moments,
+        )
+        extra = {
+            "parent": students_path,
+            "parent_sha256": meta["sha256"],
+            "teacher_sha256": meta["teacher_sha256"],
+            "data": loaders.data,
+        }
+        history = run_finetune(
+            students, loaders.train, loaders.val, config, out, classes=loaders.classes, extra=extra
+        )
+    _report_history(history, out, "val_accuracy", as_json)
+
+
+@click.command("distill-report")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--students",
+    "students_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Distilled students checkpoint.",
+)
+@click.option(
+    "--teacher-weights",
+    type=click.Path(exists=True, dir_okay=False),
+    help="torchvision r2plus1d_18 state dict file the students were distilled from.",
+)
+@click.option("--teacher-preset", type=RegistryChoice(_model_presets), help="Seeded random teacher preset.")
+@click.option("--split", default="", help="Only videos of this split (default: all).")
+@click.option("--clips-per-video", default=8, show_default=True, help="Evenly spaced steps per video.")
+@click.option(
+    "--audio-baseline",
+    type=click.Choice(["mean", "zero"]),
+    default="mean",
+    show_default=True,
+    help="What replaces z_A for the image-only score.",
+)
+@click.option("--top-k", default=5, show_default=True, help="Clips listed where audio helps most / least.")
+@click.option("--batch-size", default=16, show_default=True, help="Clips per batch.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@threads_option
+@json_option("the full per-clip report")
+def distill_report_cmd(
+    manifest,
+    students_path,
+    teacher_weights,
+    teacher_preset,
+    split,
+    clips_per_video,
+    audio_baseline,
+    top_k,
+    batch_size,
+    workers,
+    device,
+    threads,
+    as_json,
+) -> None:
+    """Per-clip L1 to the teacher of image-only vs image+audio students: where does audio help?"""
+    set_threads(threads)
+    from indexing.distill import distill_report
+    from indexing.models import load_students
+    from pipeline.clips import report_loader
+
+    with user_errors():
+        teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
+        students, meta = load_students(students_path, device=device)
+        if meta["teacher_sha256"] not in (None, teacher_meta["sha256"]):
+            warn("these students were distilled from another teacher")
+        loader = report_loader(
+            manifest,
+            split=split,
+            clips_per_video=clips_per_video,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+        )
+        report = distill_report(
+            students, teacher, loader, device=device, audio_baseline=audio_baseline, top_k=top_k
+        )
+    if as_json:
+        echo_json(report)
+        return
+    s = report["summary"]
+    click.echo(f"clips                  {s['clips']}")
+    click.echo(f"L1 image+audio         {s['mean_l1_image_audio']:.4f}")
+    click.echo(f"L1 image only ({s['audio_baseline']})   {s['mean_l1_image_only']:.4f}")
+    click.echo(f"audio helps on         {100 * s['fraction_audio_helps']:.1f}% of clips")
+    for title, rows in (
+        ("audio helps most", report["most_helped"]),
+        ("audio helps least", report["least_helped"]),
+    ):
+        click.echo(f"{title}:")
+        for r in rows:
+            where = f"{r['video_id']:<28} step {r['step']:5d} ({r['time_s']:8.2f} s)"
+            click.echo(f"  {where}  gain {r['audio_gain']:+.4f}")
+
+
+COMMANDS = [distill, finetune, distill_report_cmd]

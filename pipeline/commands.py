@@ -1,0 +1,376 @@
+"""Commands over videos and stores: ``synth``, ``prepare``, ``extract`` and the ``store`` group.
+
+Thin: options -> config -> one library call -> report. Only click, the standard library and stdlib-only
+registries are imported at module level, so ``l2l --help`` stays instant; ``cli.py`` registers
+:data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from indexing.errors import ConfigError, IncompleteError
+from indexing.options import (
+    RegistryChoice,
+    config_options,
+    echo_json,
+    json_option,
+    no_progress_option,
+    note,
+    user_errors,
+)
+from indexing.stores import available_stores  # backends import zarr/h5py lazily
+from pipeline.cluster import ClusterConfig  # stdlib-only at import
+from pipeline.recipes import available_recipes  # stdlib-only at import
+
+# ==== corpus: synth, prepare =======================================================================
+
+
+@click.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--videos", default=36, show_default=True, help="Number of videos.")
+@click.option("--classes", default=6, show_default=True, help="Number of classes (2-24), balanced.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--min-s", default=30.0, show_default=True, help="Shortest video (s).")
+@click.option("--max-s", default=120.0, show_default=True, help="Longest video (s).")
+@click.option("--width", default=160, show_default=True, help="Frame width (even).")
+@click.option("--height", default=120, show_default=True, help="Frame height (even).")
+@click.option("--test-fraction", default=0.25, show_default=True, help="Share of each class in 'test'.")
+@click.option(
+    "--segments",
+    default=(2, 3),
+    nargs=2,
+    type=int,
+    show_default=True,
+    help="Evidence segments per video: MIN MAX.",
+)
+@click.option(
+    "--segment-s",
+    default=(1.5, 3.0),
+    nargs=2,
+    type=float,
+    show_default=True,
+    help="Evidence segment length (s): MIN MAX.",
+)
+@click.option("--faint-opacity", default=0.2, show_default=True, help="Sprite opacity in audio-led videos.")
+@click.option("--faint-loudness", default=0.05, show_default=True, help="Tone loudness in visual-led videos.")
+@click.option("--mp4-only", is_flag=True, help="Only H.264/AAC mp4 at 30 fps with 16 kHz mono audio.")
+@click.option("--jobs", default=1, show_default=True, help="Videos encoded in parallel (same bytes).")
+@click.option("--overwrite", is_flag=True, help="Replace a corpus already in OUT.")
+@json_option("the summary")
+def synth(
+    out,
+    videos,
+    classes,
+    seed,
+    min_s,
+    max_s,
+    width,
+    height,
+    test_fraction,
+    segments,
+    segment_s,
+    faint_opacity,
+    faint_loudness,
+    mp4_only,
+    jobs,
+    overwrite,
+    as_json,
+) -> None:
+    """Write a labelled synthetic audio-visual corpus to OUT (videos/, manifest.csv, moments.json)."""
+    from pipeline.synth import SynthConfig, synthesize
+
+    with user_errors():
+        config = SynthConfig(
+            videos=videos,
+            classes=classes,
+            seed=seed,
+            min_s=min_s,
+            max_s=max_s,
+            width=width,
+            height=height,
+            test_fraction=test_fraction,
+            min_segments=segments[0],
+            max_segments=segments[1],
+            min_segment_s=segment_s[0],
+            max_segment_s=segment_s[1],
+            faint_opacity=faint_opacity,
+            faint_loudness=faint_loudness,
+            mp4_only=mp4_only,
+        )
+        summary = synthesize(out, config, jobs=jobs, overwrite=overwrite, progress=not as_json)
+    if as_json:
+        echo_json(summary)
+        return
+    base = summary["uniform_baseline"]
+    click.echo(
+        f"wrote {summary['videos']} videos ({summary['hours']} h; {summary['containers']}) to {out} "
+        f"in {summary['wall_s']} s\n"
+        f"splits {summary['splits']}, modalities {summary['modalities']}\n"
+        f"uniform T={base['steps']} baseline can reach at most {base['ceiling_accuracy']:.1%} "
+        f"({base['ceiling_accuracy_audio']:.1%} counting audio-window overlap); chance {base['chance']:.1%}"
+    )
+
+
+@click.command()
+@click.argument("dataset", type=click.Choice(available_recipes()))
+@click.argument("root", type=click.Path(file_okay=False, path_type=str))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
+@click.option("--annotations", type=click.Path(), help="Annotation file or folder (default: ROOT).")
+@click.option("--split-id", default=1, show_default=True, help="ucf101: official split 1, 2 or 3.")
+@click.option("--test-fraction", default=0.2, show_default=True, help="folder: held-out fraction per class.")
+@click.option("--seed", default=0, show_default=True, help="folder, sports1m: seed of the per-class choice.")
+@click.option("--per-class-train", default=30, show_default=True, help="sports1m: train videos per class.")
+@click.option("--per-class-test", default=10, show_default=True, help="sports1m: test videos per class.")
+@click.option("--min-s", default=120.0, show_default=True, help="sports1m: shortest video, seconds.")
+@click.option("--max-s", default=300.0, show_default=True, help="sports1m: longest video, seconds.")
+@json_option("the report")
+def prepare(
+    dataset,
+    root,
+    out,
+    annotations,
+    split_id,
+    test_fraction,
+    seed,
+    per_class_train,
+    per_class_test,
+    min_s,
+    max_s,
+    as_json,
+) -> None:
+    """Build a manifest for DATASET from its annotation files and the videos under ROOT.
+
+    Only rows with a video file are written; listed-but-missing videos go to missing.csv beside the
+    manifest, and the report lists them with unlisted files, unknown labels and excluded rows.
+    """
+    from pipeline.recipes import PrepareConfig
+    from pipeline.recipes import prepare as run_recipe
+
+    with user_errors():
+        config = PrepareConfig(
+            dataset=dataset,
+            root=root,
+            out=out,
+            annotations=annotations,
+            split_id=split_id,
+            test_fraction=test_fraction,
+            seed=seed,
+            per_class_train=per_class_train,
+            per_class_test=per_class_test,
+            min_s=min_s,
+            max_s=max_s,
+        )
+        report = run_recipe(config)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        click.echo(report.summary())
+
+
+# ==== extract ======================================================================================
+
+
+def _cluster_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The cluster options given, with ``--dashboard-address none`` meaning no dashboard."""
+    if str(values.get("dashboard_address", "")).lower() in ("none", "off"):
+        values["dashboard_address"] = None
+    return values
+
+
+@click.command()
+@click.argument("corpus", type=str)
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("--students", required=True, help="Students checkpoint, or random:SEED[:PRESET].")
+@click.option("--format", "fmt", type=click.Choice(available_stores()), default="zarr", show_default=True)
+@config_options(ClusterConfig, param="cluster_options", build=_cluster_options)
+@click.option("--torch-threads", default=1, show_default=True, help="torch threads per task.")
+@click.option("--resume", is_flag=True, help="Require an existing store and complete it.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--chunk-rows", default=1024, show_default=True, help="Rows per store chunk.")
+@click.option("--task-steps", type=int, help="Target steps per task (default 2 x chunk rows).")
+@click.option("--batch-steps", default=64, show_default=True, help="Steps per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--max-tasks", type=int, help="Run at most this many tasks, then stop (rerun to continue).")
+@no_progress_option
+@json_option("the report")
+def extract(
+    corpus,
+    store,
+    students,
+    fmt,
+    cluster_options,
+    torch_threads,
+    resume,
+    dtype,
+    chunk_rows,
+    task_steps,
+    batch_steps,
+    device,
+    max_tasks,
+    no_progress,
+    as_json,
+) -> None:
+    """Extract step features of every video of CORPUS into the feature store STORE.
+
+    CORPUS is a manifest CSV, a directory or a glob. Rerunning on an existing STORE (same corpus and
+    config) resumes it, computing only unfinished tasks. --workers 0 runs serially in this process, without
+    Dask. Exits 1 listing failed videos, 3 when tasks remain unfinished (rerun to resume).
+    """
+    from contextlib import nullcontext
+
+    from pipeline.cluster import open_client
+    from pipeline.extract import ExtractConfig, run_extraction
+
+    serial = cluster_options.get("workers") == 0
+    if serial and set(cluster_options) - {"workers"}:
+        flags = ", ".join(sorted(set(cluster_options) - {"workers"}))
+        raise ConfigError(f"--workers 0 runs serially here, without a cluster; drop it to use {flags}")
+    if max_tasks is not None and max_tasks < 0:
+        raise ConfigError(f"--max-tasks must be >= 0, got {max_tasks}")
+    try:
+        with user_errors():
+            config = ExtractConfig(
+                students=students,
+                store=fmt,
+                dtype=dtype,
+                chunk_rows=chunk_rows,
+                task_steps=task_steps,
+                batch_steps=batch_steps,
+                device=device,
+                torch_threads=torch_threads,
+            )
+            client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=torch_threads)
+            with open_client(client_config, announce=note) if not serial else nullcontext() as client:
+                report = run_extraction(
+                    corpus,
+                    store,
+                    config,
+                    client=client,
+                    resume=True if resume else None,
+                    max_tasks=max_tasks,
+                    progress=not no_progress,
+                    log=note,
+                )
+    except ConfigError:
+        raise
+    except OSError as err:  # a full disk, a path that cannot be a directory: the cause, not a traceback
+        raise ConfigError(
+            f"{err.filename or store}: {err.strerror or err}; free space or fix the path, then rerun the "
+            f"same command to resume {store}"
+        ) from err
+    except KeyboardInterrupt:
+        click.secho(f"interrupted; rerun the same command to resume {store}", fg="red", err=True)
+        sys.exit(130)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        click.echo(report.summary())
+    for f in report.failed:
+        click.echo(f"failed    {f['video_id']}  {f['path']}  {f['reason']}", err=True)
+    for e in report.task_errors:
+        click.echo(f"task      {e['task']} rows {e['rows']}: {e['error']}", err=True)
+    if not report.complete:
+        raise IncompleteError(
+            f"incomplete: {report.tasks_left} task(s) left; rerun the same command to resume {store}"
+        )
+    if report.failed:
+        click.secho(f"{len(report.failed)} video(s) failed (listed above)", fg="red", err=True)
+        sys.exit(1)
+
+
+# ==== store info/ls/check/export ===================================================================
+
+
+@click.group("store")
+def store_group() -> None:
+    """Inspect, check and convert feature stores."""
+
+
+@store_group.command("info")
+@click.argument("store", type=click.Path(exists=True))
+@json_option("the summary")
+def store_info_cmd(store: str, as_json: bool) -> None:
+    """Summarise STORE: videos by status, steps, size, models and failures."""
+    from indexing.stores.tools import store_info
+
+    with user_errors():
+        info = store_info(store)
+    if as_json:
+        echo_json(info)
+        return
+    rows = max(info["rows"], 1)
+    click.echo(f"store     {store} ({info['format']}, {info['dtype']}, chunk_rows {info['chunk_rows']})")
+    click.echo(
+        f"videos    {info['videos']}: {info['ok']} ok, {info['failed']} failed, {info['pending']} pending"
+    )
+    click.echo(f"steps     {info['steps']} in {info['rows']} rows")
+    click.echo(f"size      {info['bytes'] / 1e6:.1f} MB ({info['bytes'] / rows:.0f} bytes/row)")
+    models = info["models"]
+    for name, model in models.items() if isinstance(models, dict) else enumerate(models):
+        click.echo(f"model     {name}: {json.dumps(model)}")
+    if info["failures"]:
+        click.echo(f"failures  ({len(info['failures'])})")
+        for failure in info["failures"]:
+            click.echo(f"  {failure['video_id']}  {failure['path']}  {failure['reason']}")
+
+
+@store_group.command("ls")
+@click.argument("store", type=click.Path(exists=True))
+@json_option("the listing")
+def store_ls_cmd(store: str, as_json: bool) -> None:
+    """List the videos of STORE with status, steps, duration, fps, audio and label."""
+    from indexing.stores.tools import store_ls
+
+    with user_errors():
+        videos = store_ls(store)
+    if as_json:
+        echo_json(videos)
+        return
+    width = max([len("video_id")] + [len(v["video_id"]) for v in videos])
+    click.echo(f"{'video_id':<{width}}  status   steps  duration_s    fps  audio  label  path")
+    for v in videos:
+        click.echo(
+            f"{v['video_id']:<{width}}  {v['status']:<7}  {v['steps']:>5}  {v['duration_s']:>10.2f}  "
+            f"{v['fps']:>5.2f}  {'yes' if v['has_audio'] else 'no':<5}  {v['label'] or '-'}  {v['path']}"
+        )
+
+
+@store_group.command("check")
+@click.argument("store", type=click.Path(exists=True))
+def store_check_cmd(store: str) -> None:
+    """Check STORE's index and every row; exit 1 listing the problems if any."""
+    from indexing.stores.tools import store_check
+
+    with user_errors():
+        problems = store_check(store, progress=True)
+    if not problems:
+        click.echo(f"{store}: ok")
+        return
+    for problem in problems:
+        click.echo(problem)
+    click.secho(f"{store}: {len(problems)} problem(s)", fg="red", err=True)
+    sys.exit(1)
+
+
+@store_group.command("export")
+@click.argument("store", type=click.Path(exists=True))
+@click.argument("out", type=click.Path())
+@click.option(
+    "--format", "fmt", type=RegistryChoice(available_stores), required=True, help="Target store backend."
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def store_export_cmd(store: str, out: str, fmt: str, overwrite: bool) -> None:
+    """Copy STORE into a new store OUT of another format (same index, attrs and rows)."""
+    from indexing.stores.tools import export_store
+
+    with user_errors():
+        export_store(store, out, fmt, overwrite=overwrite, progress=True)
+    click.echo(f"wrote {out} ({fmt})")
+
+
+COMMANDS = [synth, prepare, extract, store_group]

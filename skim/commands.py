@@ -1,0 +1,379 @@
+"""Skimming commands: ``train``, ``evaluate``, ``query``, ``show``.
+
+Thin: options -> config -> one library call -> report. Only click and the standard library are imported at
+module level (``l2l --help`` stays instant); ``cli.py`` registers :data:`COMMANDS`. This package never
+decodes video: ``show`` draws frames only when the caller put a frame reader in the click context's
+``meta`` under :data:`FRAME_READER` (``cli.py`` does, from ``pipeline.media``).
+"""
+
+from __future__ import annotations
+
+import click
+
+from indexing.errors import ConfigError
+from indexing.options import (
+    InferenceConfig,
+    RegistryChoice,
+    csv_ints,
+    csv_names,
+    echo_json,
+    given,
+    inference_options,
+    json_option,
+    user_errors,
+    warnings_only,
+)
+
+FRAME_READER = "l2l.read_frames"  # ctx.meta key: (path, steps) -> (len(steps), H, W, 3) uint8 frames
+
+
+def _skim_models() -> list[str]:
+    from skim.model import available_models
+
+    return available_models()
+
+
+def _skim_const(name: str):
+    def load() -> list[str]:
+        import skim.model
+
+        return list(getattr(skim.model, name))
+
+    return load
+
+
+_inference_options = inference_options(next_inputs=_skim_const("NEXT_INPUTS"), exit_on=_skim_const("EXIT_ON"))
+
+
+def _model_option(fn):
+    return click.option(
+        "--model",
+        "model_path",
+        required=True,
+        type=click.Path(exists=True, dir_okay=False),
+        help="Skimming checkpoint.",
+    )(fn)
+
+
+@click.command("train")
+@click.argument("store", type=click.Path(exists=True))
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Labels manifest CSV (video_id,path,label,split); default: the store index's labels.",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (skim.pt).")
+@click.option(
+    "--model-name",
+    default="imgaud_skim",
+    show_default=True,
+    type=RegistryChoice(_skim_models),
+    help="Registered skimming model.",
+)
+@click.option("--index-features", help="Comma-separated features the queries attend over, e.g. fused.")
+@click.option("--recognition-features", help="Comma-separated features the chosen steps are classified with.")
+@click.option("--steps", "num_steps", type=int, help="T, recurrent steps (default 10).")
+@click.option("--shared-query", is_flag=True, default=None, help="One query for all indexing features.")
+@click.option("--step-head-weight", type=float, help="Train a per-step head on h with this loss weight.")
+@click.option("--hidden", type=int, help="LSTM hidden size (default 1024).")
+@click.option("--embed", type=int, help="Psi output size (default 512).")
+@_inference_options
+@click.option("--epochs", type=int, help="Epochs (default 25).")
+@click.option("--batch-size", type=int, help="Videos per batch (default 256).")
+@click.option("--lr", type=float, help="Initial SGD learning rate (default 0.01).")
+@click.option("--momentum", type=float, help="SGD momentum (default 0.9).")
+@click.option("--no-nesterov", is_flag=True, help="Plain instead of Nesterov momentum.")
+@click.option("--weight-decay", type=float, help="Weight decay (default 1e-4).")
+@click.option("--milestones", help="Epochs where the lr drops 10x, comma-separated (default 15,20).")
+@click.option("--crop-min", type=int, help="Shortest random training crop in steps (default 200).")
+@click.option("--crop-max", type=int, help="Longest random training crop in steps (default 500).")
+@click.option("--train-split", help="Split to train on (default train).")
+@click.option("--val-split", help="Split validated each epoch (default val, else test).")
+@click.option("--seed", type=int, help="Seed of weights, batch order and crops (default 0).")
+@click.option("--workers", "num_workers", type=int, help="DataLoader worker processes (default 0).")
+@click.option("--in-memory", is_flag=True, default=None, help="Load the store's arrays once.")
+@click.option("--device", help="cpu, cuda or auto (default cpu).")
+@click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Training-curve PNG (default: OUT with .png).")
+@click.option("--resume", is_flag=True, help="Continue training OUT from its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT instead of refusing.")
+@json_option("the training summary")
+def train_cmd(
+    store,
+    labels,
+    out,
+    model_name,
+    index_features,
+    recognition_features,
+    num_steps,
+    shared_query,
+    step_head_weight,
+    hidden,
+    embed,
+    inference: InferenceConfig,
+    epochs,
+    batch_size,
+    lr,
+    momentum,
+    no_nesterov,
+    weight_decay,
+    milestones,
+    crop_min,
+    crop_max,
+    train_split,
+    val_split,
+    seed,
+    num_workers,
+    in_memory,
+    device,
+    threads,
+    plot,
+    resume,
+    overwrite,
+    as_json,
+) -> None:
+    """Train a skimming model on the features in STORE (paper recipe by default)."""
+    from skim.train import TrainConfig, train
+
+    model_options = given(
+        index_features=csv_names(index_features),
+        recognition_features=csv_names(recognition_features),
+        num_steps=num_steps,
+        shared_query=shared_query,
+        step_head_weight=step_head_weight,
+        hidden=hidden,
+        embed=embed,
+        **inference.overrides(),
+    )
+    with user_errors():
+        config = TrainConfig(
+            **given(
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                momentum=momentum,
+                nesterov=False if no_nesterov else None,
+                weight_decay=weight_decay,
+                milestones=csv_ints(milestones),
+                crop_min=crop_min,
+                crop_max=crop_max,
+                train_split=train_split,
+                val_split=val_split,
+                seed=seed,
+                num_workers=num_workers,
+                in_memory=in_memory,
+                device=device,
+                threads=threads,
+            )
+        )
+        summary = train(
+            store,
+            out,
+            labels=labels,
+            model_name=model_name,
+            model_options=model_options,
+            config=config,
+            recognition_store=inference.recognition_store,
+            resume=resume,
+            overwrite=overwrite,
+            plot=plot,
+            progress=not as_json,
+            log=warnings_only if as_json else None,
+        )
+    if as_json:
+        echo_json(summary)
+        return
+    last = summary["history"][-1] if summary["history"] else {}
+    click.echo(
+        f"trained {summary['model']} on {summary['train_videos']} videos, {len(summary['labels'])} classes, "
+        f"{summary['epochs']} epochs -> {summary['out']} (curves: {summary['plot']})"
+    )
+    if last.get("val_accuracy") is not None:
+        click.echo(f"{summary['validated_on']} accuracy {last['val_accuracy']:.3f}")
+
+
+@click.command("evaluate")
+@click.argument("store", type=click.Path(exists=True))
+@_model_option
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Labels manifest CSV; default: the store index's labels and splits.",
+)
+@click.option("--split", help="Split to evaluate (default test).")
+@click.option("--train-split", help="Split the baselines train on (default train).")
+@click.option(
+    "--moments",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ground-truth segments (default: moments.json beside the manifest if present).",
+)
+@_inference_options
+@click.option("--batch-size", type=int, help="Videos per evaluation batch (default 64).")
+@click.option("--baseline-steps", type=int, help="Optimiser steps of each baseline head (default 400).")
+@click.option("--curve-steps", help="Step budgets of the accuracy-vs-steps curve (default 1,2,4,6,8,10).")
+@click.option("--subsample-factors", help="Factors of the accuracy-vs-sub-sampling curve (default 1,2,4,8).")
+@click.option("--seed", type=int, help="Seed of the baselines (default 0).")
+@click.option("--device", help="cpu, cuda or auto (default cpu).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the trade-off curves PNG here.")
+@json_option("the results")
+def evaluate_cmd(
+    store,
+    model_path,
+    labels,
+    split,
+    train_split,
+    moments,
+    inference: InferenceConfig,
+    batch_size,
+    baseline_steps,
+    curve_steps,
+    subsample_factors,
+    seed,
+    device,
+    plot,
+    as_json,
+) -> None:
+    """Compare skimming with uniform, random and dense baselines on STORE's features."""
+    from skim.evaluate import EvalConfig, evaluate
+
+    with user_errors():
+        config = EvalConfig(
+            **given(
+                split=split,
+                train_split=train_split,
+                batch_size=batch_size,
+                baseline_steps=baseline_steps,
+                curve_steps=csv_ints(curve_steps),
+                subsample_factors=csv_ints(subsample_factors),
+                seed=seed,
+                device=device,
+            )
+        )
+        result = evaluate(
+            store,
+            model_path,
+            labels=labels,
+            moments=moments,
+            config=config,
+            recognition_store=inference.recognition_store,
+            inference=inference.overrides(),
+            plot=plot,
+            progress=not as_json,
+            log=warnings_only if as_json else None,
+        )
+    if as_json:
+        echo_json(result)
+        return
+    echo_evaluation(result)
+
+
+def echo_evaluation(result: dict) -> None:
+    """The accuracy / cost table of ``skim.evaluate.evaluate`` for people."""
+
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
+
+    click.echo(f"{result['videos']} videos of split {result['split']!r}, {result['classes']} classes")
+    click.echo(f"{'method':8} {'accuracy':>9} {'mAP':>7} {'GFLOPs/video':>13} {'steps':>7} {'evidence':>9}")
+    for name, m in result["methods"].items():
+        click.echo(
+            f"{name:8} {fmt(m['accuracy'], '9.3f')} {fmt(m['map'], '7.3f')} "
+            f"{fmt(m['gflops_per_video'], '13.1f')} {fmt(m['steps_used'], '7.1f')} "
+            f"{fmt(m['evidence_precision'], '9.3f')}"
+        )
+    teacher = result["costs"]["dense_teacher_gflops_per_video"]
+    click.echo(f"dense teacher reference: {teacher:.1f} GFLOPs/video")
+
+
+@click.command("query")
+@click.argument("store", type=click.Path(exists=True))
+@click.argument("video_ids", nargs=-1)
+@_model_option
+@click.option("--top-k", default=5, show_default=True, help="Labels per video.")
+@click.option("--all", "all_videos", is_flag=True, help="Every ok video of the store.")
+@_inference_options
+@click.option("--batch-size", default=64, show_default=True, help="Videos per model batch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@json_option("the answers")
+def query_cmd(
+    store, video_ids, model_path, top_k, all_videos, inference: InferenceConfig, batch_size, device, as_json
+) -> None:
+    """Top labels and the chosen moments of VIDEO_IDS (or --all) in STORE."""
+    from skim.query import query
+
+    if bool(video_ids) == all_videos:
+        raise ConfigError("give VIDEO_ID(s) or --all (not both)")
+    with user_errors():
+        answers = query(
+            store,
+            model_path,
+            list(video_ids) if video_ids else None,
+            top_k=top_k,
+            batch_size=batch_size,
+            device=device,
+            recognition_store=inference.recognition_store,
+            inference=inference.overrides(),
+            progress=not as_json,
+        )
+    if as_json:
+        echo_json(answers)
+        return
+    for a in answers:
+        top = ", ".join(f"{t['label']} {t['prob']:.2f}" for t in a["top"])
+        times = " ".join(f"{m['start_s']:.1f}s" for m in a["moments"])
+        click.echo(f"{a['video_id']}: {top}\n  moments: {times or '-'}")
+
+
+@click.command("show")
+@click.argument("store", type=click.Path(exists=True))
+@click.argument("video_id")
+@_model_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option(
+    "--moments",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ground-truth segments to shade on the timeline.",
+)
+@click.option(
+    "--max-frames", default=12, show_default=True, help="Chosen frames drawn (all are on the timeline)."
+)
+@_inference_options
+@json_option("what was drawn")
+@click.pass_context
+def show_cmd(
+    ctx: click.Context,
+    store,
+    video_id,
+    model_path,
+    out,
+    moments,
+    max_frames,
+    inference: InferenceConfig,
+    as_json,
+) -> None:
+    """Draw the moments the model chose in VIDEO_ID next to uniformly spaced frames, over its attention."""
+    from skim.data import read_moments
+    from skim.plot import draw_moments
+    from skim.query import explain
+
+    with user_errors():
+        ex = explain(
+            store,
+            model_path,
+            video_id,
+            max_frames=max_frames,
+            recognition_store=inference.recognition_store,
+            inference=inference.overrides(),
+        )
+        segments = read_moments(moments).get(video_id, []) if moments else []
+        drawn = draw_moments(ex, out, read_frames=ctx.meta.get(FRAME_READER), segments=segments)
+    if as_json:
+        echo_json(drawn)
+        return
+    if drawn["note"]:
+        click.echo(drawn["note"], err=True)
+    top = drawn["top"][0]
+    click.echo(f"wrote {out}: {top['label']} ({top['prob']:.2f}), {len(ex['chosen_steps'])} chosen steps")
+
+
+COMMANDS = [train_cmd, evaluate_cmd, query_cmd, show_cmd]
