@@ -15,7 +15,10 @@ An l2l checkpoint is a dict::
     }
 
 Only plain types (dict, list, tuple, str, int, float, bool, None, tensors) are stored, so files load
-with ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused.
+with ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused. Every kind
+(students, teacher, skim) uses this one envelope, and :func:`load_checkpoint` verifies the weights'
+sha256 on every load. Every problem is a :class:`~indexing.errors.CheckpointError` naming the file and
+the fix.
 """
 
 from __future__ import annotations
@@ -30,9 +33,16 @@ from typing import Any
 
 import torch
 
+from indexing.errors import CheckpointError
+
 FORMAT_NAME = "l2l-checkpoint"
 FORMAT_VERSION = 1
 KINDS = ("students", "teacher", "skim")
+MAKERS = {  # where a checkpoint of each kind comes from, for error messages
+    "students": "`l2l distill` or `l2l finetune`",
+    "teacher": "a torchvision r2plus1d_18 state dict given as --teacher-weights",
+    "skim": "`l2l train`",
+}
 
 
 def sha256_file(path: str | Path, *, block_bytes: int = 1 << 20) -> str:
@@ -53,7 +63,7 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         value = state_dict[key]
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"state dict entry {key!r} is {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"state dict entry {key!r} is {type(value).__name__}, not a tensor")
         t = value.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{key}|{t.dtype}|{tuple(value.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -64,32 +74,36 @@ def read_file(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with clear errors.
 
     Raises:
-        FileNotFoundError: No such file.
-        ValueError: The file is not a torch file, or it holds objects that need arbitrary unpickling
-            (refused for safety: only plain containers of tensors are accepted).
+        CheckpointError: No such file, not a torch file, or a file holding pickled Python objects
+            (code that would run on loading: refused, never loaded).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found is None:  # not a pickle of plain containers at all
             reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-            raise ValueError(f"{path} is not a readable torch checkpoint ({reason})") from None
-        raise ValueError(  # weights_only met a global it will not construct
-            f"{path} holds pickled Python objects ({found.group(1)}), which l2l refuses to load "
-            "(weights_only=True); save plain state dicts (torch.save(model.state_dict(), path)) instead"
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({reason})") from None
+        # weights_only met a global it will not construct. Deliberately no hint to turn the check off.
+        raise CheckpointError(
+            f"{path} holds pickled Python objects ({found.group(1)}): code that would run when the file is "
+            "loaded. It was not loaded (l2l reads checkpoints with weights_only=True, which never runs "
+            "code). Use a checkpoint written by `l2l distill`, `l2l finetune` or `l2l train`, or weights "
+            "from a source you trust saved as a plain state dict (torch.save(model.state_dict(), path))"
         ) from None
     except Exception as exc:  # truncated or foreign file
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{path} is not a readable torch checkpoint: {reason}") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {reason}") from None
 
 
 def describe(obj: Any) -> str:
     """A short description of a loaded object for error messages ("an l2l 'skim' checkpoint", ...)."""
     if isinstance(obj, Mapping):
+        if obj.get("format") == "l2l-skim":  # before the one envelope: no weights checksum to verify
+            return "a skimming checkpoint of an older l2l (format 'l2l-skim', no weights checksum)"
         if obj.get("format") == FORMAT_NAME:
             return f"an l2l {obj.get('kind')!r} checkpoint"
         keys = list(obj)
@@ -126,10 +140,10 @@ def save_checkpoint(
         The written path.
 
     Raises:
-        ValueError: Unknown kind.
+        CheckpointError: Unknown kind.
     """
     if kind not in KINDS:
-        raise ValueError(f"Unknown checkpoint kind {kind!r}; available: {', '.join(KINDS)}")
+        raise CheckpointError(f"Unknown checkpoint kind {kind!r}; available: {', '.join(KINDS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu() for k, v in state_dict.items()}
@@ -162,29 +176,34 @@ def load_checkpoint(path: str | Path, *, kind: str) -> dict[str, Any]:
         The checkpoint dict (see the module docstring).
 
     Raises:
-        FileNotFoundError: No such file.
-        ValueError: Unreadable or unsafe file, not an l2l checkpoint, wrong kind, newer format version,
-            or weights that do not match their recorded sha256 (corrupt file).
+        CheckpointError: No such file, unreadable or unsafe file, not an l2l checkpoint, wrong kind, newer
+            format version, or weights that do not match their recorded sha256 (corrupt file).
     """
     obj = read_file(path)
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT_NAME:
         hint = ""
         if isinstance(obj, Mapping) and any(str(k).startswith("stem.") for k in obj):
             hint = " (it looks like r2plus1d teacher weights: pass it as --teacher-weights)"
-        raise ValueError(f"{path}: expected an l2l {kind!r} checkpoint, found {describe(obj)}{hint}")
+        raise CheckpointError(
+            f"{path}: expected an l2l {kind!r} checkpoint, found {describe(obj)}{hint}; "
+            f"make one with {MAKERS.get(kind, 'l2l')}"
+        )
     if obj.get("kind") != kind:
-        raise ValueError(f"{path}: expected an l2l {kind!r} checkpoint, found kind {obj.get('kind')!r}")
+        raise CheckpointError(
+            f"{path}: expected an l2l {kind!r} checkpoint, found kind {obj.get('kind')!r}; "
+            f"make one with {MAKERS.get(kind, 'l2l')}"
+        )
     if int(obj.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: checkpoint format version {obj['version']} is newer than this l2l "
             f"(reads up to {FORMAT_VERSION}); upgrade listen-to-look"
         )
     for key in ("models", "state_dict", "sha256"):
         if key not in obj:
-            raise ValueError(f"{path}: l2l checkpoint lacks {key!r}; the file is damaged, re-create it")
+            raise CheckpointError(f"{path}: l2l checkpoint lacks {key!r}; the file is damaged, re-create it")
     found = weights_sha256(obj["state_dict"])
     if found != obj["sha256"]:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: weights sha256 {found[:12]} != recorded {obj['sha256'][:12]}; file is corrupt"
         )
     return dict(obj)
@@ -199,7 +218,7 @@ def split_state_dict(state_dict: Mapping[str, torch.Tensor], role: str) -> dict[
 def load_state_checked(
     module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, where: str
 ) -> None:
-    """``module.load_state_dict(strict=True)`` with a ValueError that lists what was expected and found.
+    """``module.load_state_dict(strict=True)`` with a CheckpointError that lists what was expected and found.
 
     Args:
         module: Target module.
@@ -207,7 +226,7 @@ def load_state_checked(
         where: Names the source in messages, e.g. ``"students.pt (image: image_resnet18)"``.
 
     Raises:
-        ValueError: Missing or unexpected keys, or shape mismatches.
+        CheckpointError: Missing or unexpected keys, or shape mismatches.
     """
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -225,5 +244,5 @@ def load_state_checked(
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
-        raise ValueError(f"{where}: weights do not fit the model: {'; '.join(parts)}")
+        raise CheckpointError(f"{where}: weights do not fit the model: {'; '.join(parts)}")
     module.load_state_dict(state_dict, strict=True)

@@ -15,9 +15,6 @@ teacher's head scores it directly.
 from __future__ import annotations
 
 import logging
-import random
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from indexing import checkpoint as ckpt_io
+from indexing import training
+from indexing.errors import CheckpointError, ConfigError
 from indexing.frontend import clips_to_tensor, frames_to_tensor, log_mel
 from indexing.models import Students, Teacher
 
@@ -51,23 +50,23 @@ class _TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} must be >= 1")
+            raise ConfigError(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1; the paper uses 16")
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1; the paper uses 16")
         if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0; the paper uses 1e-3")
+            raise ConfigError(f"lr={self.lr} must be > 0; the paper uses 1e-3")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum} must be in [0, 1); the paper uses 0.9")
+            raise ConfigError(f"momentum={self.momentum} must be in [0, 1); the paper uses 0.9")
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov needs momentum > 0; set momentum=0.9 or nesterov=False")
+            raise ConfigError("nesterov needs momentum > 0; set momentum=0.9 or nesterov=False")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if any(not 0 < f < 1 for f in self.lr_decay_at):
-            raise ValueError(f"lr_decay_at={self.lr_decay_at} must be fractions of the epochs in (0, 1)")
+            raise ConfigError(f"lr_decay_at={self.lr_decay_at} must be fractions of the epochs in (0, 1)")
         if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay={self.lr_decay} must be in (0, 1]; the paper uses 0.1")
+            raise ConfigError(f"lr_decay={self.lr_decay} must be in (0, 1]; the paper uses 0.1")
         if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device={self.device!r} must be cpu or cuda[:N]")
+            raise ConfigError(f"device={self.device!r} must be cpu or cuda[:N]")
 
     def milestones(self) -> list[int]:
         """Epochs after which the lr decays: 30 and 50 for the paper's 60 epochs."""
@@ -98,11 +97,11 @@ class DistillConfig(_TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.l1_weight < 0 or self.kl_weight < 0 or self.l1_weight + self.kl_weight == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"l1_weight={self.l1_weight}, kl_weight={self.kl_weight}: both must be >= 0 and one > 0"
             )
         if not self.kl_temperature > 0:
-            raise ValueError(f"kl_temperature={self.kl_temperature} must be > 0; use 1")
+            raise ConfigError(f"kl_temperature={self.kl_temperature} must be > 0; use 1")
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ class FinetuneConfig(_TrainConfig):
 
 def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device={name!r} but CUDA is not available; use --device cpu")
     return torch.device(name)
 
 
@@ -132,33 +131,6 @@ def _config_dict(config: _TrainConfig) -> dict[str, Any]:
     d = asdict(config)
     d["lr_decay_at"] = list(d["lr_decay_at"])
     return d
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def curve_path(out_path: str | Path) -> Path:
@@ -193,7 +165,7 @@ def _resume(
     ckpt = ckpt_io.load_checkpoint(out_path, kind="students")
     found_stage = ckpt["extra"].get("stage")
     if found_stage != stage:
-        raise ValueError(
+        raise CheckpointError(
             f"{out_path} holds a {found_stage!r} checkpoint, not {stage!r}; pass a new output path"
         )
     want, have = _config_dict(config), dict(ckpt["config"])
@@ -205,23 +177,11 @@ def _resume(
     if ckpt["models"] != students.specs():
         diff.append(f"models: {ckpt['models']} -> {students.specs()}")
     if diff:
-        raise ValueError(
+        raise CheckpointError(
             f"{out_path} is from a run with other settings ({'; '.join(diff)}); rerun with the same "
             "options to resume, or pass a new output path"
         )
     return ckpt
-
-
-def _optimiser(params: list[torch.nn.Parameter], config: _TrainConfig):
-    opt = torch.optim.SGD(
-        params,
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=config.milestones(), gamma=config.lr_decay)
-    return opt, sched
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -243,84 +203,66 @@ def _run(
     val_key: str,
     set_train_mode,
 ) -> list[dict[str, float]]:
-    """The epoch loop shared by distillation and fine-tuning: resume, train, validate, checkpoint, plot."""
+    """Distillation and fine-tuning through the shared loop (:func:`indexing.training.fit`)."""
     out_path = Path(out_path)
     if getattr(train_loader, "batch_size", config.batch_size) != config.batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"train loader batch size {train_loader.batch_size} != config.batch_size={config.batch_size}"
         )
-    from tqdm import tqdm
-
-    opt, sched = _optimiser(params, config)
+    opt = training.sgd(
+        [{"params": params}],
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    schedule = training.Schedule(lr=config.lr, milestones=tuple(config.milestones()), gamma=config.lr_decay)
     ckpt = _resume(out_path, stage=stage, config=config, students=students, extra=extra)
     if ckpt is None:
-        _seed_all(config.seed)
-        history: list[dict[str, float]] = []
+        training.seed_all(config.seed)
+        history: list[dict[str, Any]] = []
         start = 0
     else:
         ckpt_io.load_state_checked(students, ckpt["state_dict"], where=str(out_path))
-        opt.load_state_dict(ckpt["training"]["optimizer"])
-        sched.load_state_dict(ckpt["training"]["scheduler"])
-        _set_rng_state(ckpt["training"]["rng"])
-        history = list(ckpt["training"]["history"])
+        history = training.restore(opt, ckpt["training"])
         start = int(ckpt["epoch"])
         if start < config.epochs:
             log.info("resuming %s from %s after epoch %d", stage, out_path, start)
 
-    for epoch in range(start, config.epochs):
+    def batches(epoch: int):
         _set_epoch(train_loader, epoch)
-        set_train_mode()
-        t0 = time.perf_counter()
-        n_clips, loss_sum = 0, 0.0
-        bar = tqdm(train_loader, desc=f"{stage} {epoch + 1}/{config.epochs}", unit="batch", leave=False)
-        for batch in bar:
-            loss, n = batch_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n_clips += n
-            loss_sum += float(loss.detach()) * n
-            bar.set_postfix(
-                loss=f"{loss_sum / n_clips:.4f}", clips_s=f"{n_clips / (time.perf_counter() - t0):.1f}"
-            )
-        bar.close()
-        if n_clips == 0:
-            raise ValueError("the train loader yielded no clips; check the manifest and its split")
-        seconds = time.perf_counter() - t0
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        entry = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / n_clips,
-            val_key: validate(),
-            "lr": lr,
-            "clips_per_s": n_clips / seconds,
-            "seconds": seconds,
-        }
-        history.append(entry)
-        tqdm.write(
-            f"{stage} epoch {epoch + 1}/{config.epochs}: train loss {entry['train_loss']:.4f}, "
-            f"{val_key} {entry[val_key]:.4f}, lr {lr:.2g}, {entry['clips_per_s']:.1f} clips/s",
-            file=sys.stderr,
-        )
-        training = {
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": _rng_state(),
-            "history": history,
-        }
+        return train_loader
+
+    def step(batch) -> training.StepResult:
+        loss, n = batch_loss(batch)
+        return training.StepResult(loss, n)
+
+    def save(epoch: int, state: dict[str, Any]) -> None:
         ckpt_io.save_checkpoint(
             out_path,
             kind="students",
             models=students.specs(),
             state_dict=students.state_dict(),
-            epoch=epoch + 1,
+            epoch=epoch,
             config=_config_dict(config),
-            training=training,
+            training=state,
             extra=dict(extra, stage=stage),
         )
-        _plot(history, curve_path(out_path), val_key=val_key, title=f"{stage}: {out_path.name}")
-    return history
+
+    return training.fit(
+        stage=stage,
+        epochs=config.epochs,
+        optimizer=opt,
+        schedule=schedule,
+        batches=batches,
+        step=step,
+        save=save,
+        history=history,
+        start_epoch=start,
+        train_mode=set_train_mode,
+        validate=lambda: {val_key: validate()},
+        plot=lambda h: _plot(h, curve_path(out_path), val_key=val_key, title=f"{stage}: {out_path.name}"),
+        rate_key="clips_per_s",
+    )
 
 
 def _inputs(batch: dict[str, Tensor], dev: torch.device) -> tuple[Tensor, Tensor]:
@@ -428,7 +370,7 @@ def _clip_l1(
         time_s.append(batch["time_s"])
     students.train(was_training)
     if not z_ia:
-        raise ValueError("the evaluation loader yielded no clips; check the manifest and its split")
+        raise ConfigError("the evaluation loader yielded no clips; check the manifest and its split")
     target_t = torch.cat(target)  # (N, 512)
     result = {
         "l1_image_audio": (torch.cat(z_ia) - target_t).abs().mean(1).cpu().numpy(),  # (N,)
@@ -477,7 +419,7 @@ def distill_report(
         ValueError: Unknown audio baseline or an empty loader.
     """
     if audio_baseline not in AUDIO_BASELINES:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown audio baseline {audio_baseline!r}; available: {', '.join(AUDIO_BASELINES)}"
         )
     dev = _device(device)
@@ -552,7 +494,7 @@ def finetune(
         ValueError: Fewer than 2 classes, bad device, mismatched batch size, incompatible checkpoint.
     """
     if len(classes) < 2:
-        raise ValueError(f"fine-tuning needs at least 2 classes, got {classes}; check the manifest labels")
+        raise ConfigError(f"fine-tuning needs at least 2 classes, got {classes}; check the manifest labels")
     dev = _device(config.device)
     if students.classifier is None or students.classifier.num_classes != len(classes):
         students.attach_classifier(len(classes), seed=config.seed)
@@ -567,7 +509,7 @@ def finetune(
         logits = students(frames, mel)["logits"]  # (B, C)
         labels = batch["label"].to(dev)
         if (labels < 0).any():
-            raise ValueError("a training clip has no class label; every training video needs a known label")
+            raise ConfigError("a training clip has no class label; every training video needs a known label")
         return F.cross_entropy(logits, labels), len(labels)
 
     def train_mode() -> None:
@@ -587,7 +529,7 @@ def finetune(
             correct += int((pred == batch["label"]).sum())
             total += len(pred)
         if total == 0:
-            raise ValueError("the validation loader yielded no clips; check the manifest and its split")
+            raise ConfigError("the validation loader yielded no clips; check the manifest and its split")
         return correct / total
 
     params = [p for p in students.parameters() if p.requires_grad]

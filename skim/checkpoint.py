@@ -1,39 +1,35 @@
-"""Self-describing skimming checkpoints, readable with ``torch.load(weights_only=True)``.
+"""Skimming checkpoints: the project's one checkpoint envelope (:mod:`indexing.checkpoint`), kind ``skim``.
 
-A checkpoint is a plain dict::
+Written with :func:`indexing.checkpoint.save_checkpoint`, so the weights' sha256 is verified on every load
+and nothing but plain containers of tensors is ever unpickled. The envelope's fields hold::
 
-    format, version          "l2l-skim", 1
-    model                    registered model name (skim.model.available_models())
-    config                   SkimConfig as a dict (rebuilds the model)
-    train_config             TrainConfig as a dict
-    labels                   class names, index = class id
-    features                 {"index": [...], "recognition": [...], "recognition_store": path or None}
-    store                    summary of the training store (path, format, rows, videos, step_s, dim, models)
-    epoch                    completed epochs
-    history                  one dict per epoch (loss, accuracies, lr, videos/s)
-    state_dict, optimizer    weights and SGD state (resuming continues exactly)
-
-Only tensors, str, int, float, bool, None, lists and dicts, so no pickled code is ever executed on load.
+    models       {"skim": {"name": registered model (skim.model.available_models()),
+                           "args": SkimConfig as a dict (rebuilds the model)}}
+    state_dict   the model's weights, keys prefixed "skim."
+    epoch        completed epochs
+    config       TrainConfig as a dict
+    training     {"optimizer": SGD state, "rng": RNG state, "history": one dict per epoch}
+    extra        labels (class names, index = class id), features ({"index", "recognition",
+                 "recognition_store"}), store (summary of the training store), validated_on, init
+                 (where Psi and the classifier started: "scratch" or the students checkpoint)
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from indexing.checkpoint import read_file
+from indexing import checkpoint as ckpt_io
+from indexing.errors import CheckpointError
 from indexing.stores import FeatureStore
 
 from .model import SkimConfig, SkimModel
 
-CHECKPOINT_FORMAT = "l2l-skim"
-CHECKPOINT_VERSION = 1
+KIND = "skim"
+ROLE = "skim"  # the envelope's role name of the skimming model
 
 
 @dataclass
@@ -72,28 +68,57 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
     )
 
 
-def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` atomically (temp file, then rename), so a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(dict(payload), tmp)
-    os.replace(tmp, path)
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model_name: str,
+    model: SkimModel,
+    epoch: int,
+    train_config: Mapping[str, Any],
+    training: Mapping[str, Any],
+    extra: Mapping[str, Any],
+) -> Path:
+    """Write a skimming checkpoint atomically in the project's envelope (see the module docstring)."""
+    return ckpt_io.save_checkpoint(
+        path,
+        kind=KIND,
+        models={ROLE: {"name": model_name, "args": model.config.to_dict()}},
+        state_dict={f"{ROLE}.{k}": v for k, v in model.state_dict().items()},
+        epoch=epoch,
+        config=json_safe(dict(train_config)),
+        training=training,
+        extra=json_safe(dict(extra)),
+    )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict (``weights_only=True``); ``ValueError`` if it is not a skimming checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint; train one with `l2l train`")
-    ckpt = read_file(path)  # weights_only=True; pickled code is refused with a ValueError naming it
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path} is not a skimming checkpoint ({CHECKPOINT_FORMAT!r}); train one with `l2l train`"
+    """The verified envelope of a skimming checkpoint (``weights_only=True``, sha256 checked).
+
+    Raises:
+        CheckpointError: Missing, unsafe, damaged or not a skimming checkpoint.
+    """
+    ckpt = ckpt_io.load_checkpoint(path, kind=KIND)
+    if ROLE not in ckpt["models"]:
+        raise CheckpointError(
+            f"{path}: skimming checkpoint lacks the {ROLE!r} model (found {', '.join(ckpt['models'])}); "
+            "the file is damaged, retrain it with `l2l train`"
         )
-    if int(ckpt.get("version", 0)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt['version']} is newer than this l2l; upgrade it")
     return ckpt
+
+
+def flat_meta(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """What callers read about a checkpoint, as one flat dict: ``model``, ``config`` (SkimConfig dict),
+    ``train_config``, ``labels``, ``features``, ``store``, ``validated_on``, ``init``, ``epoch``,
+    ``history``."""
+    spec = ckpt["models"][ROLE]
+    return {
+        **ckpt["extra"],
+        "model": spec["name"],
+        "config": dict(spec["args"]),
+        "train_config": dict(ckpt["config"]),
+        "epoch": int(ckpt["epoch"]),
+        "history": list(ckpt["training"].get("history", [])),
+    }
 
 
 def load_checkpoint(path: str | Path, *, device: str = "cpu", **inference: Any) -> SkimCheckpoint:
@@ -106,12 +131,14 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu", **inference: Any) 
             ``exit_on``, ``subsample``); ``None`` keeps the trained setting.
 
     Raises:
-        ValueError: Not a skimming checkpoint, or an override that would change the parameters.
+        CheckpointError: Not a verified skimming checkpoint, or weights that do not fit its model.
+        ValueError: An override that would change the parameters.
     """
     ckpt = read_checkpoint(path)
-    config = SkimConfig.from_dict(ckpt["config"]).with_inference(**inference)
+    meta = flat_meta(ckpt)
+    config = SkimConfig.from_dict(meta["config"]).with_inference(**inference)
     model = SkimModel(config)
-    model.load_state_dict(ckpt["state_dict"])
+    weights = ckpt_io.split_state_dict(ckpt["state_dict"], ROLE)
+    ckpt_io.load_state_checked(model, weights, where=f"{path} ({meta['model']})")
     model.to(device).eval()
-    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer")}
-    return SkimCheckpoint(model=model, name=str(ckpt["model"]), labels=list(ckpt["labels"]), meta=meta)
+    return SkimCheckpoint(model=model, name=str(meta["model"]), labels=list(meta["labels"]), meta=meta)

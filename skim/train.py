@@ -9,7 +9,6 @@ a checkpoint (atomic; ``resume=True`` continues from it with the same batches) a
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,16 +16,12 @@ from typing import Any
 
 import torch
 
+from indexing import checkpoint as ckpt_io
+from indexing import training
+from indexing.errors import CheckpointError, ConfigError
 from indexing.stores import FeatureStore, open_store
 
-from .checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    json_safe,
-    read_checkpoint,
-    save_checkpoint,
-    store_summary,
-)
+from .checkpoint import ROLE, flat_meta, json_safe, read_checkpoint, save_checkpoint, store_summary
 from .data import (
     CropBatchSampler,
     LengthBatchSampler,
@@ -90,29 +85,33 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} must be >= 1")
+            raise ConfigError(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
+            raise ConfigError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr} must be a positive number")
+            raise ConfigError(f"lr={self.lr} must be a positive number")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+            raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0; set momentum or disable nesterov")
+            raise ConfigError("nesterov=True needs momentum > 0; set momentum or disable nesterov")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma={self.gamma} must be in (0, 1]")
+            raise ConfigError(f"gamma={self.gamma} must be in (0, 1]")
         if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
-            raise ValueError(f"milestones={list(self.milestones)} must be increasing epochs >= 1, e.g. 15,20")
+            raise ConfigError(
+                f"milestones={list(self.milestones)} must be increasing epochs >= 1, e.g. 15,20"
+            )
         if not 1 <= self.crop_min <= self.crop_max:
-            raise ValueError(f"crop range [{self.crop_min}, {self.crop_max}] needs 1 <= crop_min <= crop_max")
+            raise ConfigError(
+                f"crop range [{self.crop_min}, {self.crop_max}] needs 1 <= crop_min <= crop_max"
+            )
         if self.num_workers < 0:
-            raise ValueError(f"num_workers={self.num_workers} must be >= 0")
+            raise ConfigError(f"num_workers={self.num_workers} must be >= 0")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device={self.device!r}; use cpu, cuda, cuda:N or auto")
+            raise ConfigError(f"device={self.device!r}; use cpu, cuda, cuda:N or auto")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads={self.threads} must be >= 1")
+            raise ConfigError(f"threads={self.threads} must be >= 1")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch``: ``lr * gamma ** (milestones passed)``."""
@@ -125,11 +124,11 @@ class TrainConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``ValueError`` for cuda without a GPU."""
+    """``auto`` -> cuda when available, else cpu; ``ConfigError`` for cuda without a GPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use --device cpu")
+        raise ConfigError(f"device={device!r} but torch sees no CUDA GPU; use --device cpu")
     return torch.device(device)
 
 
@@ -170,7 +169,7 @@ def train(
         ``validated_on``, ``epochs`` and ``history`` (one dict per epoch).
 
     Raises:
-        ValueError: Bad options, no training videos, or ``out`` exists without ``resume``/``overwrite``.
+        ConfigError: Bad options, no training videos, or ``out`` exists without ``resume``/``overwrite``.
     """
     from tqdm.auto import tqdm
 
@@ -178,7 +177,7 @@ def train(
     out = Path(out)
     plot_path = Path(plot) if plot is not None else out.with_suffix(".png")
     if out.exists() and not (resume or overwrite):
-        raise ValueError(f"{out} exists; pass --resume to continue training it or --overwrite to start over")
+        raise ConfigError(f"{out} exists; pass --resume to continue training it or --overwrite to start over")
     device = resolve_device(config.device)
     threads = torch.get_num_threads()
     if config.threads is not None:
@@ -204,7 +203,6 @@ def _train(
     note: Callable[[str], None],
     device: torch.device,
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
 
     store = open_store(store_path)
     rec_store = open_store(recognition_store) if recognition_store is not None else None
@@ -216,7 +214,7 @@ def _train(
         options["recognition_store"] = True
     skim_config = model_config(model_name, num_classes=len(names), **options)
     if skim_config.recognition_store and rec_store is None:
-        raise ValueError(
+        raise ConfigError(
             "this model reads recognition features from a second store; pass --recognition-store"
         )
 
@@ -226,7 +224,7 @@ def _train(
         store, skim_config.batch_keys, split=config.train_split, with_time=False, **data_kw
     )
     if len(train_ds) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"no labelled ok videos in split {config.train_split!r} of {store_path} "
             f"(skipped: {train_ds.skipped}); check the manifest's split column or pass --train-split"
         )
@@ -234,9 +232,8 @@ def _train(
 
     torch.manual_seed(config.seed)
     model = SkimModel(skim_config).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
+    optimizer = training.sgd(
+        [{"params": model.parameters()}],
         momentum=config.momentum,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
@@ -245,10 +242,10 @@ def _train(
     start_epoch = 0
     if resume and out.exists():
         ckpt = read_checkpoint(out)
-        _check_resumable(ckpt, out, model_name, skim_config, names)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = list(ckpt["history"])
+        _check_resumable(flat_meta(ckpt), out, model_name, skim_config, names)
+        weights = ckpt_io.split_state_dict(ckpt["state_dict"], ROLE)
+        ckpt_io.load_state_checked(model, weights, where=f"{out} ({model_name})")
+        history = training.restore(optimizer, ckpt["training"])
         start_epoch = int(ckpt["epoch"])
         note(f"resuming {out} after epoch {start_epoch}")
 
@@ -268,12 +265,7 @@ def _train(
             f"uniform start. Lower --batch-size or raise --epochs (e.g. --batch-size "
             f"{max(1, min(config.batch_size, len(train_ds) // 6))})"
         )
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model": model_name,
-        "config": skim_config.to_dict(),
-        "train_config": config.to_dict(),
+    extra = {
         "labels": names,
         "features": {
             "index": list(skim_config.index_features),
@@ -283,63 +275,52 @@ def _train(
         "store": store_summary(store),
         "validated_on": validated_on,
     }
-    drawn = time.monotonic()
-    for epoch in range(start_epoch, config.epochs):
-        lr = config.lr_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+
+    def batches(epoch: int):
         sampler.set_epoch(epoch)
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not progress)
-        for batch in bar:
-            batch = to_device(batch, device)
-            out_b = model(batch["features"], batch["mask"])
-            loss = model.loss(out_b, batch["labels"])
-            if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"loss became {float(loss)} in epoch {epoch + 1}; lower --lr (now {lr:g}) and retrain"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            b = len(batch["video_ids"])
-            loss_sum += loss.item() * b
-            correct += int((out_b.logits.argmax(1) == batch["labels"]).sum())
-            seen += b
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        train_s = time.perf_counter() - t0
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
-            "train_videos_per_s": seen / train_s,
-            "val_loss": None,
-            "val_accuracy": None,
-        }
-        if val_ds is not None:
-            record.update(validate(model, val_ds, batch_size=config.eval_batch_size, device=device))
-        history.append(record)
+        return loader
+
+    def step(batch: Mapping[str, Any]) -> training.StepResult:
+        batch = to_device(batch, device)
+        out_b = model(batch["features"], batch["mask"])
+        correct = int((out_b.logits.argmax(1) == batch["labels"]).sum())
+        loss = model.loss(out_b, batch["labels"])
+        return training.StepResult(loss, len(batch["video_ids"]), {"train_accuracy": correct})
+
+    def validate_epoch() -> dict[str, Any]:
+        if val_ds is None:
+            return {"val_loss": None, "val_accuracy": None}
+        return validate(model, val_ds, batch_size=config.eval_batch_size, device=device)
+
+    def save(epoch: int, state: dict[str, Any]) -> None:
         save_checkpoint(
             out,
-            {
-                **meta,
-                "epoch": epoch + 1,
-                "history": json_safe(history),
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-            },
+            model_name=model_name,
+            model=model,
+            epoch=epoch,
+            train_config=config.to_dict(),
+            training={**state, "history": json_safe(state["history"])},
+            extra=extra,
         )
-        if epoch + 1 == config.epochs or time.monotonic() - drawn >= 60:
-            _save_curves(history, plot_path)
-            drawn = time.monotonic()
-        val = f", val acc {record['val_accuracy']:.3f}" if record["val_accuracy"] is not None else ""
-        note(
-            f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, "
-            f"train acc {record['train_accuracy']:.3f}{val}, {record['train_videos_per_s']:.1f} videos/s"
-        )
+
+    history = training.fit(
+        stage="train",
+        epochs=config.epochs,
+        optimizer=optimizer,
+        schedule=training.Schedule(lr=config.lr, milestones=config.milestones, gamma=config.gamma),
+        batches=batches,
+        step=step,
+        save=save,
+        history=history,
+        start_epoch=start_epoch,
+        train_mode=model.train,
+        validate=validate_epoch,
+        plot=lambda h: _save_curves(h, plot_path),
+        rate_key="train_videos_per_s",
+        progress=progress,
+        note=note,
+        postfix=lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['train_accuracy']:.3f}"},
+    )
     return {
         "out": str(out),
         "plot": str(plot_path) if history else None,
@@ -396,15 +377,18 @@ def _validation_set(
 
 
 def _check_resumable(
-    ckpt: Mapping[str, Any], out: Path, model_name: str, skim_config: SkimConfig, names: list[str]
+    meta: Mapping[str, Any], out: Path, model_name: str, skim_config: SkimConfig, names: list[str]
 ) -> None:
-    if ckpt["model"] != model_name or SkimConfig.from_dict(ckpt["config"]) != skim_config:
-        raise ValueError(
-            f"{out} was trained as {ckpt['model']} with {ckpt['config']}; resume with the same model options "
+    if meta["model"] != model_name or SkimConfig.from_dict(meta["config"]) != skim_config:
+        raise CheckpointError(
+            f"{out} was trained as {meta['model']} with {meta['config']}; resume with the same model options "
             "or pass --overwrite to start over"
         )
-    if list(ckpt["labels"]) != names:
-        raise ValueError(f"{out} was trained on labels {ckpt['labels']}, the manifest now gives {names}")
+    if list(meta["labels"]) != names:
+        raise CheckpointError(
+            f"{out} was trained on labels {meta['labels']}, the manifest now gives {names}; "
+            "resume with the same labels or pass --overwrite to start over"
+        )
 
 
 def _save_curves(history: list[Mapping[str, Any]], path: Path) -> None:

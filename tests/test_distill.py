@@ -151,13 +151,41 @@ def test_distillation_loss_falls(full_run):
     assert meta["epoch"] == 3 and meta["config"]["lr"] == 0.05
 
 
-def test_kl_term_trains(tmp_path, teacher):
-    cfg = DistillConfig(epochs=1, batch_size=4, lr=0.01, kl_weight=1.0, kl_temperature=2.0)
-    students = build_students("tiny", seed=0)
-    before = students.fusion.fc2.weight.detach().clone()
+def test_kl_term_changes_training(tmp_path, teacher):
+    """Same seed and data with and without the KL term: if the term were ignored, both would match."""
     loader = DataLoader(MemoryClips(4), batch_size=4)
-    history = distill(students, teacher, loader, loader, cfg, tmp_path / "kl.pt")
-    assert np.isfinite(history[0]["train_loss"]) and not torch.equal(before, students.fusion.fc2.weight)
+    results = {}
+    for kl_weight in (0.0, 1.0):
+        cfg = DistillConfig(epochs=1, batch_size=4, lr=0.01, kl_weight=kl_weight, kl_temperature=2.0)
+        students = build_students("tiny", seed=0)
+        history = distill(students, teacher, loader, loader, cfg, tmp_path / f"kl{kl_weight}.pt")
+        results[kl_weight] = (history[0]["train_loss"], students.fusion.fc2.weight.detach().clone())
+    (loss_l1, w_l1), (loss_kl, w_kl) = results[0.0], results[1.0]
+    assert np.isfinite(loss_kl) and loss_kl > loss_l1  # the KL term adds a positive amount
+    assert not torch.equal(w_l1, w_kl)
+
+
+def test_diverging_loss_is_a_user_error_without_traceback():
+    from indexing.errors import L2LError
+    from indexing.training import DivergedError, Schedule, StepResult, fit, sgd
+
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = sgd([{"params": [w]}], momentum=0.9, nesterov=True, weight_decay=0.0)
+    with pytest.raises(DivergedError, match=r"lower --lr \(now 1e\+30\)") as err:
+        fit(
+            stage="toy", epochs=3, optimizer=opt, schedule=Schedule(lr=1e30),
+            batches=lambda _e: range(4), step=lambda _b: StepResult((w**4).sum(), 1),
+            save=lambda _e, _s: None, progress=False, note=lambda _l: None,
+        )  # fmt: skip
+    assert isinstance(err.value, L2LError) and err.value.exit_code == 2
+
+
+def test_schedule_scales_groups_and_steps_at_milestones():
+    from indexing.training import Schedule
+
+    s = Schedule(lr=0.01, milestones=(15, 20), gamma=0.1)
+    assert [s.lr_at(e) for e in (0, 14, 15, 19, 20)] == [0.01, 0.01, 0.01 * 0.1, 0.01 * 0.1, 0.01 * 0.1**2]
+    assert s.lr_at(0, 0.1) == pytest.approx(0.001)
 
 
 def _strip(history):

@@ -187,10 +187,12 @@ def test_train_writes_self_describing_checkpoint_and_curves(trained):
     assert summary["epochs"] == 10 and summary["labels"] == [f"class{c}" for c in range(4)]
     assert summary["validated_on"] == "val" and summary["train_videos"] == 48
     assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
-    ckpt = torch.load(trained["model"], weights_only=True)
-    assert ckpt["model"] == "imgaud_skim" and ckpt["config"]["hidden"] == 64 and ckpt["epoch"] == 10
-    assert ckpt["features"]["index"] == ["image", "audio"] and ckpt["store"]["dim"] == SPEC.dim
-    assert ckpt["train_config"]["nesterov"] is True and ckpt["train_config"]["momentum"] == 0.9
+    ckpt = torch.load(trained["model"], weights_only=True)  # the one envelope (indexing.checkpoint)
+    assert ckpt["kind"] == "skim" and ckpt["models"]["skim"]["name"] == "imgaud_skim" and ckpt["epoch"] == 10
+    assert ckpt["models"]["skim"]["args"]["hidden"] == 64
+    extra = ckpt["extra"]
+    assert extra["features"]["index"] == ["image", "audio"] and extra["store"]["dim"] == SPEC.dim
+    assert ckpt["config"]["nesterov"] is True and ckpt["config"]["momentum"] == 0.9
     assert Path(summary["plot"]).stat().st_size > 1000
 
 
@@ -322,7 +324,8 @@ def test_recognition_features_from_a_second_store(corpus, tmp_path):
     )  # fmt: skip
     assert summary["epochs"] == 1
     ckpt = torch.load(out, weights_only=True)
-    assert ckpt["config"]["recognition_store"] is True and ckpt["features"]["recognition_store"] == str(other)
+    assert ckpt["models"]["skim"]["args"]["recognition_store"] is True
+    assert ckpt["extra"]["features"]["recognition_store"] == str(other)
     common = ["--labels", str(corpus["labels"]), "--curve-steps", "1", "--subsample-factors", "1"]
     result = run("evaluate", str(corpus["store"]), "--model", str(out), *common, "--baseline-steps", "1")
     assert result["costs"]["recognition_networks"] == ["rec:audio", "rec:fusion", "rec:image"]
