@@ -6,6 +6,13 @@ starts with its role (``image_``, ``audio_``, ``fusion_``, ``classifier_``, ``te
 ``tiny`` the same interfaces at a fraction of the width for tests and demos. Every preset's students and
 teacher output 512-d vectors, so feature stores and the skimming model do not depend on the preset.
 
+Every registered model follows timm's contract: ``forward_features`` (the unpooled trunk output),
+``forward_head(x, pre_logits=False)`` (pooling and head; ``pre_logits=True`` stops before the class
+logits) with ``forward(x) == forward_head(forward_features(x))``, and ``num_features``, the width of
+``forward_head(..., pre_logits=True)``. The students, Ψ and the teacher are embedding models: their output
+*is* their pre-logits feature (the teacher's class logits come from :meth:`Teacher.logits`), so
+``pre_logits`` changes nothing there; the classifier's pre-logits feature is its input.
+
 Shapes: frames ``(B, 3, 112, 112)`` ImageNet-normalised, log-mel ``(B, 1, 101, 40)``, teacher clips
 ``(B, 3, 16, 112, 112)`` Kinetics-normalised (see :mod:`indexing.frontend`).
 """
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from indexing import checkpoint as ckpt_io
+from indexing.errors import CheckpointError, ConfigError
 from indexing.frontend import frames_to_tensor, log_mel
 from indexing.grid import EMBED_DIM
 
@@ -57,7 +65,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a model entry point under its function name; the name's prefix is its role."""
     role = fn.__name__.split("_", 1)[0]
     if role not in ROLES:
-        raise ValueError(f"model {fn.__name__!r} must start with a role prefix: {', '.join(ROLES)}")
+        raise ConfigError(f"model {fn.__name__!r} must start with a role prefix: {', '.join(ROLES)}")
     _MODELS[fn.__name__] = fn
     return fn
 
@@ -65,7 +73,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def available_models(role: str | None = None) -> list[str]:
     """Registered model names, all or those of one role (``image``, ``audio``, ...), sorted."""
     if role is not None and role not in ROLES:
-        raise ValueError(f"Unknown role {role!r}; available: {', '.join(ROLES)}")
+        raise ConfigError(f"Unknown role {role!r}; available: {', '.join(ROLES)}")
     return sorted(n for n in _MODELS if role is None or n.startswith(f"{role}_"))
 
 
@@ -78,10 +86,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model; it remembers ``model_name`` and ``model_args`` for checkpoints.
 
     Raises:
-        ValueError: Unknown name (the message lists the registered ones).
+        ConfigError: Unknown name (the message lists the registered ones).
     """
     if name not in _MODELS:
-        raise ValueError(f"Unknown model {name!r}; available: {', '.join(available_models())}")
+        raise ConfigError(f"Unknown model {name!r}; available: {', '.join(available_models())}")
     model = _MODELS[name](**kwargs)
     model.model_name = name
     model.model_args = dict(kwargs)
@@ -115,7 +123,7 @@ def _resnet_trunk(widths: Sequence[int], in_channels: int, stem_stride: int) -> 
     from torchvision.models.resnet import BasicBlock
 
     if len(widths) != 4:
-        raise ValueError(f"widths must list 4 stage widths, got {tuple(widths)}")
+        raise ConfigError(f"widths must list 4 stage widths, got {tuple(widths)}")
     if tuple(widths) == RESNET18_WIDTHS:
         tv = resnet18(weights=None)
         parts = OrderedDict((n, getattr(tv, n)) for n in ("conv1", "bn1", "relu", "maxpool"))
@@ -172,9 +180,16 @@ class ImageStudent(nn.Module):
         """``(B, 3, H, W)`` → feature map ``(B, C, H/32, W/32)``."""
         return self.trunk(frames)
 
+    def forward_head(self, x: Tensor, *, pre_logits: bool = False) -> Tensor:
+        """Feature map ``(B, C, h, w)`` → average pool and projection ``(B, num_features)`` = z_I.
+
+        An embedding model: ``pre_logits`` changes nothing (z_I is the pre-logits feature).
+        """
+        return self.proj(x.mean(dim=(2, 3)))  # (B, num_features)
+
     def forward(self, frames: Tensor) -> Tensor:
         """``(B, 3, H, W)`` normalised frames → ``(B, num_features)`` = z_I."""
-        return self.proj(self.forward_features(frames).mean(dim=(2, 3)))  # (B, num_features)
+        return self.forward_head(self.forward_features(frames))
 
 
 class AudioStudent(nn.Module):
@@ -210,9 +225,16 @@ class AudioStudent(nn.Module):
         x = self.freq_collapse(x.permute(0, 3, 1, 2))  # (B, 1, C, T'): frequency bins act as channels
         return x[:, 0]  # (B, C, T')
 
+    def forward_head(self, x: Tensor, *, pre_logits: bool = False) -> Tensor:
+        """``(B, C, T')`` → max-pool over time and projection ``(B, num_features)`` = z_A.
+
+        An embedding model: ``pre_logits`` changes nothing (z_A is the pre-logits feature).
+        """
+        return self.proj(x.amax(dim=2))  # (B, num_features)
+
     def forward(self, mel: Tensor) -> Tensor:
         """``(B, 1, 101, 40)`` log-mel → ``(B, num_features)`` = z_A."""
-        return self.proj(self.forward_features(mel).amax(dim=2))  # (B, num_features)
+        return self.forward_head(self.forward_features(mel))
 
 
 class Fusion(nn.Module):
@@ -226,9 +248,18 @@ class Fusion(nn.Module):
         self.fc2 = nn.Linear(hidden, num_features)
         self.num_features = num_features
 
+    def forward_features(self, z_i: Tensor, z_a: Tensor) -> Tensor:
+        """``(B, D_I)``, ``(B, D_A)`` → hidden activation ``(B, hidden)``."""
+        return F.relu(self.fc1(torch.cat([z_i, z_a], dim=1)))
+
+    def forward_head(self, x: Tensor, *, pre_logits: bool = False) -> Tensor:
+        """Hidden ``(B, hidden)`` → z_IA ``(B, num_features)``; an embedding model, so ``pre_logits`` changes
+        nothing."""
+        return self.fc2(x)
+
     def forward(self, z_i: Tensor, z_a: Tensor) -> Tensor:
         """``(B, D_I)``, ``(B, D_A)`` → ``(B, num_features)``."""
-        return self.fc2(F.relu(self.fc1(torch.cat([z_i, z_a], dim=1))))
+        return self.forward_head(self.forward_features(z_i, z_a))
 
 
 class Classifier(nn.Module):
@@ -237,12 +268,21 @@ class Classifier(nn.Module):
     def __init__(self, in_features: int = EMBED_DIM, num_classes: int = 400):
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes} must be >= 1")
+            raise ConfigError(f"num_classes={num_classes} must be >= 1")
         self.fc = nn.Linear(in_features, num_classes)
         self.num_classes = num_classes
+        self.num_features = in_features
+
+    def forward_features(self, z: Tensor) -> Tensor:
+        """The embedding itself ``(B, in_features)``: a linear head has no trunk."""
+        return z
+
+    def forward_head(self, x: Tensor, *, pre_logits: bool = False) -> Tensor:
+        """``(B, in_features)`` → logits ``(B, num_classes)``, or ``x`` itself if ``pre_logits``."""
+        return x if pre_logits else self.fc(x)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.fc(z)
+        return self.forward_head(self.forward_features(z))
 
 
 # ---- teacher -------------------------------------------------------------------------------------
@@ -325,9 +365,17 @@ class Teacher(nn.Module):
         n = self.net
         return n.layer4(n.layer3(n.layer2(n.layer1(n.stem(clip)))))
 
+    def forward_head(self, x: Tensor, *, pre_logits: bool = False) -> Tensor:
+        """Feature map → pooled, projected clip descriptor ``(B, num_features)``.
+
+        The descriptor is what distillation matches, so the teacher is used as an embedding model and
+        ``pre_logits`` changes nothing; its class logits are :meth:`logits` of the descriptor.
+        """
+        return self.proj(self.net.avgpool(x).flatten(1))  # (B, num_features)
+
     def forward(self, clip: Tensor) -> Tensor:
         """``(B, 3, 16, 112, 112)`` Kinetics-normalised clip → ``(B, num_features)`` descriptor."""
-        return self.proj(self.net.avgpool(self.forward_features(clip)).flatten(1))  # (B, num_features)
+        return self.forward_head(self.forward_features(clip))
 
     def logits(self, descriptor: Tensor) -> Tensor:
         """Class logits ``(B, num_classes)`` of the teacher's fc on a descriptor (teacher's or z_IA)."""
@@ -494,10 +542,11 @@ def build_students(
             initialise both trunks from, as the paper does (the audio stem stays random).
 
     Raises:
-        ValueError: Unknown preset, or an init file that does not fit.
+        ConfigError: Unknown preset.
+        CheckpointError: An init file that does not fit.
     """
     if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; available: {', '.join(available_presets())}")
+        raise ConfigError(f"Unknown preset {preset!r}; available: {', '.join(available_presets())}")
     names = PRESETS[preset]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -507,7 +556,7 @@ def build_students(
     if init_resnet18 is not None:
         state = ckpt_io.read_file(init_resnet18)
         if not isinstance(state, dict) or "conv1.weight" not in state:
-            raise ValueError(
+            raise CheckpointError(
                 f"{init_resnet18}: expected a torchvision resnet18 state dict, "
                 f"found {ckpt_io.describe(state)}"
             )
@@ -526,16 +575,21 @@ def students_from_checkpoint(ckpt: dict[str, Any], *, where: str = "checkpoint")
     """Rebuild :class:`Students` from a loaded ``students`` checkpoint dict (see :mod:`indexing.checkpoint`).
 
     Raises:
-        ValueError: Unknown model names, missing roles, or weights that do not fit.
+        CheckpointError: Unknown model names, missing roles, or weights that do not fit.
     """
     specs = ckpt["models"]
     for role in ("image", "audio", "fusion"):
         if role not in specs:
-            raise ValueError(
+            raise CheckpointError(
                 f"{where}: students checkpoint lacks the {role!r} model; found {', '.join(specs)}"
             )
     parts = {}
     for role, spec in specs.items():
+        if spec["name"] not in _MODELS:
+            raise CheckpointError(
+                f"{where}: the {role} model {spec['name']!r} is not registered in this l2l (available: "
+                f"{', '.join(available_models())}); upgrade l2l or import the module that registers it"
+            )
         model = create_model(spec["name"], **spec["args"])
         sub = ckpt_io.split_state_dict(ckpt["state_dict"], role)
         ckpt_io.load_state_checked(model, sub, where=f"{where} ({role}: {spec['name']})")
@@ -557,14 +611,14 @@ def load_students(spec: str | Path, *, device: str | torch.device = "cpu") -> tu
         ``teacher_sha256`` (of the teacher it was distilled from, when recorded).
 
     Raises:
-        FileNotFoundError: No such checkpoint.
-        ValueError: Bad ``random:`` spec, wrong checkpoint kind, unsafe file or weights that do not fit.
+        ConfigError: Bad ``random:`` spec.
+        CheckpointError: No such file, wrong checkpoint kind, unsafe file or weights that do not fit.
     """
     spec = str(spec)
     if spec.startswith("random:"):
         parts = spec.split(":")
         if len(parts) not in (2, 3) or not parts[1].lstrip("-").isdigit():
-            raise ValueError(
+            raise ConfigError(
                 f"bad students spec {spec!r}; use random:SEED or random:SEED:PRESET (e.g. random:0:tiny)"
             )
         preset = parts[2] if len(parts) == 3 else "paper"
@@ -603,7 +657,7 @@ def load_students(spec: str | Path, *, device: str | torch.device = "cpu") -> tu
 def build_teacher(preset: str = "paper", *, seed: int = 0) -> Teacher:
     """A randomly initialised (seeded) teacher of a preset; use :func:`load_teacher` for real weights."""
     if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; available: {', '.join(available_presets())}")
+        raise ConfigError(f"Unknown preset {preset!r}; available: {', '.join(available_presets())}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_model(PRESETS[preset]["teacher"])
@@ -630,11 +684,12 @@ def load_teacher(
         ``(teacher, meta)``; meta has ``name``, ``args``, ``sha256`` (of the weights), ``path``, ``random``.
 
     Raises:
-        ValueError: Neither or both sources given, a file of the wrong kind (e.g. a students checkpoint)
-            or with wrong shapes, or an unsafe pickled file.
+        ConfigError: Neither or both sources given.
+        CheckpointError: A file of the wrong kind (e.g. a students checkpoint) or with wrong shapes, or an
+            unsafe pickled file.
     """
     if (weights is None) == (preset is None):
-        raise ValueError(
+        raise ConfigError(
             "give exactly one teacher source: weights (a state dict file) or a preset (e.g. tiny)"
         )
     if weights is not None:
@@ -642,7 +697,7 @@ def load_teacher(
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "format" not in state:
             state = state["state_dict"]
         if not isinstance(state, dict) or "fc.weight" not in state or "stem.0.weight" not in state:
-            raise ValueError(
+            raise CheckpointError(
                 f"{weights}: expected a torchvision r2plus1d_18 state dict "
                 "(keys stem.0.weight ... fc.weight), "
                 f"found {ckpt_io.describe(state)}"

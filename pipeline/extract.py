@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from pipeline.corpus import CorpusEntry
 
 IMAGE_SIZE = 112
-EMBED_DIM = 512
 # Config fields that change which rows exist or what bytes they hold: a resume must match them.
 _RESUME_KEYS = ("store", "dtype", "chunk_rows", "task_steps", "batch_steps", "torch_threads")
 
@@ -358,7 +357,7 @@ def extract_task(task: Task, *, store_path: str | Path, config: ExtractConfig) -
             )
         n = task.stop - task.start
         dtype = np.dtype(config.dtype)
-        rows: dict[str, np.ndarray] = {name: np.zeros((n, EMBED_DIM), dtype) for name in FEATURES}
+        rows: dict[str, np.ndarray] = {name: np.zeros((n, students.num_features), dtype) for name in FEATURES}
         rows["valid"] = np.zeros(n, bool)
         rows["audio_valid"] = np.zeros(n, bool)
         rows["time_s"] = np.zeros(n, np.float64)
@@ -629,7 +628,7 @@ def run_extraction(
                 index=list(plan.records),
                 rows=plan.rows,
                 chunk_rows=config.chunk_rows,
-                dim=EMBED_DIM,
+                dim=students.num_features,  # the students say how wide their features are
                 dtype=config.dtype,
                 attrs=attrs,
                 tasks=[(t.start, t.stop) for t in plan.tasks],

@@ -388,6 +388,10 @@ class SkimModel(nn.Module):
         self.classifier = nn.Linear(cfg.embed, cfg.num_classes)
         self.step_head = nn.Linear(cfg.hidden, cfg.num_classes) if cfg.step_head_weight > 0 else None
 
+    def forward_features(self, features: Mapping[str, Tensor], mask: Tensor) -> Tensor:
+        """The skimming pass up to the classifier input: the mean of the taken inputs ``(B, embed)``."""
+        return self(features, mask).pooled
+
     def forward_head(self, pooled: Tensor, *, pre_logits: bool = False) -> Tensor:
         """Classifier on pooled inputs ``(B, embed)`` -> ``(B, C)`` (``pooled`` itself if ``pre_logits``)."""
         return pooled if pre_logits else self.classifier(pooled)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from indexing import checkpoint as ckpt_io
+from indexing.errors import CheckpointError
 from indexing.frontend import IMAGE_MEAN, IMAGE_STD, KINETICS_MEAN, clips_to_tensor, frames_to_tensor, log_mel
 from indexing.models import (
     PRESETS,
@@ -72,6 +73,41 @@ def test_model_output_shape(name):
         assert model.num_features == 512
     assert device == "meta" or torch.isfinite(out).all()
     assert model.model_name == name
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_registered_model_keeps_the_timm_contract(name):
+    """forward == forward_head(forward_features); pre-logits output is num_features wide."""
+    torch.manual_seed(0)
+    device = "meta" if name == "teacher_r2plus1d_18" else "cpu"  # 81 GFLOPs per clip: shapes only
+    with torch.device(device), torch.no_grad():
+        model = create_model(name).eval()
+        inputs = INPUTS[_role(name)]()
+        feats = model.forward_features(*inputs)
+        head = model.forward_head(feats)
+        pre = model.forward_head(feats, pre_logits=True)
+        out = model(*inputs)
+    assert isinstance(model.num_features, int) and pre.shape == (1, model.num_features)
+    assert head.shape == out.shape
+    if device == "cpu":
+        torch.testing.assert_close(head, out, rtol=0, atol=0)
+    if _role(name) == "classifier":
+        assert out.shape == (1, model.num_classes) and pre.shape == (1, model.fc.in_features)
+
+
+def test_students_report_their_width_for_extraction():
+    image = create_model("image_resnet18_tiny", num_features=96)
+    audio = create_model("audio_resnet18_tiny", num_features=96)
+    fusion = create_model("fusion_mlp_tiny", in_features=192, num_features=96)
+    from indexing.models import Students
+
+    students = Students(image, audio, fusion)
+    assert students.num_features == 96
+    rng = np.random.default_rng(0)
+    feats = students.embed(
+        rng.integers(0, 255, (2, 112, 112, 3), dtype=np.uint8), np.zeros((2, 16000), np.float32)
+    )
+    assert all(v.shape == (2, 96) for v in feats.values())
 
 
 def test_paper_image_trunk_is_torchvision_resnet18():
@@ -213,13 +249,13 @@ def test_wrong_checkpoints_are_refused(tmp_path):
     ckpt = torch.load(good, weights_only=True)
     ckpt["state_dict"]["fusion.fc1.bias"] += 1
     torch.save(ckpt, tmp_path / "corrupt.pt")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         load_students(tmp_path / "corrupt.pt")
 
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a readable torch checkpoint"):
         load_students(tmp_path / "junk.pt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_students(tmp_path / "missing.pt")
 
 
@@ -228,12 +264,16 @@ class Payload:  # any non-allow-listed class: torch.load(weights_only=True) must
         self.x = 1
 
 
-def test_pickled_objects_are_refused(tmp_path):
+def test_pickled_objects_are_refused_without_advice_to_unpickle(tmp_path):
+    from skim.checkpoint import load_checkpoint as load_skim
+
     torch.save({"state_dict": {}, "payload": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="pickled Python objects"):
-        load_students(tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="pickled Python objects"):
-        load_teacher(tmp_path / "evil.pt")
+    for load in (load_students, load_teacher, load_skim):
+        with pytest.raises(CheckpointError, match="pickled Python objects") as err:
+            load(tmp_path / "evil.pt")
+        message = str(err.value)
+        assert "was not loaded" in message and "source you trust" in message, message
+        assert "weights_only=False" not in message, message
 
 
 def test_teacher_from_torchvision_state_dict_is_frozen(tmp_path):

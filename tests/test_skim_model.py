@@ -71,6 +71,16 @@ def test_registry_feeds_models_and_rejects_unknown_names():
         model_config("nope", **SMALL)
 
 
+@pytest.mark.parametrize("name", available_models())
+def test_every_registered_model_keeps_the_timm_contract(name):
+    model = create_model(name, **SMALL).eval()
+    feats, mask = make_batch(model.config, [9, 6])
+    pooled = model.forward_features(feats, mask)
+    assert pooled.shape == (2, model.num_features)
+    torch.testing.assert_close(model.forward_head(pooled), model(feats, mask).logits, rtol=0, atol=0)
+    assert model.forward_head(pooled, pre_logits=True) is pooled
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
@@ -323,3 +333,34 @@ def test_deferred_key_gradient_equals_plain_autograd():
         return torch.autograd.grad(total, base)[0]
 
     torch.testing.assert_close(grads(True), grads(False))
+
+
+def test_checkpoint_uses_the_one_envelope_and_verifies_sha256_on_every_load(tmp_path):
+    from indexing.errors import CheckpointError
+    from skim.checkpoint import load_checkpoint, save_checkpoint
+
+    model = create_model("imgaud_skim", **SMALL)
+    path = save_checkpoint(
+        tmp_path / "skim.pt", model_name="imgaud_skim", model=model, epoch=2, train_config={"lr": 0.1},
+        training={"history": [{"epoch": 1}, {"epoch": 2}]}, extra={"labels": list("abcd")},
+    )  # fmt: skip
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "l2l-checkpoint" and raw["kind"] == "skim" and len(raw["sha256"]) == 64
+    loaded = load_checkpoint(path)
+    assert loaded.name == "imgaud_skim" and loaded.labels == list("abcd") and loaded.config == model.config
+    assert loaded.meta["epoch"] == 2 and loaded.meta["train_config"] == {"lr": 0.1}
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v)
+
+    raw["state_dict"]["skim.classifier.bias"] += 1  # one flipped weight
+    torch.save(raw, tmp_path / "corrupt.pt")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "corrupt.pt")
+    legacy = {"format": "l2l-skim", "version": 1, "model": "imgaud_skim", "state_dict": model.state_dict()}
+    torch.save(legacy, tmp_path / "legacy.pt")
+    with pytest.raises(CheckpointError, match="older l2l.*no weights checksum.*`l2l train`"):
+        load_checkpoint(tmp_path / "legacy.pt")
+    with pytest.raises(CheckpointError, match="found kind 'skim'; make one with `l2l distill`"):
+        from indexing.models import load_students
+
+        load_students(path)
