@@ -352,7 +352,7 @@ def show_cmd(
     as_json,
 ) -> None:
     """Draw the moments the model chose in VIDEO_ID next to uniformly spaced frames, over its attention."""
-    from skim.data import read_moments
+    from indexing.corpus import read_segments
     from skim.plot import draw_moments
     from skim.query import explain
 
@@ -365,7 +365,7 @@ def show_cmd(
             recognition_store=inference.recognition_store,
             inference=inference.overrides(),
         )
-        segments = read_moments(moments).get(video_id, []) if moments else []
+        segments = read_segments(moments).get(video_id, []) if moments else []
         drawn = draw_moments(ex, out, read_frames=ctx.meta.get(FRAME_READER), segments=segments)
     if as_json:
         echo_json(drawn)

@@ -14,94 +14,23 @@ from the manifest and falls back to the store index's split.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from indexing.corpus import CorpusEntry, read_labels
 from indexing.grid import STEP_S
 from indexing.stores import FeatureStore
 
 from .model import RECOGNITION_PREFIX
 
-MANIFEST_COLUMNS = ("video_id", "label")  # required; ``path`` and ``split`` are optional
-
-
-@dataclass(frozen=True)
-class LabelInfo:
-    """One manifest row: the label and split of a video (empty strings when absent)."""
-
-    label: str
-    split: str = ""
-
-
-def read_manifest(path: str | Path) -> dict[str, LabelInfo]:
-    """Labels and splits by video id from a CSV with columns ``video_id,path,label,split`` (+ extras).
-
-    Raises:
-        ValueError: The file lacks a required column or repeats a video id.
-    """
-    path = Path(path)
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in MANIFEST_COLUMNS if c not in columns]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {', '.join(missing)}; a labels manifest has columns "
-                "video_id,path,label,split"
-            )
-        out: dict[str, LabelInfo] = {}
-        for line, row in enumerate(reader, start=2):
-            vid = (row["video_id"] or "").strip()
-            if not vid:
-                raise ValueError(f"{path}:{line}: empty video_id; every row needs one")
-            if vid in out:
-                raise ValueError(f"{path}:{line}: video_id {vid!r} appears twice; keep one row per video")
-            out[vid] = LabelInfo(label=(row["label"] or "").strip(), split=(row.get("split") or "").strip())
-    return out
-
-
-def read_moments(path: str | Path) -> dict[str, list[tuple[float, float]]]:
-    """Ground-truth segments by video id from ``{video_id: {"label": str, "segments": [[s, e], ...]}}``.
-
-    Raises:
-        ValueError: The JSON does not have that shape or a segment ends before it starts.
-    """
-    path = Path(path)
-    doc = json.loads(path.read_text())
-    if not isinstance(doc, dict):
-        raise ValueError(
-            f"{path}: expected an object {{video_id: {{label, segments}}}}, got {type(doc).__name__}"
-        )
-    out: dict[str, list[tuple[float, float]]] = {}
-    for vid, entry in doc.items():
-        segments = entry.get("segments") if isinstance(entry, dict) else None
-        if not isinstance(segments, list):
-            raise ValueError(f"{path}: video {vid!r} has no 'segments' list; write [[start_s, end_s], ...]")
-        pairs = []
-        for seg in segments:
-            if not (isinstance(seg, list | tuple) and len(seg) == 2) or float(seg[1]) < float(seg[0]):
-                raise ValueError(
-                    f"{path}: video {vid!r} segment {seg!r} is not [start_s, end_s] with end >= start"
-                )
-            pairs.append((float(seg[0]), float(seg[1])))
-        out[str(vid)] = pairs
-    return out
-
-
-def default_moments_path(manifest: str | Path | None) -> Path | None:
-    """``moments.json`` beside the labels manifest when it exists, else None."""
-    if manifest is None:
-        return None
-    candidate = Path(manifest).with_name("moments.json")
-    return candidate if candidate.is_file() else None
+# The labels reader is indexing.corpus.read_labels (one manifest reader for both sides); this name stays
+# for callers not yet moved to it.
+read_manifest = read_labels
 
 
 def step_seconds(store: FeatureStore) -> float:
@@ -109,7 +38,7 @@ def step_seconds(store: FeatureStore) -> float:
     return float(store.attrs.get("step_s", STEP_S))
 
 
-def label_names(store: FeatureStore, labels: Mapping[str, LabelInfo] | None) -> list[str]:
+def label_names(store: FeatureStore, labels: Mapping[str, CorpusEntry] | None) -> list[str]:
     """Sorted class names over every ``ok`` video of the store that has a label (all splits).
 
     Raises:
@@ -173,7 +102,7 @@ class SkimDataset(Dataset):
         store: FeatureStore,
         keys: Sequence[str],
         *,
-        labels: Mapping[str, LabelInfo] | None = None,
+        labels: Mapping[str, CorpusEntry] | None = None,
         names: Sequence[str] | None = None,
         split: str | None = None,
         video_ids: Sequence[str] | None = None,

@@ -50,8 +50,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from indexing.corpus import default_moments_path, read_labels, read_segments
+
 from .checkpoint import SkimCheckpoint, load_checkpoint
-from .data import SkimDataset, default_moments_path, read_manifest, read_moments, step_seconds
+from .data import SkimDataset, step_seconds
 from .infer import distinct_steps, iter_outputs, open_stores, uniform_positions
 from .model import RECOGNITION_PREFIX, SkimModel, fusion_mlp
 from .train import resolve_device
@@ -380,9 +382,9 @@ def evaluate(
     model, cfg, names = ckpt.model, ckpt.config, ckpt.labels
     store, rec_store = open_stores(store_path, ckpt, recognition_store)
     _check_dim(store, ckpt)
-    manifest = read_manifest(labels) if labels is not None else None
+    manifest = read_labels(labels) if labels is not None else None
     moments_path = Path(moments) if moments is not None else default_moments_path(labels)
-    gt = read_moments(moments_path) if moments_path is not None else None
+    gt = read_segments(moments_path) if moments_path is not None else None
     step_s = step_seconds(store)
     notes: list[str] = []
     data_kw: dict[str, Any] = {"labels": manifest, "names": names, "recognition_store": rec_store}

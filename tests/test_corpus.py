@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from indexing.corpus import read_labels, read_segments
+from indexing.errors import ConfigError
 from pipeline.corpus import CorpusEntry, read_corpus, read_moments, write_manifest
 from pipeline.encode import write_video
 
@@ -87,7 +89,8 @@ def test_manifest_duplicate_ids_are_listed(tmp_path):
 @pytest.mark.parametrize(
     "content, words",
     [
-        ("video_id,file\nv,a.mp4\n", "no 'path' column"),
+        ("video_id,file\nv,a.mp4\n", r"missing column\(s\) path .*columns: video_id, file"),
+        ("video_id,path,label\n", "no rows"),
         ("video_id,path\nv1,a.mp4\nv2,\n", r"m\.csv:3: empty path"),
     ],
 )
@@ -113,5 +116,45 @@ def test_read_moments_validates_segments(tmp_path):
     assert read_moments(good) == {"v1": {"label": "cat", "segments": [[1.0, 2.5], [4.0, 5.0]]}}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"v1": {"label": "cat", "segments": [[3, 2]]}}))
-    with pytest.raises(ValueError, match="'v1'.*start < end"):
+    with pytest.raises(ConfigError, match=r"'v1'.*segment \[3.0, 2.0\] needs 0 <= start_s < end_s"):
         read_moments(bad)
+
+
+@pytest.mark.parametrize(
+    "segments, words",
+    [
+        ([[-1.0, 2.0]], r"\[-1.0, 2.0\] needs 0 <= start_s"),  # skim's old copy accepted this
+        ([[2.0, 2.0]], r"\[2.0, 2.0\] needs 0 <= start_s < end_s"),  # and this
+        ([[1.0, 2.0, 3.0]], "is not \\[start_s, end_s\\]"),
+        (["1-2"], "is not \\[start_s, end_s\\]"),
+    ],
+)
+def test_one_moments_reader_for_both_sides(tmp_path, segments, words):
+    """skim reads moments.json through the same reader as pipeline: the same segments are refused."""
+    path = tmp_path / "moments.json"
+    path.write_text(json.dumps({"v1": {"label": "cat", "segments": segments}}))
+    for reader in (read_moments, read_segments):
+        with pytest.raises(ConfigError, match=words):
+            reader(path)
+
+
+def test_labels_manifest_without_paths_and_derived_ids_are_said(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("video_id,label,split\nv1,cat,train\nv2,dog,test\n")
+    by_id = read_labels(labels)
+    assert {v: (e.label, e.split, e.path) for v, e in by_id.items()} == {
+        "v1": ("cat", "train", None),
+        "v2": ("dog", "test", None),
+    }
+    with pytest.raises(ConfigError, match="missing column"):
+        read_corpus(labels)  # extraction needs paths
+    no_label = tmp_path / "nolabel.csv"
+    no_label.write_text("video_id,path\nv1,a.mp4\n")
+    with pytest.raises(ConfigError, match=r"missing column\(s\) label"):
+        read_labels(no_label)
+    derived = tmp_path / "derived.csv"
+    derived.write_text("path,label\nclips/a.mp4,cat\nclips/b.mp4,dog\n")
+    notes: list[str] = []
+    assert [e.video_id for e in read_corpus(derived, log=notes.append)] == ["clips/a", "clips/b"]
+    assert notes == [f"{derived}: 2 video id(s) derived from paths (no video_id column), e.g. 'clips/a'"]
+    assert list(read_labels(derived)) == ["clips/a", "clips/b"]  # the same ids extraction gives

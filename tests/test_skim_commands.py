@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
+from indexing.corpus import read_labels, read_segments
 from indexing.stores import open_store
 from skim.data import (
     CropBatchSampler,
@@ -22,8 +23,6 @@ from skim.data import (
     SkimDataset,
     collate,
     label_names,
-    read_manifest,
-    read_moments,
 )
 from skim.evaluate import accuracy, mean_average_precision
 from skim.synthetic import PlantedSpec, write_planted_store
@@ -70,14 +69,14 @@ def trained(corpus, tmp_path_factory) -> dict:
 
 def test_dataset_labels_splits_and_status(corpus, tmp_path):
     store = open_store(corpus["store"])
-    manifest = read_manifest(corpus["labels"])
+    manifest = read_labels(corpus["labels"])
     # The manifest wins over the store index: relabel one video and move another to another split.
     rows = corpus["labels"].read_text().splitlines()
     rows[1] = rows[1].replace("class0", "class3")
     rows[2] = rows[2].replace(",train", ",val")
     edited = tmp_path / "labels.csv"
     edited.write_text("\n".join(rows) + "\n")
-    manifest = read_manifest(edited)
+    manifest = read_labels(edited)
     names = label_names(store, manifest)
     train = SkimDataset(store, ("image", "audio"), labels=manifest, names=names, split="train")
     by_id = {e.video_id: e for e in train.entries}
@@ -89,7 +88,7 @@ def test_dataset_labels_splits_and_status(corpus, tmp_path):
     with pytest.raises(ValueError, match="missing column"):
         bad = tmp_path / "bad.csv"
         bad.write_text("id,label\na,b\n")
-        read_manifest(bad)
+        read_labels(bad)
 
 
 def test_items_read_one_slice_per_array_and_match_memory(corpus):
@@ -238,7 +237,7 @@ def test_query_json_schema_and_errors(trained, corpus):
     store, model = str(corpus["store"]), str(trained["model"])
     answers = run("query", store, "vid00004", "vid00009", "--model", model, "--top-k", "3")
     assert [a["video_id"] for a in answers] == ["vid00004", "vid00009"]
-    moments = read_moments(corpus["moments"])
+    moments = read_segments(corpus["moments"])
     for a in answers:
         assert set(a) == {"video_id", "top", "moments"}
         probs = [t["prob"] for t in a["top"]]
