@@ -79,7 +79,9 @@ def train_epoch(store: Path, labels: Path, out: Path, *, batch: int, threads: in
     """``train_videos_per_s`` of one epoch of the paper recipe (no validation pass)."""
     from skim.train import TrainConfig, train
 
-    config = TrainConfig(epochs=1, batch_size=batch, threads=threads, in_memory=in_memory, val_split="none")
+    config = TrainConfig(  # a planted store has no students checkpoint: Psi and the classifier from scratch
+        epochs=1, batch_size=batch, threads=threads, in_memory=in_memory, val_split="none", init="scratch"
+    )
     summary = train(store, fresh(out), labels=labels, config=config, progress=False, log=lambda _line: None)
     return float(summary["history"][-1]["train_videos_per_s"])
 

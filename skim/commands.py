@@ -42,6 +42,15 @@ def _skim_const(name: str):
     return load
 
 
+def _skim_train_const(name: str):
+    def load() -> list[str]:
+        import skim.train
+
+        return list(getattr(skim.train, name))
+
+    return load
+
+
 _inference_options = inference_options(next_inputs=_skim_const("NEXT_INPUTS"), exit_on=_skim_const("EXIT_ON"))
 
 
@@ -76,8 +85,19 @@ def _model_option(fn):
 @click.option("--shared-query", is_flag=True, default=None, help="One query for all indexing features.")
 @click.option("--step-head-weight", type=float, help="Train a per-step head on h with this loss weight.")
 @click.option("--hidden", type=int, help="LSTM hidden size (default 1024).")
-@click.option("--embed", type=int, help="Psi output size (default 512).")
+@click.option("--embed", type=int, help="Psi output size (default 512; with --init students, the students').")
 @_inference_options
+@click.option(
+    "--init",
+    type=RegistryChoice(_skim_train_const("INITS")),
+    help="Where Psi and the classifier start: students (paper: the fine-tuned students checkpoint that made "
+    "STORE; Psi frozen, classifier at 0.1x the lr) or scratch (default students).",
+)
+@click.option(
+    "--students",
+    type=click.Path(exists=True, dir_okay=False),
+    help="With --init students: this students checkpoint instead of the one STORE records (same weights).",
+)
 @click.option("--epochs", type=int, help="Epochs (default 25).")
 @click.option("--batch-size", type=int, help="Videos per batch (default 256).")
 @click.option("--lr", type=float, help="Initial SGD learning rate (default 0.01).")
@@ -111,6 +131,8 @@ def train_cmd(
     hidden,
     embed,
     inference: InferenceConfig,
+    init,
+    students,
     epochs,
     batch_size,
     lr,
@@ -164,6 +186,7 @@ def train_cmd(
                 in_memory=in_memory,
                 device=device,
                 threads=threads,
+                init=init,
             )
         )
         summary = train(
@@ -174,6 +197,7 @@ def train_cmd(
             model_options=model_options,
             config=config,
             recognition_store=inference.recognition_store,
+            students=students,
             resume=resume,
             overwrite=overwrite,
             plot=plot,

@@ -7,15 +7,25 @@ validity mask ``m`` (``(N,)``):
   and a batch norm whose statistics count valid rows only (:class:`MaskedBatchNorm1d`);
 - start ``x`` = mean of the valid rows; ``h = c = 0``;
 - for ``t < T``: ``u_t = Psi(x)``; ``(h, c) = LSTMCell(u_t, (h, c))`` (weight-normed); queries
-  ``q_M = MLP_M(h)``; scores ``s_M = q_M . k_M / sqrt(D)`` masked to ``-inf`` on padding and on steps already
-  chosen; ``alpha_M = softmax(s_M)``; modality attention ``beta = softmax(Linear(h))``; next input
-  ``x = sum_M beta_M sum_j alpha_M[j] z[j]`` (soft) or the same with ``alpha_M`` replaced by a one-hot at
-  ``argmax alpha_M`` (hard, inference only); the steps ``argmax alpha_M`` are masked out for later steps;
+  ``q_M = MLP_M(h)``; scores ``s_M = q_M . k_M / sqrt(D)`` masked to ``-inf`` on padding and on the steps
+  modality ``M`` already chose (one mask per modality, as paper and reference); ``alpha_M = softmax(s_M)``;
+  modality attention ``beta = softmax(Linear(h))``; next input ``x = sum_M beta_M sum_j alpha_M[j] z[j]``
+  (soft) or the same with ``alpha_M`` replaced by a one-hot at ``argmax alpha_M`` (hard, inference only);
+  ``argmax alpha_M`` is masked out of ``M``'s later scores;
 - prediction: a linear classifier on the mean of ``u_0 .. u_{T-1}``; loss: cross-entropy, plus an optional
   per-step head on ``h`` with its own weight.
 
-The attention computed at the last step would feed nothing, so it is skipped: a run of ``T`` steps makes
-``T - 1`` selections (``K`` steps each for ``K`` indexing modalities), and every selection is consumed.
+The attention computed at the last step would feed nothing, so no selection is made there: a run of ``T``
+steps makes ``T - 1`` selections (one step per indexing modality each), and every selection is consumed.
+In training the last step's queries still run through their batch norms (``query_bn="every_step"``), so
+the running statistics see all ``T`` queries as in the reference. A video with fewer valid steps than
+selections stops early once every step has been chosen (the reference pads by repeating the last row
+and crashes when a whole batch is short); its prediction averages the inputs it took.
+
+Initialisation (``weight_init="reference"``): N(0, 0.02) Linear weights, zero LSTM biases, as the
+reference. ``Psi`` and the classifier start from the fine-tuned students when trained with
+``init="students"`` (:mod:`skim.train`). The project's earlier choices stay available as config values:
+``mask="shared"`` (every pick leaves both modalities), ``query_bn="skip_last"``, ``weight_init="torch"``.
 
 Unlike the public reference implementation: every parameter taking part in the loss receives a gradient
 (modality attention and per-step head included); the hard path takes each modality's features at that
@@ -47,6 +57,11 @@ NEXT_INPUTS = ("soft", "hard")  # next LSTM input at inference: attention-weight
 EXIT_ON = ("running", "step_head")  # which probability the early exit thresholds
 # Fields that change only how a trained model runs, never its parameters: evaluate/query may override them.
 INFERENCE_FIELDS = ("next_input", "stop_after", "exit_threshold", "exit_on", "subsample")
+MASKS = ("per_modality", "shared")  # each modality masks only its own picks (paper) / both masks all picks
+QUERY_BN = ("every_step", "skip_last")  # query BN statistics from all T steps (paper) / the first T-1
+WEIGHT_INITS = ("reference", "torch")  # N(0, 0.02) Linear/Conv, zero LSTM biases (paper) / PyTorch defaults
+# Checkpoints written before these fields existed were trained with the project's earlier choices.
+LEGACY_DEFAULTS = {"mask": "shared", "query_bn": "skip_last", "weight_init": "torch"}
 RECOGNITION_PREFIX = "rec:"  # batch key prefix of features read from a separate recognition store
 
 
@@ -73,6 +88,14 @@ class SkimConfig:
         exit_on: ``running`` (the classifier on the mean of the inputs so far) or ``step_head``.
         subsample: Indexing features are kept every ``subsample`` steps and linearly interpolated back.
         bn_momentum: Momentum of the running statistics of the batch norms.
+        mask: ``per_modality`` (paper and reference: a chosen step is masked out of its own modality's
+            later scores only) or ``shared`` (one mask: every pick is removed from every modality).
+        query_bn: ``every_step`` (paper: the query batch norms see the queries of all ``T`` steps, so
+            training also runs the last step's queries, whose attention feeds nothing) or ``skip_last``.
+        weight_init: ``reference`` (N(0, 0.02) Linear/Conv weights, N(1, 0.02) 2-D BatchNorm weights,
+            zero LSTM biases) or ``torch`` (PyTorch's defaults).
+        psi_hidden: Hidden size of ``Psi`` (None: ``hidden``); set from the students' fusion when ``Psi``
+            starts from the students checkpoint.
     """
 
     num_classes: int
@@ -91,6 +114,10 @@ class SkimConfig:
     exit_on: str = "running"
     subsample: int = 1
     bn_momentum: float = 0.1
+    mask: str = "per_modality"
+    query_bn: str = "every_step"
+    weight_init: str = "reference"
+    psi_hidden: int | None = None
 
     def __post_init__(self) -> None:
         # Checkpoints store tuples as lists; accept either.
@@ -135,6 +162,15 @@ class SkimConfig:
             raise ValueError("exit_on='step_head' needs a trained per-step head: set step_head_weight > 0")
         if self.subsample < 1:
             raise ValueError(f"subsample={self.subsample} must be >= 1 (1 keeps every step)")
+        for name, value, choices in (
+            ("mask", self.mask, MASKS),
+            ("query_bn", self.query_bn, QUERY_BN),
+            ("weight_init", self.weight_init, WEIGHT_INITS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}; choose from {', '.join(choices)}")
+        if self.psi_hidden is not None and self.psi_hidden < 1:
+            raise ValueError(f"psi_hidden={self.psi_hidden} must be positive (or None for hidden)")
         if not 0 < self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum={self.bn_momentum} must be in (0, 1]")
 
@@ -174,7 +210,7 @@ class SkimConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown SkimConfig fields {unknown}; this checkpoint is from another version")
-        return cls(**d)
+        return cls(**{**LEGACY_DEFAULTS, **d})
 
     def with_inference(self, **overrides: Any) -> SkimConfig:
         """A copy with inference-only fields changed (``None`` values keep the current setting)."""
@@ -297,6 +333,25 @@ class QueryMLP(nn.Module):
         return self.fc2(F.relu(self.bn(self.fc1(h), active)))
 
 
+def reference_init(model: nn.Module) -> None:
+    """The public reference implementation's initialisation, in place.
+
+    N(0, 0.02) for every Linear and Conv weight (the key projection is the reference's 1x1 Conv1d), N(1, 0.02)
+    weights and zero biases for 2-D batch norms, zero LSTM biases; everything else (Linear biases, the 1-D
+    batch norms of keys and queries) keeps PyTorch's default, as in the reference. The LSTM weights are
+    weight-normed and keep their default direction and norm.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LSTMCell):
+            nn.init.zeros_(m.bias_ih)
+            nn.init.zeros_(m.bias_hh)
+
+
 def fusion_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """``Psi``: Linear in -> hidden, ReLU, Linear hidden -> out (design.md §2, trained here from scratch)."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
@@ -373,7 +428,7 @@ class SkimModel(nn.Module):
         self.key_bn = nn.ModuleList(
             MaskedBatchNorm1d(cfg.dim, momentum=cfg.bn_momentum) for _ in range(n_index)
         )
-        self.psi = fusion_mlp(n_rec * cfg.dim, cfg.hidden, cfg.embed)
+        self.psi = fusion_mlp(n_rec * cfg.dim, cfg.psi_hidden or cfg.hidden, cfg.embed)
         self.psi_start = (
             fusion_mlp(n_index * cfg.dim, cfg.hidden, cfg.embed) if cfg.separate_recognition else None
         )
@@ -387,6 +442,8 @@ class SkimModel(nn.Module):
         self.modality = nn.Linear(cfg.hidden, n_index) if n_index > 1 else None
         self.classifier = nn.Linear(cfg.embed, cfg.num_classes)
         self.step_head = nn.Linear(cfg.hidden, cfg.num_classes) if cfg.step_head_weight > 0 else None
+        if cfg.weight_init == "reference":
+            reference_init(self)
 
     def forward_features(self, features: Mapping[str, Tensor], mask: Tensor) -> Tensor:
         """The skimming pass up to the classifier input: the mean of the taken inputs ``(B, embed)``."""
@@ -455,7 +512,10 @@ class SkimModel(nn.Module):
         n_index = len(index)
         h = torch.zeros(b, cfg.hidden, device=device)  # (B, hidden)
         c = torch.zeros_like(h)
-        available = mask.clone()  # (B, N) valid and not chosen yet
+        shared_mask = cfg.mask == "shared"
+        # (B, N) per mask: valid and not chosen yet; one per indexing modality (paper) or one shared.
+        available = [mask.clone() for _ in range(1 if shared_mask else n_index)]
+        bn_last = self.training and cfg.query_bn == "every_step"
         active = counts > 0  # (B,) still skimming
         u_sum = torch.zeros(b, cfg.embed, device=device)  # (B, embed)
         taken = torch.zeros(b, device=device)  # (B,)
@@ -467,7 +527,11 @@ class SkimModel(nn.Module):
             taken = taken + active.float()
             last_step = t == total - 1
             if last_step and self.step_head is None:
-                break  # h_{T-1} would feed nothing
+                # h_{T-1} feeds nothing but, with query_bn="every_step", the queries' BN statistics.
+                if bn_last:
+                    with torch.no_grad():
+                        self._update_query_stats(self.lstm(u, (h, c))[0], active, available)
+                break
             h, c = self.lstm(u, (h, c))
             if self.step_head is not None:
                 step_logits.append(self.step_head(h))  # (B, C)
@@ -478,16 +542,19 @@ class SkimModel(nn.Module):
                     conf = self.classifier(u_sum / taken.clamp_min(1)[:, None]).softmax(1).amax(1)
                 active = active & (conf < cfg.exit_threshold)
             if last_step:
+                if bn_last:
+                    with torch.no_grad():
+                        self._update_query_stats(h, active, available)
                 break
-            # A video with no step left to choose stops here.
-            active = active & available.any(1)
+            # A video with no step left to choose stops here (per-modality masks run out together).
+            active = active & _any_left(available)
             queries = [
                 self.query[0 if cfg.shared_query else i](h, active) for i in range(n_index)
             ]  # K x (B, D)
             alphas = []
-            for q, k, buf in zip(queries, keys, key_grads, strict=True):
+            for i, (q, k, buf) in enumerate(zip(queries, keys, key_grads, strict=True)):
                 s = _Scores.apply(k, q, buf) / math.sqrt(cfg.dim)  # (B, N)
-                s = s.masked_fill(~available, float("-inf"))
+                s = s.masked_fill(~available[0 if shared_mask else i], float("-inf"))
                 # Rows with nothing available (inactive) get all-zero weights instead of a NaN softmax.
                 s = torch.where(active[:, None], s, 0.0)
                 alphas.append(torch.where(active[:, None], s.softmax(1), 0.0))  # (B, N)
@@ -510,8 +577,13 @@ class SkimModel(nn.Module):
             chosen.append(torch.where(active[:, None], picks, -1))
             chosen_w.append(torch.where(active[:, None], pick_w, 0.0))
             attention.append(soft_w)
-            picked = torch.zeros_like(available).scatter_(1, picks, True) & active[:, None]  # (B, N)
-            available = available & ~picked
+            if shared_mask:  # every pick leaves both modalities
+                picked = torch.zeros_like(mask).scatter_(1, picks, True) & active[:, None]  # (B, N)
+                available[0] = available[0] & ~picked
+            else:  # each pick leaves only its own modality
+                for i in range(n_index):
+                    picked = torch.zeros_like(mask).scatter_(1, picks[:, i : i + 1], True) & active[:, None]
+                    available[i] = available[i] & ~picked
 
         pooled = u_sum / taken.clamp_min(1)[:, None]  # (B, embed)
         return SkimOutput(
@@ -525,6 +597,14 @@ class SkimModel(nn.Module):
             pooled=pooled,
             inputs=torch.stack(inputs, 1),
         )
+
+    def _update_query_stats(self, h: Tensor, active: Tensor, available: list[Tensor]) -> None:
+        """Feed the last step's queries to their batch norms (statistics only; the attention is unused)."""
+        active = active & _any_left(available)
+        for i in range(len(self.config.index_keys)):
+            query = self.query[0 if self.config.shared_query else i]
+            rows = query.fc1(h)[active]  # (M, hidden)
+            query.bn.normalize_rows(rows)
 
     def loss(self, out: SkimOutput, labels: Tensor) -> Tensor:
         """Cross-entropy of the prediction plus ``step_head_weight`` x the per-step head's mean cross-entropy.
@@ -560,8 +640,8 @@ class SkimModel(nn.Module):
             + len(self.query) * (cfg.hidden * cfg.hidden + cfg.hidden * cfg.dim)  # queries
             + k * n_steps * cfg.dim  # scores
             + r * n_steps * cfg.dim  # mixture
-            + r * cfg.dim * cfg.hidden
-            + cfg.hidden * cfg.embed  # Psi
+            + r * cfg.dim * (cfg.psi_hidden or cfg.hidden)
+            + (cfg.psi_hidden or cfg.hidden) * cfg.embed  # Psi
             + cfg.hidden * k  # modality attention
         )
         return 2 * (keys + steps_used * per_step + cfg.embed * cfg.num_classes) / 1e9
@@ -609,6 +689,14 @@ class _Scores(torch.autograd.Function):
             ctx.buf.append((q.detach(), g))
         grad_q = torch.bmm(g[:, None, :], keys)[:, 0] if ctx.needs_input_grad[1] else None  # (B, D)
         return None, grad_q, None
+
+
+def _any_left(available: list[Tensor]) -> Tensor:
+    """``(B,)`` whether every mask still has a step to choose."""
+    left = available[0].any(1)
+    for a in available[1:]:
+        left = left & a.any(1)
+    return left
 
 
 def _stack(items: list[Tensor], empty: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

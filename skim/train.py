@@ -18,6 +18,7 @@ import torch
 
 from indexing import checkpoint as ckpt_io
 from indexing import training
+from indexing.corpus import read_labels
 from indexing.errors import CheckpointError, ConfigError
 from indexing.stores import FeatureStore, open_store
 
@@ -28,7 +29,6 @@ from .data import (
     SkimDataset,
     label_names,
     make_loader,
-    read_manifest,
     to_device,
 )
 from .model import SkimConfig, SkimModel, model_config
@@ -36,6 +36,8 @@ from .model import SkimConfig, SkimModel, model_config
 # Fewer optimiser updates than this leave the attention near its uniform start (measured on synthetic
 # corpora: 120 updates learned nothing, 360-480 found the evidence); train() warns below it.
 MIN_UPDATES = 200
+INITS = ("students", "scratch")  # where Psi and the classifier start (TrainConfig.init)
+STUDENT_FEATURES = ("image", "audio")  # the students' Psi takes concat(z_I, z_A)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,11 @@ class TrainConfig:
         in_memory: Load the needed arrays of the store once instead of reading per video.
         device: ``cpu``, ``cuda`` or ``auto``.
         threads: torch CPU threads (None leaves torch's default).
+        init: ``students`` (paper): ``Psi`` and the classifier start from the fine-tuned students
+            checkpoint that made the store's features; ``Psi`` stays frozen and the classifier trains at
+            ``classifier_lr_scale`` times the learning rate. ``scratch``: both start from the model's own
+            initialisation and everything trains at one rate.
+        classifier_lr_scale: Learning-rate factor of the classifier when ``init="students"``.
     """
 
     epochs: int = 25
@@ -81,6 +88,8 @@ class TrainConfig:
     in_memory: bool = False
     device: str = "cpu"
     threads: int | None = None
+    init: str = "students"
+    classifier_lr_scale: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
@@ -110,6 +119,12 @@ class TrainConfig:
             raise ConfigError(f"num_workers={self.num_workers} must be >= 0")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device={self.device!r}; use cpu, cuda, cuda:N or auto")
+        if self.init not in INITS:
+            raise ConfigError(f"init={self.init!r}; choose from {', '.join(INITS)}")
+        if not 0 < self.classifier_lr_scale <= 1:
+            raise ConfigError(
+                f"classifier_lr_scale={self.classifier_lr_scale} must be in (0, 1]; the paper uses 0.1"
+            )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads={self.threads} must be >= 1")
 
@@ -141,6 +156,7 @@ def train(
     model_options: Mapping[str, Any] | None = None,
     config: TrainConfig = TrainConfig(),
     recognition_store: str | Path | None = None,
+    students: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
     plot: str | Path | None = None,
@@ -157,6 +173,9 @@ def train(
         model_options: :class:`SkimConfig` overrides (``num_classes`` and ``dim`` come from the data).
         config: Optimisation settings.
         recognition_store: Second store holding the recognition features (needs ``recognition_features``).
+        students: With ``config.init="students"``: the students checkpoint to start ``Psi`` and the
+            classifier from, instead of the one the store records (e.g. after moving it); its weights must
+            be the ones that made the features (the store's recorded sha256).
         resume: Continue from ``out`` if it exists (same model, options and labels required).
         overwrite: Replace an existing ``out`` instead of refusing.
         plot: Training-curve PNG (default: ``out`` with suffix ``.png``), redrawn after the last epoch and
@@ -183,8 +202,8 @@ def train(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _train(store_path, out, labels, model_name, model_options, config, recognition_store, resume,
-                      plot_path, progress, note, device)  # fmt: skip
+        return _train(store_path, out, labels, model_name, model_options, config, recognition_store, students,
+                      resume, plot_path, progress, note, device)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
@@ -197,6 +216,7 @@ def _train(
     model_options: Mapping[str, Any] | None,
     config: TrainConfig,
     recognition_store: str | Path | None,
+    students: str | Path | None,
     resume: bool,
     plot_path: Path,
     progress: bool,
@@ -206,12 +226,22 @@ def _train(
 
     store = open_store(store_path)
     rec_store = open_store(recognition_store) if recognition_store is not None else None
-    manifest = read_manifest(labels) if labels is not None else None
+    manifest = read_labels(labels) if labels is not None else None
     names = label_names(store, manifest)
     options = dict(model_options or {})
     options.setdefault("dim", store.dim)
     if rec_store is not None:
         options["recognition_store"] = True
+    start = None
+    if config.init == "students":
+        probe = model_config(model_name, num_classes=len(names), **options)
+        start = students_start(rec_store if probe.recognition_store else store, probe, names, students)
+        for key, value in start.options.items():
+            if options.setdefault(key, value) != value:
+                raise ConfigError(
+                    f"{key}={options[key]} but the students' Psi has {key}={value}; drop the option or "
+                    "pass --init scratch"
+                )
     skim_config = model_config(model_name, num_classes=len(names), **options)
     if skim_config.recognition_store and rec_store is None:
         raise ConfigError(
@@ -231,9 +261,12 @@ def _train(
     val_ds, validated_on = _validation_set(store, skim_config, config, data_kw, note)
 
     torch.manual_seed(config.seed)
-    model = SkimModel(skim_config).to(device)
+    model = SkimModel(skim_config)
+    if start is not None:
+        start.apply(model)
+    model.to(device)
     optimizer = training.sgd(
-        [{"params": model.parameters()}],
+        param_groups(model, config),
         momentum=config.momentum,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
@@ -274,6 +307,7 @@ def _train(
         },
         "store": store_summary(store),
         "validated_on": validated_on,
+        "init": start.record if start is not None else {"from": "scratch"},
     }
 
     def batches(epoch: int):
@@ -332,6 +366,118 @@ def _train(
         "epochs": len(history),
         "history": json_safe(history),
     }
+
+
+@dataclass
+class StudentsStart:
+    """Where ``Psi`` and the classifier start with ``init="students"``.
+
+    Attributes:
+        options: SkimConfig values the students fix (``embed``, ``psi_hidden``).
+        psi: ``Psi``'s state dict (``0.*`` = the students' ``fc1``, ``2.*`` = ``fc2``).
+        classifier: The classifier's state dict, rows ordered as the skimming labels.
+        record: What the checkpoint records about it (``from``, ``path``, ``sha256``).
+    """
+
+    options: dict[str, Any]
+    psi: dict[str, torch.Tensor]
+    classifier: dict[str, torch.Tensor]
+    record: dict[str, Any]
+
+    def apply(self, model: SkimModel) -> None:
+        """Load ``Psi`` and the classifier into ``model`` and freeze ``Psi``."""
+        ckpt_io.load_state_checked(model.psi, self.psi, where=f"{self.record['path']} (fusion -> Psi)")
+        where = f"{self.record['path']} (classifier)"
+        ckpt_io.load_state_checked(model.classifier, self.classifier, where=where)
+        model.psi.requires_grad_(False)
+
+
+def students_start(
+    store: FeatureStore, skim_config: SkimConfig, names: list[str], students: str | Path | None = None
+) -> StudentsStart:
+    """Load ``Psi`` and the classifier of the fine-tuned students that made ``store``'s features.
+
+    Args:
+        store: The store whose recognition features the model reads.
+        skim_config: The model to be trained (its recognition features must be the students' image and
+            audio features, which their ``Psi`` takes).
+        names: Skimming class names, index = class id; the students' classifier rows are reordered to them.
+        students: A checkpoint to use instead of the store's record (verified against its sha256).
+
+    Raises:
+        ConfigError: The model recognises other features than the students' (image, audio).
+        CheckpointError: The store records no students checkpoint and none was given, the checkpoint is
+            missing, is not the one that made the features, or has no classifier for these classes.
+    """
+    from indexing.models import load_students
+
+    where = getattr(store, "path", "the store")
+    recognised = tuple(skim_config.recognition_features or skim_config.index_features)
+    if recognised != STUDENT_FEATURES:
+        raise ConfigError(
+            f"this model recognises with {list(recognised)}, but the students' Psi takes "
+            f"{list(STUDENT_FEATURES)}; pass --init scratch"
+        )
+    record = (store.attrs.get("models") or {}).get("students") or {}
+    spec = str(students) if students is not None else record.get("spec")
+    fix = "pass --students CHECKPOINT (the fine-tuned students that made the store) or --init scratch"
+    if not spec:
+        raise CheckpointError(
+            f"Psi and the classifier start from the students checkpoint that made the features, but {where} "
+            f"records none (was it made by `l2l extract`?); {fix}"
+        )
+    try:
+        model, meta = load_students(spec)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"Psi and the classifier start from the students checkpoint recorded in {where}, which is not "
+            f"available: {err}; {fix}"
+        ) from None
+    if record.get("sha256") and meta["sha256"] != record["sha256"]:
+        raise CheckpointError(
+            f"students {spec} have weights sha256 {meta['sha256'][:12]}, but {where} was made with "
+            f"{record['sha256'][:12]}; {fix}"
+        )
+    classes = list(meta.get("classes") or [])
+    missing = [n for n in names if n not in classes]
+    if model.classifier is None or missing:
+        has = f"classes {classes}" if model.classifier is not None else "no classifier"
+        raise CheckpointError(
+            f"students {spec} have {has}, but skimming needs {names}"
+            f"{f' (missing {missing})' if missing and classes else ''}; fine-tune them on these labels "
+            "(`l2l finetune`) and extract with the result, or pass --init scratch"
+        )
+    if model.image.num_features != skim_config.dim:
+        raise CheckpointError(
+            f"students {spec} make {model.image.num_features}-d features but the store holds "
+            f"{skim_config.dim}-d ones; {fix}"
+        )
+    fusion, head = model.fusion, model.classifier.fc
+    rows = torch.tensor([classes.index(n) for n in names])  # skimming class id -> students' class id
+    return StudentsStart(
+        options={"embed": int(fusion.num_features), "psi_hidden": int(fusion.fc1.out_features)},
+        psi={
+            "0.weight": fusion.fc1.weight.detach(),
+            "0.bias": fusion.fc1.bias.detach(),
+            "2.weight": fusion.fc2.weight.detach(),
+            "2.bias": fusion.fc2.bias.detach(),
+        },
+        classifier={"weight": head.weight.detach()[rows], "bias": head.bias.detach()[rows]},
+        record={"from": "students", "path": spec, "sha256": meta["sha256"]},
+    )
+
+
+def param_groups(model: SkimModel, config: TrainConfig) -> list[dict[str, Any]]:
+    """Optimiser groups: everything trainable at the learning rate, and with ``init="students"`` the
+    classifier at ``classifier_lr_scale`` times it (``Psi``, frozen, is in no group)."""
+    if config.init != "students":
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    head = {id(p) for p in model.classifier.parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+    return [
+        {"params": rest},
+        {"params": list(model.classifier.parameters()), "lr_scale": config.classifier_lr_scale},
+    ]
 
 
 @torch.no_grad()

@@ -50,8 +50,10 @@ def test_folder_recipe_round_trip_through_extract_and_train(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        # Random students have no classifier for Psi and the classifier to start from.
         summary = run("train", str(store), "--labels", str(manifest), "--out", str(tmp_path / "skim.pt"),
-                      "--epochs", "1", "--batch-size", "4", "--hidden", "32", "--embed", "16")  # fmt: skip
+                      "--epochs", "1", "--batch-size", "4", "--hidden", "32", "--embed", "16",
+                      "--init", "scratch")  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     splits = [r[3] for r in rows]

@@ -29,7 +29,8 @@ from skim.synthetic import PlantedSpec, write_planted_store
 
 SPEC = PlantedSpec(videos=80, classes=4, dim=32, min_steps=30, max_steps=80, strength=8.0, chunk_rows=256)
 SMALL_MODEL = ["--hidden", "64", "--embed", "32"]
-FAST_TRAIN = ["--lr", "0.1", "--batch-size", "16", "--milestones", "", "--seed", "0"]
+# A planted store records no students checkpoint, so Psi and the classifier start from scratch.
+FAST_TRAIN = ["--lr", "0.1", "--batch-size", "16", "--milestones", "", "--seed", "0", "--init", "scratch"]
 METRICS = {"accuracy", "map", "gflops_per_video", "steps_used", "evidence_precision"}
 
 
@@ -179,6 +180,14 @@ def test_metrics_by_hand():
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
+
+
+def test_train_without_a_students_checkpoint_says_how_to_go_on(corpus, tmp_path):
+    args = ["train", str(corpus["store"]), "--labels", str(corpus["labels"]), "--out", str(tmp_path / "s.pt")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "records none" in result.stderr and "--init scratch" in result.stderr, result.stderr
+    assert not (tmp_path / "s.pt").exists()
 
 
 def test_train_writes_self_describing_checkpoint_and_curves(trained):

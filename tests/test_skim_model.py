@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -122,27 +124,191 @@ def test_masked_batch_norm_counts_only_valid_rows():
     torch.testing.assert_close(ours.running_var, ref.running_var)
 
 
+@pytest.mark.parametrize("mask", ["per_modality", "shared"])
 @pytest.mark.parametrize("next_input", ["soft", "hard"])
 @pytest.mark.parametrize("training", [True, False])
-def test_masking_never_reselects_a_step_or_picks_padding(next_input, training):
-    cfg = SkimConfig(**SMALL, next_input=next_input)
+def test_masking_never_reselects_a_step_or_picks_padding(mask, next_input, training):
+    cfg = SkimConfig(**SMALL, next_input=next_input, mask=mask)
     model = SkimModel(cfg).train(training)
     lengths = [30, 12, 25, 4]  # the 4-step video runs out of steps
     out = model(*make_batch(cfg, lengths, seed=1))
     for b, n in enumerate(lengths):
-        seen: set[int] = set()
+        seen: list[set[int]] = [set(), set()]  # per modality
         for s in range(out.chosen.shape[1]):
-            picks = {int(j) for j in out.chosen[b, s] if j >= 0}
+            picks = [int(j) for j in out.chosen[b, s]]
+            if picks[0] < 0:
+                assert all(j < 0 for j in out.chosen[b, s:].flatten()), "a stopped video never restarts"
+                break
             assert all(0 <= j < n for j in picks), (b, s, picks)
-            assert not picks & seen, f"video {b} re-selected {picks & seen} at selection {s}"
-            # weights vanish on padding and on steps chosen before
             w = out.attention[b, s].detach()
-            assert float(w[n:].abs().sum()) == 0.0 and float(w[sorted(seen)].abs().sum()) == 0.0
-            seen |= picks
-        assert cfg.num_steps - 1 <= len(seen) <= 2 * (cfg.num_steps - 1) if n > 20 else len(seen) <= n
-    assert len(seen) == 4  # the short video used every step, then stopped
+            assert float(w[n:].abs().sum()) == 0.0  # padding never weighted
+            if mask == "shared":  # no step is chosen twice by any query, and chosen steps get no weight
+                both = seen[0] | seen[1]
+                assert not set(picks) & both, f"video {b} re-selected {set(picks) & both} at {s}"
+                assert float(w[sorted(both)].abs().sum()) == 0.0
+            else:  # each query never re-selects its own picks; the other's picks stay open to it
+                for m in (0, 1):
+                    assert picks[m] not in seen[m], f"video {b} modality {m} re-selected {picks[m]} at {s}"
+            for m in (0, 1):
+                seen[m].add(picks[m])
+        if n > 20:
+            assert all(len(x) == cfg.num_steps - 1 for x in seen)
     assert torch.isfinite(out.logits).all()
+    short = [int(j) for j in out.chosen[3].flatten() if j >= 0]
+    if mask == "per_modality":  # each modality takes all 4 steps once, then the video stops
+        assert sorted(short[0::2]) == sorted(short[1::2]) == [0, 1, 2, 3]
+        assert int(out.steps_used[3]) == 5
+    else:  # picks leave both modalities: at most 4 distinct steps, fewer selections
+        assert set(short) == {0, 1, 2, 3} and int(out.steps_used[3]) <= 4
     assert int(out.steps_used[3]) < cfg.num_steps  # exhausted: stops instead of producing NaN
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_videos_shorter_than_t_stop_early_even_when_the_whole_batch_is_short(training):
+    """The reference pads by repeating the last row and crashes on an all-short batch; we stop early."""
+    cfg = SkimConfig(**SMALL, step_head_weight=0.5)
+    model = SkimModel(cfg).train(training)
+    feats, mask = make_batch(cfg, [4, 2, 1], seed=11, pad_value=float("nan"))
+    out = model(feats, mask)
+    assert out.steps_used.tolist() == [5, 3, 2]  # the mean start + one selection per step
+    for b, n in enumerate([4, 2, 1]):
+        picks = out.chosen[b, :n]
+        assert (picks >= 0).all() and (out.chosen[b, n:] == -1).all()
+        for m in range(2):
+            assert sorted(picks[:, m].tolist()) == list(range(n))
+    loss = model.loss(out, torch.tensor([0, 1, 2]))
+    assert torch.isfinite(loss)
+    if training:
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _bn_eval(x: torch.Tensor, bn: MaskedBatchNorm1d) -> torch.Tensor:
+    return (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+
+
+def _weight_normed(module: nn.Module, name: str) -> torch.Tensor:
+    g, v = (
+        getattr(module.parametrizations, name).original0,
+        getattr(module.parametrizations, name).original1,
+    )
+    return g * v / v.norm(dim=1, keepdim=True)  # weight_norm over dim 0: one norm per output row
+
+
+@pytest.mark.parametrize("next_input", ["soft", "hard"])
+def test_equations_of_design_section_3_by_direct_computation(next_input):
+    """Keys, mean start, LSTM, queries, per-modality masks, attention, modality attention, next input and
+    the classifier on the mean of Psi outputs, each written out with plain tensor ops."""
+    cfg = SkimConfig(**SMALL, next_input=next_input)
+    model = SkimModel(cfg)
+    warm_up(model, cfg)  # eval mode with running statistics that are not the identity
+    lengths = [14, 9]
+    feats, mask = make_batch(cfg, lengths, seed=12, pad_value=float("nan"))
+    with torch.no_grad():
+        out = model(feats, mask)
+        w_ih, w_hh = _weight_normed(model.lstm, "weight_ih"), _weight_normed(model.lstm, "weight_hh")
+        d, t_steps = cfg.dim, cfg.num_steps
+        per_modality_differs = False
+        for b, n in enumerate(lengths):
+            z = [feats["image"][b, :n], feats["audio"][b, :n]]  # (n, D) each, valid rows only
+            keys = [  # k_M[j] = ReLU(BN(W_M z_M[j]))
+                torch.relu(
+                    _bn_eval(z[m] @ model.key_proj[m].weight.T + model.key_proj[m].bias, model.key_bn[m])
+                )
+                for m in range(2)
+            ]
+            x = [z[0].mean(0), z[1].mean(0)]  # start: the mean of the valid rows
+            h = torch.zeros(cfg.hidden)
+            c = torch.zeros(cfg.hidden)
+            open_ = [
+                torch.ones(n, dtype=torch.bool),
+                torch.ones(n, dtype=torch.bool),
+            ]  # one mask per modality
+            us = []
+            for t in range(t_steps):
+                u = model.psi(torch.cat(x))  # u_t = Psi(x_I, x_A)
+                us.append(u)
+                if t == t_steps - 1:
+                    break
+                gates = w_ih @ u + model.lstm.bias_ih + w_hh @ h + model.lstm.bias_hh
+                i, f, g, o = gates.chunk(4)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                alphas = []
+                for m in range(2):
+                    qm = model.query[m]
+                    q = qm.fc2(torch.relu(_bn_eval(qm.fc1(h), qm.bn)))  # q_M = MLP_M(h)
+                    s = keys[m] @ q / d**0.5  # s_M[j] = q_M . k_M[j] / sqrt(D)
+                    alphas.append(torch.where(open_[m], s, float("-inf")).softmax(0))
+                beta = (model.modality.weight @ h + model.modality.bias).softmax(0)
+                picks = [int(a.argmax()) for a in alphas]
+                torch.testing.assert_close(out.chosen[b, t].tolist(), picks)
+                soft = beta[0] * alphas[0] + beta[1] * alphas[1]
+                torch.testing.assert_close(out.attention[b, t, :n], soft, atol=1e-6, rtol=1e-5)
+                for m in range(2):
+                    assert float(alphas[m][~open_[m]].sum()) == 0.0  # own earlier picks are masked
+                    per_modality_differs |= bool((alphas[1 - m][~open_[m]] > 0).any())
+                if next_input == "soft":  # x_I = b0 sum a_I z_I + b1 sum a_A z_I, x_A likewise
+                    x = [beta[0] * alphas[0] @ z[k] + beta[1] * alphas[1] @ z[k] for k in range(2)]
+                else:  # hard: each modality's feature at each query's own argmax
+                    x = [beta[0] * z[k][picks[0]] + beta[1] * z[k][picks[1]] for k in range(2)]
+                for m in range(2):
+                    open_[m][picks[m]] = False
+            logits = model.classifier(torch.stack(us).mean(0))  # classifier on the mean of u_0..u_{T-1}
+            torch.testing.assert_close(out.logits[b], logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.pooled[b], torch.stack(us).mean(0), atol=1e-5, rtol=1e-5)
+    assert per_modality_differs  # a step one query took still drew weight from the other query
+
+
+@pytest.mark.parametrize("query_bn, updates", [("every_step", 10), ("skip_last", 9)])
+@pytest.mark.parametrize("step_head_weight", [0.0, 0.5])
+def test_query_batch_norm_sees_every_query(query_bn, updates, step_head_weight):
+    cfg = SkimConfig(**SMALL, query_bn=query_bn, step_head_weight=step_head_weight)
+    model = SkimModel(cfg).train()
+    feats, mask = make_batch(cfg, [20, 16, 18], seed=13)
+    before = [q.bn.running_mean.clone() for q in model.query]
+    out = model(feats, mask)
+    assert [int(q.bn.num_batches_tracked) for q in model.query] == [updates, updates]
+    assert out.chosen.shape[1] == cfg.num_steps - 1  # the last query chooses nothing
+    # The extra update changes only statistics: same logits and chosen steps as skipping it.
+    other = SkimModel(replace(cfg, query_bn="skip_last" if query_bn == "every_step" else "every_step"))
+    other.load_state_dict(model.state_dict())
+    for q, b in zip(other.query, before, strict=True):
+        q.bn.running_mean.copy_(b)
+    again = other.train()(feats, mask)
+    torch.testing.assert_close(again.logits, out.logits)
+    torch.testing.assert_close(again.chosen, out.chosen)
+
+
+def test_reference_init_and_torch_init():
+    torch.manual_seed(0)
+    ref = SkimModel(SkimConfig(**{**SMALL, "hidden": 256, "dim": 128}))
+    torch.manual_seed(0)
+    old = SkimModel(SkimConfig(**{**SMALL, "hidden": 256, "dim": 128}, weight_init="torch"))
+    for name, m in ref.named_modules():
+        if isinstance(m, nn.Linear) and m.weight.numel() > 4000:  # enough samples to estimate the std
+            w = m.weight.detach()
+            assert abs(float(w.std()) - 0.02) < 0.002 and abs(float(w.mean())) < 0.002, name
+    assert float(ref.lstm.bias_ih.detach().abs().sum()) == 0.0 == float(ref.lstm.bias_hh.detach().abs().sum())
+    assert float(old.lstm.bias_ih.detach().abs().sum()) > 0
+    assert (
+        abs(float(old.query[0].fc1.weight.detach().std()) - 0.02) > 0.005
+    )  # PyTorch's default is U(+-1/sqrt(fan_in))
+    from skim.model import reference_init
+
+    bn = nn.Sequential(nn.BatchNorm2d(4096))
+    reference_init(bn)
+    w = bn[0].weight.detach()
+    assert abs(float(w.mean()) - 1) < 0.003 and abs(float(w.std()) - 0.02) < 0.003
+
+
+def test_checkpoints_without_the_new_fields_keep_their_old_behaviour():
+    legacy = {
+        k: v for k, v in SkimConfig(**SMALL).to_dict().items() if k not in ("mask", "query_bn", "weight_init")
+    }
+    cfg = SkimConfig.from_dict(legacy)
+    assert (cfg.mask, cfg.query_bn, cfg.weight_init) == ("shared", "skip_last", "torch")
+    assert SkimConfig.from_dict(SkimConfig(**SMALL).to_dict()).mask == "per_modality"
 
 
 def test_mean_start_ignores_padding_and_soft_indexing_is_the_weighted_sum():
@@ -230,6 +396,8 @@ VARIANTS = {
     "visual_index_av_recognition": {"index_features": ("image",), "recognition_features": ("image", "audio")},
     "second_store": {"recognition_features": ("fused",), "recognition_store": True},
     "subsampled": {"subsample": 3},
+    "shared_mask": {"mask": "shared"},
+    "skip_last_query_bn": {"query_bn": "skip_last"},
 }
 
 
@@ -364,3 +532,142 @@ def test_checkpoint_uses_the_one_envelope_and_verifies_sha256_on_every_load(tmp_
         from indexing.models import load_students
 
         load_students(path)
+
+
+# ---- Psi and the classifier from the students checkpoint ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from skim.synthetic import PlantedSpec, write_planted_store
+
+    spec = PlantedSpec(videos=20, classes=4, min_steps=16, max_steps=24, dim=SMALL["dim"], seed=3)
+    return write_planted_store(tmp_path_factory.mktemp("planted") / "store", spec)
+
+
+def _save_students(path, classes):
+    from indexing import checkpoint as ckpt_io
+    from indexing.models import Students
+    from indexing.models import create_model as create_student
+
+    d = SMALL["dim"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        students = Students(
+            create_student("image_resnet18_tiny", num_features=d),
+            create_student("audio_resnet18_tiny", num_features=d),
+            create_student("fusion_mlp_tiny", in_features=2 * d, hidden=20, num_features=d),
+            create_student("classifier_linear", in_features=d, num_classes=len(classes)),
+        )
+    ckpt_io.save_checkpoint(
+        path, kind="students", models=students.specs(), state_dict=students.state_dict(),
+        extra={"classes": list(classes)},
+    )  # fmt: skip
+    return students
+
+
+FAST = {"epochs": 1, "batch_size": 4, "crop_min": 8, "crop_max": 16, "milestones": ()}
+
+
+def test_psi_and_classifier_start_from_the_students(planted, tmp_path):
+    from indexing import checkpoint as ckpt_io
+    from skim.checkpoint import load_checkpoint
+    from skim.train import TrainConfig, train
+
+    classes = ["class3", "class1", "other", "class0", "class2"]  # another order and one more class
+    students = _save_students(tmp_path / "students.pt", classes)
+    out = tmp_path / "skim.pt"
+    summary = train(
+        planted["store"], out, labels=planted["labels"], model_options={"hidden": 24},
+        config=TrainConfig(**FAST, lr=0.5), students=tmp_path / "students.pt", progress=False,
+        log=lambda _: None,
+    )  # fmt: skip
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["init"]["from"] == "students" and ckpt.meta["init"]["path"] == str(
+        tmp_path / "students.pt"
+    )
+    assert ckpt.meta["init"]["sha256"] == ckpt_io.weights_sha256(students.state_dict())
+    assert (ckpt.config.embed, ckpt.config.psi_hidden) == (SMALL["dim"], 20)
+    # Psi is frozen: exactly the students' fusion after training.
+    torch.testing.assert_close(ckpt.model.psi[0].weight, students.fusion.fc1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(ckpt.model.psi[2].bias, students.fusion.fc2.bias, rtol=0, atol=0)
+    # The classifier started from the students' rows for class0..class3 and moved.
+    rows = [classes.index(n) for n in summary["labels"]]
+    start = students.classifier.fc.weight.detach()[rows]
+    assert not torch.equal(ckpt.model.classifier.weight, start)
+    assert float((ckpt.model.classifier.weight.detach() - start).abs().max()) < 0.5
+
+
+def test_psi_frozen_and_classifier_at_a_tenth_of_the_rate(planted, tmp_path):
+    from indexing.stores import open_store
+    from indexing.training import Schedule, StepResult, fit, sgd
+    from skim.train import TrainConfig, param_groups, students_start
+
+    names = [f"class{c}" for c in range(4)]
+    _save_students(tmp_path / "students.pt", names)
+    store = open_store(planted["store"])
+    probe = create_model("imgaud_skim", **{**SMALL, "embed": SMALL["dim"]}).config
+    start = students_start(store, probe, names, tmp_path / "students.pt")
+    model = SkimModel(replace(probe, **start.options))
+    start.apply(model)
+    config = TrainConfig(lr=0.5, momentum=0.0, nesterov=False, weight_decay=0.0)
+    opt = sgd(param_groups(model, config), momentum=0.0, nesterov=False, weight_decay=0.0)
+    feats, mask = make_batch(model.config, [12, 9, 16], seed=14)
+    labels = torch.tensor([0, 3, 1])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {}
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def step(_batch):
+        # The gradients from a separate, identical forward (the key gradient buffers are used up by one
+        # backward); training-mode outputs do not depend on the running statistics it also updates.
+        probe = model.loss(model.train()(feats, mask), labels)
+        found = torch.autograd.grad(probe, [p for _, p in trainable])
+        grads.update(zip([n for n, _ in trainable], found, strict=True))
+        loss = model.loss(model(feats, mask), labels)
+        return StepResult(loss, 3)
+
+    fit(stage="t", epochs=1, optimizer=opt, schedule=Schedule(lr=0.5), batches=lambda _e: [None], step=step,
+        save=lambda _e, _s: None, progress=False, note=lambda _l: None)  # fmt: skip
+    for name, p in model.named_parameters():
+        moved = p.detach() - before[name]
+        if name.startswith("psi."):
+            assert not p.requires_grad and name not in grads and float(moved.abs().sum()) == 0.0, name
+        elif name.startswith("classifier."):
+            torch.testing.assert_close(moved, -0.05 * grads[name])  # 0.1 x lr
+        else:
+            torch.testing.assert_close(moved, -0.5 * grads[name], atol=1e-6, rtol=1e-4)
+    dead = [n for n, g in grads.items() if float(g.abs().sum()) == 0.0]
+    assert not dead, f"trainable parameters without gradient next to a frozen Psi: {dead}"
+
+
+def test_students_start_refuses_what_it_cannot_use(planted, tmp_path):
+    import zarr
+
+    from indexing.errors import CheckpointError, ConfigError
+    from indexing.stores import open_store
+    from skim.train import students_start
+
+    names = [f"class{c}" for c in range(4)]
+    store = open_store(planted["store"])
+    cfg = create_model("imgaud_skim", **SMALL).config
+    with pytest.raises(CheckpointError, match="records none.*--students CHECKPOINT.*--init scratch"):
+        students_start(store, cfg, names)
+    with pytest.raises(CheckpointError, match="not available.*does not exist.*--init scratch"):
+        students_start(store, cfg, names, tmp_path / "moved.pt")
+    _save_students(tmp_path / "three.pt", names[:3])
+    with pytest.raises(CheckpointError, match=r"missing \['class3'\].*l2l finetune.*--init scratch"):
+        students_start(store, cfg, names, tmp_path / "three.pt")
+    with pytest.raises(ConfigError, match=r"recognises with \['fused'\].*--init scratch"):
+        students_start(store, create_model("fused_skim", **SMALL).config, names, tmp_path / "three.pt")
+    # A store that records the students that made it: another checkpoint is refused by its sha256.
+    _save_students(tmp_path / "good.pt", names)
+    group = zarr.open_group(str(planted["store"]), mode="r+")
+    attrs = dict(group.attrs)
+    group.attrs["models"] = {"students": {"spec": str(tmp_path / "good.pt"), "sha256": "0" * 64}}
+    try:
+        with pytest.raises(CheckpointError, match="was made with 000000000000"):
+            students_start(open_store(planted["store"]), cfg, names)
+    finally:
+        group.attrs.put(attrs)
