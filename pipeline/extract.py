@@ -44,7 +44,15 @@ import numpy as np
 
 from indexing.errors import MediaError
 from indexing.grid import AUDIO_S, SAMPLE_RATE, STEP_S
-from indexing.stores import FEATURES, VideoRecord, available_stores, get_store, open_store, store_format
+from indexing.stores import (
+    FEATURES,
+    ROW_ARRAYS,
+    VideoRecord,
+    available_stores,
+    get_store,
+    open_store,
+    store_format,
+)
 from pipeline.plan import Plan, Task, TaskVideo, plan_extraction
 
 if TYPE_CHECKING:
@@ -788,3 +796,157 @@ def _finalise(
         task_errors=errors,
         complete=len(done) == len(plan.tasks),
     )
+
+
+# ---- repair ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair_store` found and did; ``to_json`` is the CLI's ``--json`` output.
+
+    Attributes:
+        store: The store path.
+        found: The problems the full check found before repairing (``Problem.to_dict()`` each).
+        tasks_rerun: Row ranges of the tasks re-extracted.
+        removed: Files deleted (extra files, leftovers of killed writes, a stale lock).
+        index_rebuilt: Whether the index was rewritten (always, when anything was repaired).
+        failed: Videos that failed while re-extracting (e.g. their source is gone), with the reason.
+        task_errors: Tasks that could not be rerun (they stay unfinished).
+        remaining: Problems the check still finds afterwards (empty when the repair worked).
+    """
+
+    store: str
+    found: list[dict[str, Any]] = field(default_factory=list)
+    tasks_rerun: list[list[int]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    index_rebuilt: bool = False
+    failed: list[dict[str, str]] = field(default_factory=list)
+    task_errors: list[dict[str, str]] = field(default_factory=list)
+    remaining: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for p in self.found:
+            kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+        found = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
+        lines = [
+            f"store     {self.store}",
+            f"found     {found}",
+            f"repaired  {len(self.tasks_rerun)} task(s) re-extracted, {len(self.removed)} file(s) removed"
+            + (", index rewritten" if self.index_rebuilt else ""),
+        ]
+        for f in self.failed:
+            lines.append(f"failed    {f['video_id']}  {f['path']}  {f['reason']}")
+        lines.append(
+            f"check     {'ok' if not self.remaining else f'{len(self.remaining)} problem(s) remain'}"
+        )
+        return "\n".join(lines)
+
+
+def repair_store(
+    store_path: str | Path,
+    *,
+    client: Client | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> RepairReport:
+    """Find every problem of a store (the full ``l2l store check``) and repair it in place.
+
+    Exactly the damaged tasks are marked unfinished and re-extracted from their source videos with the
+    students and extraction config recorded in the store (bitwise the rows an undamaged run wrote); extra
+    files and leftovers of killed writes are deleted; a stale lock is taken over; the index is rewritten
+    from the planned index kept in the store plus every task's done marker. A video whose source is gone
+    becomes ``failed`` with that reason.
+
+    Args:
+        store_path: The store.
+        client: A Dask client to rerun tasks on (``None``: serially, here).
+        progress: Show progress bars on stderr.
+        log: Where to print status lines (default: stderr).
+
+    Returns:
+        The report; ``report.remaining`` lists what the check still finds afterwards.
+
+    Raises:
+        StoreError: The store is not one ``l2l extract`` wrote with write records (format 1: export it
+            first), it is locked by a live writer, or its kept plan is damaged too.
+        ConfigError: The recorded students cannot be loaded.
+    """
+    from indexing.errors import StoreError
+    from indexing.stores import columns_to_records
+    from indexing.stores.tools import REPAIRED_BY_TASK, check_store
+
+    log = log or (lambda line: print(line, file=sys.stderr))
+    store_path = Path(store_path)
+    found = check_store(store_path, progress=progress)
+    report = RepairReport(store=str(store_path), found=[p.to_dict() for p in found])
+    if not found:
+        return report
+    if found[0].kind == "unreadable_store":
+        raise StoreError(f"{found[0].message}; a store that cannot be opened cannot be repaired")
+    store = open_store(store_path, "r+")
+    with store:
+        if not store.verified:
+            raise StoreError(
+                f"{store_path} is a format-1 store without write records; rewrite it with `l2l store export "
+                f"{store_path} NEW --format {store.name}` (which needs readable rows) and repair that"
+            )
+        old = store.attrs.get("extraction")
+        if not isinstance(old, dict):
+            raise StoreError(
+                f"{store_path} was not written by `l2l extract`; only its tasks can be re-extracted"
+            )
+        config = ExtractConfig(**{f.name: old[f.name] for f in fields(ExtractConfig) if f.name in old})
+        planned = store.planned_index()
+        if planned is None:
+            raise StoreError(f"{store_path}: the planned index is missing, so its tasks cannot be rebuilt")
+        plan = plan_extraction(
+            columns_to_records(planned), chunk_rows=config.chunk_rows, task_steps=config.task_steps
+        )
+        if plan.digest() != store.attrs.get("plan", {}).get("digest"):
+            raise StoreError(f"{store_path}: the kept planned index does not give the store's plan (digest)")
+        with store.lock():  # a stale lock (dead writer on this host) is taken over here
+            if any(p.kind == "stale_lock" for p in found):
+                report.removed.append(str(store_path / "write.lock"))
+            planned_ranges = {(t.start, t.stop) for t in plan.tasks}
+            damaged = {tuple(p.task) for p in found if p.kind in REPAIRED_BY_TASK and p.task}
+            for p in found:
+                if p.kind == "marker" and p.task and tuple(p.task) not in planned_ranges:
+                    store.unmark_done(*p.task)
+                if p.kind == "extra" and p.array:
+                    (store_path / p.array).unlink(missing_ok=True)
+                    report.removed.append(p.array)
+            report.removed += _remove_leftovers(store_path)
+            todo = [t for t in plan.tasks if (t.start, t.stop) in damaged]
+            for t in todo:
+                store.unmark_done(t.start, t.stop)
+                for name in FEATURES + ROW_ARRAYS:  # a clean slate: no damaged file is read back or kept
+                    for path in store.files_of(name, t.start, t.stop):
+                        (store_path / path).unlink(missing_ok=True)
+            log(f"l2l: repairing {store_path}: re-extracting {len(todo)} task(s)")
+            new, errors = _run_tasks(todo, store_path, config, client=client, progress=progress)
+            report.tasks_rerun = [[t.start, t.stop] for t in todo if t.index in new]
+            report.task_errors = errors
+            done = finished_results(store, plan)
+            final = _finalise(store, plan, done, errors, config)
+            report.index_rebuilt = True
+        rerun_ids = {v.video_id for t in todo for v in t.videos}
+        report.failed = [f for f in final.failed if f["video_id"] in rerun_ids]
+    report.remaining = [p.to_dict() for p in check_store(store_path, progress=progress)]
+    return report
+
+
+def _remove_leftovers(store_path: Path) -> list[str]:
+    """Delete temporary files of writes killed before their rename (zarr's ``*.partial``, our ``.tmp-``)."""
+    removed = []
+    for root, _, files in os.walk(store_path):
+        for name in files:
+            if name.endswith(".partial") or ".tmp-" in name:
+                path = Path(root) / name
+                path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(store_path)))
+    return removed

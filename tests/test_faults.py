@@ -18,6 +18,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,8 +33,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from indexing.stores import FEATURES, ROW_ARRAYS, open_store
-from indexing.stores.tools import export_store, store_check
+from indexing.errors import StoreError
+from indexing.stores import FEATURES, ROW_ARRAYS, available_stores, open_store
+from indexing.stores.tools import check_store, export_store, store_check
 from pipeline.encode import write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -544,13 +546,13 @@ def test_store_check_reports_a_damaged_chunk(reference, tmp_path, fmt):
     if fmt == "zarr":
         shutil.copytree(reference, store)
         (store / "features" / "fused" / "c" / "1" / "0").write_bytes(b"\x13garbage\x37" * 50)  # rows [4, 8)
-        want = r"features/fused rows \[4, 8\) are unreadable"
+        want = r"features/fused/c/1/0 has 450 bytes, its task \[4, 12\) wrote \d+"
     else:
         export_store(reference, store, "hdf5")
         part = next((store / "parts").glob("rows-*.h5"))
         with open(part, "r+b") as f:
             f.truncate(part.stat().st_size // 2)
-        want = rf"part {part.name} is unreadable"
+        want = rf"parts/{part.name} has {part.stat().st_size} bytes, its task \[\d+, \d+\) wrote \d+"
     assert CliRunner().invoke(main, ["store", "check", str(reference)]).exit_code == 0
     result = CliRunner().invoke(main, ["store", "check", str(store)])
     assert result.exit_code == 1, result.output
@@ -610,3 +612,206 @@ def _results(store: Path) -> dict[tuple[int, int], dict[str, Any]]:
     """The task results kept with the done markers, by row range (read through the store API)."""
     with open_store(store) as s:
         return s.done_results()
+
+
+# ---- 8. every kind of store damage: check finds exactly it, reads raise, repair restores the bytes ------
+
+DAMAGE_VIDEOS = (2.0, 2.5, 3.0)  # 4, 5 and 6 steps: tasks [0, 4), [4, 12), [12, 18); chunks of 4 rows
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small")
+    for i, seconds in enumerate(DAMAGE_VIDEOS):
+        _video(root / f"s{i}.mp4", seconds, seed=10 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean(small_corpus, tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted serial extraction of the small corpus per store format."""
+    from pipeline.extract import ExtractConfig, run_extraction
+
+    out = {}
+    for fmt in available_stores():
+        out[fmt] = tmp_path_factory.mktemp("clean") / f"store-{fmt}"
+        config = ExtractConfig(students=STUDENTS, store=fmt, chunk_rows=4, task_steps=4, batch_steps=4)
+        assert run_extraction(small_corpus, out[fmt], config, log=lambda _: None).complete
+        assert check_store(out[fmt]) == []
+    return out
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _h5_chunk(path: Path, dataset: str) -> tuple[int, int]:
+    """Byte offset and size of the first stored chunk of ``dataset`` in an HDF5 file."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    return info.byte_offset, info.size
+
+
+def _part(store: Path, i: int) -> Path:
+    return sorted((store / "parts").glob("rows-*.h5"))[i]
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name("swap.tmp")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def _damage(store: Path, fmt: str, kind: str) -> list[str]:
+    """Damage ``store`` in one way; returns the problem kinds a full check must report, in order."""
+    if kind == "stale_lock":
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE)
+        lock = {"pid": int(dead.stdout), "host": socket.gethostname(), "token": "t", "since": 0.0}
+        (store / "write.lock").write_text(json.dumps(lock))
+        return ["stale_lock"]
+    if fmt == "zarr":
+        chunk = store / "features" / "image" / "c"
+        if kind == "delete":
+            (store / "features" / "fused" / "c" / "1" / "0").unlink()
+            return ["missing"]
+        if kind == "truncate":
+            path = chunk / "0" / "0"
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            return ["truncated"]
+        if kind == "flip":
+            _flip(chunk / "0" / "0", 40)
+            return ["checksum"]
+        if kind == "swap":
+            _swap(chunk / "0" / "0", chunk / "3" / "0")
+            return ["swapped", "swapped"]
+        if kind == "copy":
+            shutil.copyfile(chunk / "0" / "0", chunk / "3" / "0")
+            return ["copied"]
+        if kind == "zero":
+            path = store / "valid" / "c" / "2"
+            path.write_bytes(bytes(path.stat().st_size))
+            return ["checksum"]
+        if kind == "remove_part":  # zarr has no part files: a whole block of rows of one array goes
+            shutil.rmtree(store / "features" / "audio" / "c" / "3")
+            return ["missing"]
+        if kind == "extra":
+            (chunk / "9").mkdir()
+            (chunk / "9" / "0").write_bytes(b"stray")
+            return ["extra"]
+        if kind == "index":
+            _flip(store / "index" / "first_row" / "c" / "0", 3)
+            return ["index"]
+    else:
+        if kind in ("delete", "remove_part"):
+            _part(store, 1).unlink()
+            return ["missing"]
+        if kind == "truncate":
+            path = _part(store, 0)
+            path.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
+            return ["truncated"]
+        if kind in ("flip", "zero"):
+            path = _part(store, 2)
+            offset, size = _h5_chunk(path, "features/image")
+            if kind == "flip":
+                _flip(path, offset + size // 2)
+                return ["checksum"]
+            data = bytearray(path.read_bytes())
+            data[offset : offset + size] = bytes(size)
+            path.write_bytes(bytes(data))
+            return ["modified"]  # fletcher32 of all zeros is zero: only the task's record catches it
+        if kind == "swap":
+            _swap(_part(store, 0), _part(store, 2))
+            return ["swapped", "swapped"]
+        if kind == "copy":
+            shutil.copyfile(_part(store, 0), _part(store, 1))
+            return ["copied"]
+        if kind == "extra":
+            (store / "parts" / "rows-000000000004-000000000008.h5").write_bytes(b"stray")
+            return ["extra"]
+        if kind == "index":
+            offset, size = _h5_chunk(store / "store.h5", "index/first_row")
+            _flip(store / "store.h5", offset + size // 2)
+            return ["index"]
+    raise AssertionError(kind)
+
+
+def _read_everything(store: Path) -> None:
+    with open_store(store) as s:
+        s.videos()
+        for name in ARRAYS:
+            s.read_rows(name, 0, s.rows)
+
+
+DAMAGE_KINDS = [
+    "delete",
+    "truncate",
+    "flip",
+    "swap",
+    "copy",
+    "zero",
+    "remove_part",
+    "extra",
+    "index",
+    "stale_lock",
+]
+
+
+@pytest.mark.parametrize("kind", DAMAGE_KINDS)
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_damage_is_found_refused_and_repaired_bitwise(clean, tmp_path, fmt, kind):
+    from pipeline.extract import repair_store
+
+    store = tmp_path / "store"
+    shutil.copytree(clean[fmt], store)
+    want = _damage(store, fmt, kind)
+    found = check_store(store)
+    assert [p.kind for p in found] == want, [p.message for p in found]
+    # Quick sees presence and sizes only: a flipped or zeroed byte no, a moved chunk as a wrong size.
+    quick = {"flip": [], "zero": [], "copy": ["truncated"], "swap": ["truncated", "truncated"]}.get(
+        kind, want
+    )
+    assert [p.kind for p in check_store(store, quick=True)] == quick
+    if kind in ("extra", "stale_lock"):
+        _read_everything(store)  # not data damage: reads are unaffected
+    else:
+        with pytest.raises(StoreError, match=rf"{re.escape(str(store))}.*l2l store repair"):
+            _read_everything(store)
+    report = repair_store(store, log=lambda _: None)
+    assert report.remaining == [] and report.task_errors == [] and report.failed == []
+    if kind in ("extra", "stale_lock", "index"):
+        assert report.tasks_rerun == []  # nothing else is touched
+    else:
+        assert sorted(map(tuple, report.tasks_rerun)) == sorted({tuple(p.task) for p in found})
+    _assert_same_store(clean[fmt], store)
+    assert check_store(store) == []
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_repair_with_a_source_gone_fails_only_its_videos(small_corpus, tmp_path, fmt):
+    from pipeline.extract import ExtractConfig, repair_store, run_extraction
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    store = tmp_path / "store"
+    config = ExtractConfig(students=STUDENTS, store=fmt, chunk_rows=4, task_steps=4, batch_steps=4)
+    run_extraction(corpus, store, config, log=lambda _: None)
+    with open_store(store) as s:
+        before = {r: s.task_record(*r)["files"] for r in s.done_ranges()}
+    (corpus / "s1.mp4").unlink()  # the video of task [4, 12)
+    _damage(store, fmt, "delete")
+    report = repair_store(store, log=lambda _: None)
+    assert report.tasks_rerun == [[4, 12]] and report.remaining == []
+    assert [f["video_id"] for f in report.failed] == ["s1"]
+    with open_store(store) as s:
+        assert s.video("s1").status == "failed" and s.video("s1").error
+        assert [s.video(v).status for v in ("s0", "s2")] == ["ok", "ok"]
+        assert not s.read_video("s1")["valid"].any()
+        after = {r: s.task_record(*r)["files"] for r in s.done_ranges()}
+    assert {r: f for r, f in after.items() if r != (4, 12)} == {
+        r: f for r, f in before.items() if r != (4, 12)
+    }

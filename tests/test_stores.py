@@ -18,6 +18,7 @@ import zarr
 from click.testing import CliRunner
 
 from cli import main
+from indexing.errors import StoreError
 from indexing.stores import (
     FEATURES,
     ROW_ARRAYS,
@@ -29,7 +30,7 @@ from indexing.stores import (
     open_store,
     records_to_columns,
 )
-from indexing.stores.tools import export_store, store_check, store_info, store_ls
+from indexing.stores.tools import check_store, export_store, store_check, store_info, store_ls
 
 DIM = 16
 CHUNK = 8
@@ -123,6 +124,7 @@ class TestStoreContract(StoreHelpers):
         with self.create(tmp_path / "s", dtype="float32") as store:
             for task in TASKS:
                 store.write_rows(*task, task_arrays(data, *task))
+                store.mark_done(*task)
         with open_store(tmp_path / "s") as store:
             assert store.dtype == "float32"
             np.testing.assert_array_equal(store.read_rows("fused", 0, ROWS), data["fused"])
@@ -266,8 +268,13 @@ class TestStoreContract(StoreHelpers):
             assert not lock_file.exists()
 
     def test_done_markers(self, tmp_path: Path) -> None:
+        data = make_rows()
         with self.create(tmp_path / "s") as store:
             assert store.done_ranges() == []
+            with pytest.raises(StoreError, match=r"rows \[16, 24\).*write_rows"):
+                store.mark_done(16, 24)  # nothing written: a marker would promise rows that do not exist
+            for task in TASKS:
+                store.write_rows(*task, task_arrays(data, *task))
             store.mark_done(16, 24)
             store.mark_done(0, 16)
             store.mark_done(0, 16)
@@ -281,8 +288,9 @@ class TestStoreContract(StoreHelpers):
         self.filled(tmp_path / "s")
         assert store_check(tmp_path / "s") == []
         self.filled(tmp_path / "partial", order=[0, 2])  # task [16, 24) never ran: video c is incomplete
-        problems = store_check(tmp_path / "partial")
-        assert len(problems) == 1 and "'c'" in problems[0] and "3 of 3 rows are not valid" in problems[0]
+        problems = check_store(tmp_path / "partial")
+        assert [(p.kind, p.video_ids, p.rows) for p in problems] == [("unwritten", ["c"], [16, 19])]
+        assert check_store(tmp_path / "partial", quick=True) == problems
 
     def test_check_finds_nan(self, tmp_path: Path) -> None:
         data = self.filled(tmp_path / "s")
@@ -291,16 +299,18 @@ class TestStoreContract(StoreHelpers):
             block["audio"] = block["audio"].copy()
             block["audio"][1, 3] = np.nan
             store.write_rows(16, 24, block)
+            store.mark_done(16, 24)  # a task that really wrote NaN: its record agrees
         problems = store_check(tmp_path / "s")
         assert len(problems) == 1 and "'c'" in problems[0] and "1 rows have NaN/inf" in problems[0]
 
     def test_check_finds_damaged_chunk(self, tmp_path: Path) -> None:
         self.filled(tmp_path / "s")
         self.plain.damage_first_chunk(tmp_path / "s")
-        problems = store_check(tmp_path / "s")
-        assert any("[0, 8) are unreadable" in p for p in problems), problems
-        assert any("'a'" in p and "unreadable" in p for p in problems), problems
-        assert not any("'e'" in p for p in problems), problems
+        problems = check_store(tmp_path / "s")
+        assert [p.kind for p in problems] == ["truncated"], problems
+        assert "a" in problems[0].video_ids and "e" not in problems[0].video_ids
+        with open_store(tmp_path / "s") as store, pytest.raises(StoreError, match="l2l store repair"):
+            store.read_rows("fused", 0, 8)
 
     def test_check_finds_overlap_and_stray_valid_rows(self, tmp_path: Path) -> None:
         self.filled(tmp_path / "s")
@@ -326,8 +336,12 @@ class TestStoreContract(StoreHelpers):
         info = store_info(tmp_path / "s")
         assert set(info) == {
             "format", "videos", "ok", "failed", "pending", "steps", "failures", "models", "bytes", "rows",
-            "chunk_rows", "dtype",
+            "chunk_rows", "dtype", "format_version", "checksums",
         }  # fmt: skip
+        assert (info["format_version"], info["checksums"]) == (
+            2,
+            {"zarr": "crc32c", "hdf5": "fletcher32"}[self.fmt],
+        )
         counts = [
             info[k] for k in ("format", "videos", "ok", "failed", "pending", "steps", "rows", "chunk_rows")
         ]
@@ -423,6 +437,7 @@ class TestZarrOnly(StoreHelpers):
         with self.create(tmp_path / "s", inner_chunk_rows=4) as store:
             for task in TASKS:
                 store.write_rows(*task, task_arrays(data, *task))
+                store.mark_done(*task)
         with open_store(tmp_path / "s") as store:
             assert store.chunk_rows == CHUNK  # the write unit is the shard
             np.testing.assert_array_equal(store.read_rows("fused", 0, ROWS), data["fused"])
@@ -451,7 +466,8 @@ class TestHdf5Only(StoreHelpers):
         assert not self.plain.read(path, "valid", 0, 16).any()  # planned but not written yet: fill
         np.testing.assert_array_equal(self.plain.read(path, "fused", 16, 24), data["fused"][16:24])
         assert not self.plain.read(path, "valid", 24, 28).any()  # written but not mapped yet
-        assert any("not mapped" in p for p in store_check(path))
+        extra = [p for p in check_store(path) if p.kind == "extra"]
+        assert [p.array for p in extra] == ["parts/rows-000000000024-000000000028.h5"]
         with open_store(path, "r+") as store:
             store.set_index(make_index())  # finalising rebuilds the mapping
         np.testing.assert_array_equal(self.plain.read(path, "fused", 24, 28), data["fused"][24:28])
@@ -505,7 +521,12 @@ def test_cli_store_commands(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert runner.invoke(main, ["store", "check", str(tmp_path / "h")]).exit_code == 0
     contract.plain.damage_first_chunk(tmp_path / "s")
-    result = runner.invoke(main, ["store", "check", str(tmp_path / "s")])
-    assert result.exit_code == 1 and "unreadable" in result.output
+    result = runner.invoke(main, ["store", "check", str(tmp_path / "s"), "--json"])
+    assert result.exit_code == 1
+    problems = json.loads(result.stdout)["problems"]
+    assert [(p["kind"], p["array"], p["rows"], p["task"]) for p in problems] == [
+        ("truncated", "features/fused/c/0/0", [0, 8], [0, 16])
+    ]
+    assert problems[0]["video_ids"] == ["a", "vidéo_β/ü 中"]
     result = runner.invoke(main, ["store", "info", str(tmp_path)])
     assert result.exit_code == 2 and "not a feature store" in result.output

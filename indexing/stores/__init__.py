@@ -24,6 +24,7 @@ This module is the interface. Backends live in ``zarr_store.py`` and ``hdf5_stor
 from __future__ import annotations
 
 import difflib
+import gzip
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import socket
 import time
 import uuid
 import warnings
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -39,8 +41,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from indexing.errors import StoreError
+
 FORMAT_NAME = "l2l-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksummed chunks, per-task write records in the done markers, planned index kept
+VERIFIED_SINCE = 2  # stores of this version or newer verify every read against the done markers
+PLANNED_INDEX = "index.planned.json.gz"  # the index as created, kept to rebuild a damaged index
 FEATURES = ("image", "audio", "fused")  # 512-d each, stored under features/<name>
 ROW_ARRAYS = ("valid", "audio_valid", "time_s")  # one value per row
 STATUSES = ("ok", "failed", "pending")
@@ -505,12 +511,146 @@ class FeatureStore(ABC):
         return records_to_columns(self.videos())
 
     @abstractmethod
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of one array: a feature name (``(n, dim)``) or a row array (``(n,)``)."""
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of one array as stored (no marker gating); may raise on damaged bytes."""
+
+    @abstractmethod
+    def files_of(self, name: str, start: int, stop: int) -> list[str]:
+        """Paths (relative to the store directory) of the files holding rows ``[start, stop)`` of ``name``."""
+
+    @abstractmethod
+    def tasks(self) -> list[tuple[int, int]]:
+        """The planned task row ranges given to :meth:`create` (sorted)."""
+
+    @abstractmethod
+    def extra_files(self) -> list[tuple[str, str]]:
+        """``(path, why)`` of data files outside every planned chunk or part (temporary files aside)."""
+
+    @property
+    @abstractmethod
+    def checksums(self) -> str:
+        """How stored bytes are verified on read: ``crc32c``, ``fletcher32`` or ``none`` (old stores)."""
 
     def file_problems(self) -> list[str]:
         """Backend-specific damage found without reading every row (missing arrays, bad part files)."""
         return []
+
+    @property
+    def verified(self) -> bool:
+        """Whether reads are checked against the done markers (format 2 on): see :meth:`read_rows`."""
+        return int(self.attrs.get("format_version", 1)) >= VERIFIED_SINCE
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of one array: a feature name (``(n, dim)``) or a row array (``(n,)``).
+
+        Rows of tasks without a done marker read as fill (zeros, ``False``) even when some of their bytes are
+        already on disk, so a reader never sees a task half-written. Rows of done tasks are read from files
+        that must exist with the size recorded in the marker and pass their checksums.
+
+        Raises:
+            StoreError: A file holding done rows is missing, has the wrong size or fails its checksum; the
+                message names the store, the array, the rows, their videos and the repair command.
+            ValueError: Rows outside the store or an unknown array.
+        """
+        check_row_range(start, stop, rows=self.rows)
+        dtype = array_dtype(name, self.dtype)
+        if not self.verified:
+            return self._read(name, start, stop)
+        out = np.zeros((stop - start, self.dim) if name in FEATURES else (stop - start,), dtype)
+        for a, b in self._done_segments(start, stop):
+            for path in self.files_of(name, a, b):
+                self._check_file(name, path, a, b)
+            try:
+                out[a - start : b - start] = self._read(name, a, b)
+            except Exception as exc:  # noqa: BLE001 - codecs raise many types; all mean damaged bytes
+                raise self.damage_error(name, a, b, f"{type(exc).__name__}: {exc}") from exc
+        return out
+
+    def damage_error(self, name: str, start: int, stop: int, what: str) -> StoreError:
+        """The error for damaged rows: store, array, rows, their videos and how to repair."""
+        ids = self.video_ids_in(start, stop)
+        shown = ", ".join(map(repr, ids[:5])) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        return StoreError(
+            f"store {self.path}: array {array_path(name)} rows [{start}, {stop}) "
+            f"(videos {shown or 'none'}) cannot be read: {what}; run `l2l store check {self.path}` to see "
+            f"all damage and `l2l store repair {self.path}` to re-extract it"
+        )
+
+    def video_ids_in(self, start: int, stop: int) -> list[str]:
+        """Ids of the videos whose rows overlap ``[start, stop)``, in row order."""
+        try:
+            cols = self.index_columns()
+        except Exception:  # noqa: BLE001 - a damaged index must not hide the damage being reported
+            return []
+        first, steps = cols["first_row"], cols["steps"]
+        hit = np.flatnonzero((steps > 0) & (first < stop) & (first + steps > start))
+        hit = hit[np.argsort(first[hit], kind="stable")]
+        return cols["video_id"][hit].tolist()
+
+    def _done_segments(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Parts of ``[start, stop)`` covered by done markers (the listing is refreshed when not covered)."""
+        segments = _intersect(self._done_cache(), start, stop)
+        if sum(b - a for a, b in segments) < stop - start:
+            self._done = None  # maybe a task finished since: look again
+            segments = _intersect(self._done_cache(), start, stop)
+        return segments
+
+    def _done_cache(self) -> list[tuple[int, int]]:
+        if getattr(self, "_done", None) is None:
+            self._done = self.done_ranges()
+        return self._done
+
+    def _check_file(self, name: str, path: str, start: int, stop: int) -> None:
+        task = _containing(self._done_cache(), start)
+        record = self.task_record(*task) if task else None
+        want = (record or {}).get("files", {}).get(path)
+        try:
+            size = os.stat(self.path / path).st_size
+        except FileNotFoundError:
+            raise self.damage_error(name, start, stop, f"{path} is missing") from None
+        if want is not None and size != want[0]:
+            raise self.damage_error(name, start, stop, f"{path} has {size} bytes, its task wrote {want[0]}")
+        verified = self.__dict__.setdefault("_verified_files", set())
+        if want is not None and path not in verified:
+            # Once per file and open store: the bytes are the ones its task wrote *at this position* (a
+            # swapped or copied chunk passes its own checksum but not this).
+            have = file_digest(self.path / path)
+            if have != list(want):
+                raise self.damage_error(
+                    name, start, stop, f"{path} is not the file its task wrote ({have[1]}, not {want[1]})"
+                )
+            verified.add(path)
+
+    # ---- task records ---------------------------------------------------------------------------------
+    def task_record(self, start: int, stop: int) -> dict[str, Any] | None:
+        """The done marker of task ``[start, stop)``: ``result`` and ``files`` (path -> [size, sha256])."""
+        cache = self.__dict__.setdefault("_records", {})
+        if (start, stop) not in cache:
+            try:
+                doc = json.loads((self.path / DONE_DIR / _marker_name(start, stop)).read_text())
+            except (OSError, ValueError):
+                doc = None
+            cache[(start, stop)] = doc if isinstance(doc, dict) else None
+        return cache[(start, stop)]
+
+    def planned_index(self) -> dict[str, np.ndarray] | None:
+        """The index as :meth:`create` wrote it (columns), kept to rebuild a damaged index; ``None`` if none.
+
+        Raises:
+            StoreError: The kept copy is damaged (gzip's CRC fails).
+        """
+        path = self.path / PLANNED_INDEX
+        if not path.exists():
+            return None
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return normalize_columns(json.load(f))
+        except (OSError, EOFError, ValueError) as exc:
+            raise StoreError(f"store {self.path}: {PLANNED_INDEX} is damaged ({exc})") from exc
+
+    def _save_planned_index(self, columns: Mapping[str, np.ndarray]) -> None:
+        doc = {name: columns[name].tolist() for name in INDEX_COLUMNS}
+        _write_atomic(self.path / PLANNED_INDEX, gzip.compress(json.dumps(doc).encode(), compresslevel=1))
 
     def close(self) -> None:  # noqa: B027 - optional for backends without handles
         """Release file handles."""
@@ -555,6 +695,7 @@ class FeatureStore(ABC):
         return total
 
     def _check_writable(self) -> None:
+        self._done = None  # a writer's own view of the markers must follow its writes
         if self.mode == "r":
             raise ValueError(f"store {self.path} is open read-only; open it with mode='r+' to write")
 
@@ -601,7 +742,28 @@ class FeatureStore(ABC):
         done.mkdir(exist_ok=True)
         final = done / _marker_name(start, stop)
         doc = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "result": result}
+        if self.verified:
+            # What the task left on disk, hashed now that its writes returned: a missing, truncated, swapped
+            # or copied file is later found by position (`l2l store check`).
+            files = [path for name in FEATURES + ROW_ARRAYS for path in self.files_of(name, start, stop)]
+            try:
+                doc["files"] = {path: file_digest(self.path / path) for path in files}
+            except FileNotFoundError as exc:
+                raise StoreError(
+                    f"store {self.path}: task rows [{start}, {stop}) cannot be marked done: {exc.filename} "
+                    "does not exist; write_rows every array of the task first"
+                ) from None
         _write_atomic(final, json.dumps(doc).encode())
+        self.__dict__.get("_records", {}).pop((start, stop), None)
+        self.__dict__.pop("_verified_files", None)
+        self._done = None
+
+    def unmark_done(self, start: int, stop: int) -> None:
+        """Remove the done marker of task ``[start, stop)`` (its rows read as fill until it is rerun)."""
+        (self.path / DONE_DIR / _marker_name(start, stop)).unlink(missing_ok=True)
+        self.__dict__.get("_records", {}).pop((start, stop), None)
+        self.__dict__.pop("_verified_files", None)
+        self._done = None
 
     def done_ranges(self) -> list[tuple[int, int]]:
         """Row ranges marked done by :meth:`mark_done`, sorted."""
@@ -626,6 +788,41 @@ class FeatureStore(ABC):
                 result = None
             out[(start, stop)] = result if isinstance(result, dict) else None
         return out
+
+
+def file_digest(path: Path) -> list:
+    """``[size, "crc32:XXXXXXXX"]`` of a file's bytes (zlib's crc32: ~6 GB/s, enough to tell chunks apart)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return [size, f"crc32:{crc:08x}"]
+
+
+def array_path(name: str) -> str:
+    """Where array ``name`` lives inside a store (``features/<name>`` or ``<name>``)."""
+    if name in FEATURES:
+        return f"features/{name}"
+    if name in ROW_ARRAYS:
+        return name
+    raise ValueError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
+
+
+def _intersect(ranges: Sequence[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut to the sorted, disjoint ``ranges``."""
+    out = []
+    for a, b in ranges:
+        if a < stop and start < b:
+            out.append((max(a, start), min(b, stop)))
+    return out
+
+
+def _containing(ranges: Sequence[tuple[int, int]], row: int) -> tuple[int, int] | None:
+    for a, b in ranges:
+        if a <= row < b:
+            return (a, b)
+    return None
 
 
 def _marker_name(start: int, stop: int) -> str:
