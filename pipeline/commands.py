@@ -310,6 +310,7 @@ def store_info_cmd(store: str, as_json: bool) -> None:
     )
     click.echo(f"steps     {info['steps']} in {info['rows']} rows")
     click.echo(f"size      {info['bytes'] / 1e6:.1f} MB ({info['bytes'] / rows:.0f} bytes/row)")
+    click.echo(f"integrity format {info['format_version']}, checksums: {info['checksums']}")
     models = info["models"]
     for name, model in models.items() if isinstance(models, dict) else enumerate(models):
         click.echo(f"model     {name}: {json.dumps(model)}")
@@ -342,19 +343,63 @@ def store_ls_cmd(store: str, as_json: bool) -> None:
 
 @store_group.command("check")
 @click.argument("store", type=click.Path(exists=True))
-def store_check_cmd(store: str) -> None:
-    """Check STORE's index and every row; exit 1 listing the problems if any."""
-    from indexing.stores.tools import store_check
+@click.option("--quick", is_flag=True, help="Presence and sizes only: no data read (fast on huge stores).")
+@no_progress_option
+@json_option("the problems (kind, array, rows, video_ids, task, message)")
+def store_check_cmd(store: str, quick: bool, no_progress: bool, as_json: bool) -> None:
+    """Check STORE: index, task markers, every recorded file and (without --quick) every byte and row.
+
+    Exits 1 listing the problems if any; `l2l store repair STORE` fixes them.
+    """
+    from indexing.stores.tools import check_store
 
     with user_errors():
-        problems = store_check(store, progress=True)
-    if not problems:
+        problems = check_store(store, quick=quick, progress=not no_progress and not as_json)
+    if as_json:
+        echo_json(
+            {"store": store, "quick": quick, "ok": not problems, "problems": [p.to_dict() for p in problems]}
+        )
+    elif not problems:
         click.echo(f"{store}: ok")
-        return
-    for problem in problems:
-        click.echo(problem)
-    click.secho(f"{store}: {len(problems)} problem(s)", fg="red", err=True)
-    sys.exit(1)
+    for problem in [] if as_json else problems:
+        click.echo(f"{problem.kind:<10} {problem.message}")
+    if problems:
+        click.secho(
+            f"{store}: {len(problems)} problem(s); repair with `l2l store repair {store}`", fg="red", err=True
+        )
+        sys.exit(1)
+
+
+@store_group.command("repair")
+@click.argument("store", type=click.Path(exists=True))
+@config_options(ClusterConfig, param="cluster_options", build=_cluster_options)
+@no_progress_option
+@json_option("the repair report")
+def store_repair_cmd(store: str, cluster_options: dict[str, Any], no_progress: bool, as_json: bool) -> None:
+    """Repair STORE in place: re-extract exactly its damaged tasks, rewrite its index, drop stray files.
+
+    Uses the students and extraction config recorded in STORE, on the same cluster options as `l2l
+    extract` (--workers 0: serially here). Exits 1 when problems remain (listed).
+    """
+    from contextlib import nullcontext
+
+    from pipeline.cluster import open_client
+    from pipeline.extract import repair_store
+
+    serial = cluster_options.get("workers") == 0
+    with user_errors():
+        threads = 1
+        client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=threads)
+        with open_client(client_config, announce=note) if not serial else nullcontext() as client:
+            report = repair_store(store, client=client, progress=not no_progress, log=note)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        click.echo(report.summary())
+    if report.remaining:
+        for problem in report.remaining:
+            click.echo(f"remains   {problem['kind']}: {problem['message']}", err=True)
+        sys.exit(1)
 
 
 @store_group.command("export")
@@ -363,13 +408,20 @@ def store_check_cmd(store: str) -> None:
 @click.option(
     "--format", "fmt", type=RegistryChoice(available_stores), required=True, help="Target store backend."
 )
+@click.option("--compression", default="default", show_default=True, help="Target codec (backend's names).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def store_export_cmd(store: str, out: str, fmt: str, overwrite: bool) -> None:
-    """Copy STORE into a new store OUT of another format (same index, attrs and rows)."""
+@no_progress_option
+def store_export_cmd(
+    store: str, out: str, fmt: str, compression: str, overwrite: bool, no_progress: bool
+) -> None:
+    """Copy STORE into a new store OUT (same index, attrs and rows), with checksums on every byte.
+
+    Also the way to upgrade a store written before checksums (format 1) to the current format.
+    """
     from indexing.stores.tools import export_store
 
     with user_errors():
-        export_store(store, out, fmt, overwrite=overwrite, progress=True)
+        export_store(store, out, fmt, compression=compression, overwrite=overwrite, progress=not no_progress)
     click.echo(f"wrote {out} ({fmt})")
 
 

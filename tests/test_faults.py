@@ -815,3 +815,31 @@ def test_repair_with_a_source_gone_fails_only_its_videos(small_corpus, tmp_path,
     assert {r: f for r, f in after.items() if r != (4, 12)} == {
         r: f for r, f in before.items() if r != (4, 12)
     }
+
+
+def test_cli_check_json_quick_and_repair(clean, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(clean["zarr"], store)
+    _damage(store, "zarr", "swap")
+    runner = CliRunner()
+    result = runner.invoke(main, ["store", "check", str(store), "--json"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert not doc["ok"] and [p["kind"] for p in doc["problems"]] == ["swapped", "swapped"]
+    first = doc["problems"][0]
+    assert set(first) == {"kind", "message", "array", "rows", "video_ids", "task"}
+    assert (first["array"], first["rows"], first["video_ids"], first["task"]) == (
+        "features/image/c/0/0",
+        [0, 4],
+        ["s0"],
+        [0, 4],
+    )
+    quick = runner.invoke(main, ["store", "check", str(store), "--quick", "--json"])
+    assert quick.exit_code == 1 and json.loads(quick.stdout)["quick"]
+    result = runner.invoke(main, ["store", "repair", str(store), "--workers", "0", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tasks_rerun"] == [[0, 4], [12, 18]]
+    assert runner.invoke(main, ["store", "check", str(store)]).stdout.strip() == f"{store}: ok"
+    _assert_same_store(clean["zarr"], store)
+    info = runner.invoke(main, ["store", "info", str(store)])
+    assert "checksums: crc32c" in info.output
