@@ -1,18 +1,23 @@
-"""Accuracy against cost on a synthetic corpus: skimming vs uniform, random and dense sampling.
+"""Skimming accuracy on one set of stored features: the paper recipe, each of its parts switched back, seeds.
 
 The whole pipeline on a labelled synthetic corpus whose class shows only in short evidence segments
 (``l2l synth``): distil tiny students from the tiny teacher (``l2l distill``), fine-tune them on trimmed
-clips from the ground-truth segments (``l2l finetune --moments``), extract features (``l2l extract``),
-train the skimming model on the ``train`` split (:func:`skim.train.train`, the demo's small-batch recipe)
-and evaluate it with the baselines on the held-out ``test`` split (:func:`skim.evaluate.evaluate`, the
-library call behind ``l2l evaluate --json``). The CLI stages run as
-subprocesses; their outputs are cached in the work folder and reused when their options are unchanged,
-so a rerun only retrains and re-evaluates the skimming model.
+clips from the ground-truth segments (``l2l finetune --moments``), extract features (``l2l extract``).
+These CLI stages run as subprocesses; their outputs are cached in the work folder and reused when their
+options are unchanged, so a rerun only retrains the skimming models.
 
-Table: accuracy, mAP, evidence precision (share of looked-at steps inside a ground-truth evidence
-segment), steps looked at and GFLOPs per video (FLOPs = 2 x multiply-adds; the tiny preset's measured
-costs), with the dense teacher's cost for reference. The uniform baseline's best possible accuracy on
-this corpus (``synth.json``) is printed with it.
+Then, on that ONE store, the skimming model (:func:`skim.train.train`, the demo's small-batch recipe) is
+trained for every variant and seed and scored on the held-out ``test`` split:
+
+- ``paper``: per-modality chosen-step masks, query BN fed all T queries, reference init, Psi and the
+  classifier from the fine-tuned students checkpoint the store records (Psi frozen, classifier at 0.1x);
+- each of those four switched back to the project's earlier choice (``mask=shared``,
+  ``init=scratch``, ``weight_init=torch``, ``query_bn=skip_last``), and all four at once (``before``).
+
+Table: accuracy, mAP and evidence precision (share of the looked-at steps inside a ground-truth evidence
+segment) as mean and spread (min-max) over the seeds, the best variant marked. For reference, the paper
+recipe's first seed is also evaluated against uniform, random and dense sampling (:func:`skim.evaluate.
+evaluate`, the library call behind ``l2l evaluate --json``) with GFLOPs per video.
 
 Run from the repository root: ``.venv/bin/python bench/accuracy.py [--quick]``.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -55,41 +61,102 @@ def cached(stamp: Path, spec: dict[str, Any], outputs: list[Path]) -> bool:
     return stamp.is_file() and json.loads(stamp.read_text()) == spec and all(p.exists() for p in outputs)
 
 
+# name -> (skimming model options, TrainConfig overrides): the paper recipe and each part switched back.
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "paper": ({}, {}),
+    "shared mask (1 back)": ({"mask": "shared"}, {}),
+    "Psi + classifier from scratch (2 back)": ({}, {"init": "scratch"}),
+    "PyTorch init (3 back)": ({"weight_init": "torch"}, {}),
+    "query BN skips last step (4 back)": ({"query_bn": "skip_last"}, {}),
+    "before (1-4 back)": (
+        {"mask": "shared", "weight_init": "torch", "query_bn": "skip_last"},
+        {"init": "scratch"},
+    ),
+}
+
+
+def spread(values: list[float | None]) -> dict[str, float | None]:
+    """Mean, min and max over seeds (None when a value is missing)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+
+
+def cell(s: dict[str, float | None]) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
+
+
+def score(store: Path, ckpt: Path, manifest: Path, moments: Path) -> dict[str, float | None]:
+    """Accuracy, mAP and evidence precision of a checkpoint on the test split (no baselines)."""
+    import numpy as np
+
+    from indexing.corpus import read_labels, read_segments
+    from indexing.stores import open_store
+    from skim.checkpoint import load_checkpoint
+    from skim.data import SkimDataset, step_seconds
+    from skim.evaluate import accuracy, mean_average_precision, scan
+
+    loaded = load_checkpoint(ckpt)
+    cfg = loaded.config
+    st = open_store(store)
+    ds = SkimDataset(st, cfg.batch_keys, split="test", labels=read_labels(manifest), names=loaded.labels)
+    gt = read_segments(moments)
+    res = scan(ds, loaded.model, rec_keys=cfg.recognition_keys, budget=cfg.num_steps, moments=gt,
+               step_s=step_seconds(st), batch_size=64)  # fmt: skip
+    probs, y = np.stack(res.probs), np.asarray(res.labels)
+    hits, total = res.evidence["skim"]
+    return {
+        "accuracy": accuracy(probs, y),
+        "map": mean_average_precision(probs, y),
+        "evidence_precision": hits / total if total else None,
+        "videos": len(y),
+    }
+
+
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--videos", type=int, help="synthetic videos (default 240, quick 9)")
+    p.add_argument("--videos", type=int, help="synthetic videos (default 160, quick 12)")
     p.add_argument("--classes", type=int, help="classes (default 4, quick 3)")
-    p.add_argument("--min-s", type=float, help="shortest video in seconds (default 30, quick 8)")
-    p.add_argument("--max-s", type=float, help="longest video in seconds (default 90, quick 14)")
-    p.add_argument("--distill-epochs", type=int, help="tiny distillation epochs (default 2, quick 1)")
-    p.add_argument("--finetune-epochs", type=int, help="trimmed-clip fine-tuning epochs (4; quick 1)")
-    p.add_argument(
-        "--clips-per-video", type=int, help="distil/fine-tune steps per video per epoch (3; quick 2)"
-    )
-    p.add_argument("--train-epochs", type=int, help="skimming epochs (default 60, quick 3)")
+    p.add_argument("--min-s", type=float, help="shortest video in seconds (default 16, quick 8)")
+    p.add_argument("--max-s", type=float, help="longest video in seconds (default 32, quick 14)")
+    p.add_argument("--distill-epochs", type=int, help="tiny distillation epochs (default 1)")
+    p.add_argument("--finetune-epochs", type=int, help="trimmed-clip fine-tuning epochs (2; quick 1)")
+    p.add_argument("--clips-per-video", type=int, help="distil/fine-tune steps per video per epoch (2)")
+    p.add_argument("--train-epochs", type=int, help="skimming epochs per run (default 30, quick 2)")
     p.add_argument("--train-batch", type=int, default=16, help="skimming batch size (small corpus)")
     p.add_argument("--lr", type=float, default=1e-2, help="skimming learning rate")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3, quick 1)")
+    p.add_argument("--variants", help="comma-separated subset of the variants (default all)")
     p.add_argument("--workers", type=int, help="extraction worker processes (default 2; quick 0 = serial)")
     args = p.parse_args()
 
     quick = args.quick
     corpus_spec = {
-        "videos": args.videos or (9 if quick else 240),
+        "videos": args.videos or (12 if quick else 160),
         "classes": args.classes or (3 if quick else 4),
         "seed": 0,
-        "min_s": args.min_s or (8.0 if quick else 30.0),
-        "max_s": args.max_s or (14.0 if quick else 90.0),
+        "min_s": args.min_s or (8.0 if quick else 16.0),
+        "max_s": args.max_s or (14.0 if quick else 32.0),
     }
-    distill_epochs = args.distill_epochs or (1 if quick else 2)
-    finetune_epochs = args.finetune_epochs or (1 if quick else 4)
-    clips = args.clips_per_video or (2 if quick else 3)
+    distill_epochs = args.distill_epochs or 1
+    finetune_epochs = args.finetune_epochs or (1 if quick else 2)
+    clips = args.clips_per_video or 2
     loader_workers = "0" if quick else "2"  # DataLoader processes of distill/finetune
-    train_epochs = args.train_epochs or (3 if quick else 60)
+    train_epochs = args.train_epochs or (2 if quick else 30)
+    seeds = list(range(args.seeds or (1 if quick else 3)))
+    names = list(VARIANTS) if not args.variants else [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; available: {', '.join(VARIANTS)}")
     extract_workers = args.workers if args.workers is not None else (0 if quick else 2)
     work = args.work / NAME / ("quick" if quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus"
     manifest = corpus / "manifest.csv"
+    moments = corpus / "moments.json"
     students, finetuned, store = work / "students.pt", work / "finetuned.pt", work / "store"
     info = machine()
     t_start = time.perf_counter()
@@ -127,7 +194,7 @@ def main() -> None:
             str(manifest),
             *("--students", str(students), "--out", str(finetuned), "--epochs", str(finetune_epochs)),
             *("--clips-per-video", str(clips), "--workers", loader_workers, "--json"),
-            *("--lr", "0.05", "--batch-size", "32", "--moments", str(corpus / "moments.json")),  # as the demo
+            *("--lr", "0.05", "--batch-size", "32", "--moments", str(moments)),  # as the demo
             stage="finetune",
         )
         (work / "finetuned.json").write_text(json.dumps(spec))
@@ -151,111 +218,112 @@ def main() -> None:
     from skim.train import TrainConfig, train
 
     milestones = tuple(
-        m for m in (round(train_epochs * 0.6), round(train_epochs * 0.8)) if 0 < m < train_epochs
+        sorted({m for m in (round(train_epochs * 0.6), round(train_epochs * 0.8)) if 0 < m < train_epochs})
     )
-    train_cfg = TrainConfig(
-        epochs=train_epochs,
-        batch_size=args.train_batch,
-        lr=args.lr,
-        milestones=tuple(sorted(set(milestones))),
-        crop_min=100,
-        crop_max=200,
-        in_memory=True,
-        threads=torch.get_num_threads(),
-    )
-    # Quick runs skip evaluate's accuracy-vs-steps and sub-sampling curves (each trains extra heads).
-    eval_cfg = (
-        EvalConfig(
-            split="test", train_split="train", baseline_steps=100, curve_steps=(), subsample_factors=()
-        )
-        if quick
-        else EvalConfig(split="test", train_split="train")
-    )
-    ckpt = work / "skim.pt"
-    log(f"train skimming ({train_epochs} epochs, batch {args.train_batch}) ...")
-    t0 = time.perf_counter()
-    summary = train(store, ckpt, labels=manifest, config=train_cfg, overwrite=True, progress=False, log=log)
-    stages["train"] = time.perf_counter() - t0
-    log("evaluate on the test split ...")
-    t0 = time.perf_counter()
-    result = evaluate(
-        store,
-        ckpt,
-        labels=manifest,
-        moments=corpus / "moments.json",
-        config=eval_cfg,
-        plot=work / "tradeoff.png",
-        progress=False,
-        log=log,
-    )
-    stages["evaluate"] = time.perf_counter() - t0
-    (work / "evaluate.json").write_text(json.dumps(result, indent=2, default=str))
+    base = {
+        "epochs": train_epochs,
+        "batch_size": args.train_batch,
+        "lr": args.lr,
+        "milestones": milestones,
+        "crop_min": 100,
+        "crop_max": 200,
+        "val_split": "none",  # no validation pass per epoch: the test split is scored once at the end
+        "in_memory": True,
+        "threads": torch.get_num_threads(),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {}
+    t_train = time.perf_counter()
+    for name in names:
+        options, overrides = VARIANTS[name]
+        for seed in seeds:
+            ckpt = work / "runs" / f"{name.split(' (')[0].replace(' ', '_').replace('+', '')}-seed{seed}.pt"
+            log(f"train {name!r} seed {seed} ({train_epochs} epochs, batch {args.train_batch}) ...")
+            t0 = time.perf_counter()
+            summary = train(
+                store, ckpt, labels=manifest, model_options=options,
+                config=TrainConfig(**base, **overrides, seed=seed), overwrite=True, progress=False,
+                log=lambda line: log(f"  {line}") if line.startswith("warning") else None,
+            )  # fmt: skip
+            seconds = time.perf_counter() - t0
+            result = score(store, ckpt, manifest, moments)
+            last = summary["history"][-1]
+            runs.setdefault(name, []).append(
+                {"seed": seed, "train_s": seconds, "train_accuracy": last["train_accuracy"], **result}
+            )
+            log(f"  accuracy {result['accuracy']:.3f}, mAP {result['map']:.3f}, evidence "
+                f"{fmt(result['evidence_precision'], 3)}, {seconds:.0f} s")  # fmt: skip
+    stages["train+score"] = time.perf_counter() - t_train
 
-    synth = json.loads(synth_json.read_text())
-    ceiling = synth.get("uniform_baseline", {})
-    methods = result["methods"]
-    dense_gflops = methods["dense"]["gflops_per_video"]
-    costs = result["costs"]
-    teacher_gflops = costs["dense_teacher_gflops_per_video"]
+    summary_rows = {
+        name: {k: spread([r[k] for r in rs]) for k in ("accuracy", "map", "evidence_precision", "train_s")}
+        for name, rs in runs.items()
+    }
+    best = max(
+        summary_rows, key=lambda n: (summary_rows[n]["accuracy"]["mean"], summary_rows[n]["map"]["mean"])
+    )
     rows = [
         [
-            m,
-            fmt(methods[m]["accuracy"], 3),
-            fmt(methods[m]["map"], 3),
-            fmt(methods[m]["evidence_precision"], 3),
-            fmt(methods[m]["steps_used"], 1),
-            fmt(methods[m]["gflops_per_video"], 2),
-            ratio(methods[m]["gflops_per_video"], dense_gflops),
-            ratio(methods[m]["gflops_per_video"], teacher_gflops, 3),
+            f"{name}{' **best**' if name == best else ''}",
+            cell(s["accuracy"]),
+            cell(s["map"]),
+            cell(s["evidence_precision"]),
+            fmt(s["train_s"]["mean"], 0),
         ]
-        for m in ("skim", "uniform", "random", "dense")
+        for name, s in summary_rows.items()
     ]
-    rows.append(
-        ["dense teacher clips (cost only)", "-", "-", "-", fmt(costs["mean_steps_per_video"], 1)]
-        + [fmt(teacher_gflops, 1), ratio(teacher_gflops, dense_gflops), "1.000x"]
-    )
-    headers = [
-        "method",
-        "accuracy",
-        "mAP",
-        "evidence precision",
-        "steps used",
-        "GFLOPs/video",
-        "vs dense students",
-        "vs dense teacher",
-    ]
+    headers = ["variant", "accuracy", "mAP", "evidence precision", "train s/run"]
     text, md = table(headers, rows)
+
+    reference: dict[str, Any] | None = None
+    ref_md = ""
+    if "paper" in runs:
+        log("evaluate the paper recipe (seed 0) against uniform, random and dense sampling ...")
+        t0 = time.perf_counter()
+        first = work / "runs" / "paper-seed0.pt"
+        eval_cfg = EvalConfig(split="test", train_split="train", curve_steps=(), subsample_factors=(),
+                              baseline_steps=100 if quick else 400)  # fmt: skip
+        reference = evaluate(store, first, labels=manifest, moments=moments, config=eval_cfg, progress=False,
+                             log=lambda _line: None)  # fmt: skip
+        stages["evaluate"] = time.perf_counter() - t0
+        methods = reference["methods"]
+        dense = methods["dense"]["gflops_per_video"]
+        ref_rows = [
+            [
+                m,
+                fmt(methods[m]["accuracy"], 3),
+                fmt(methods[m]["map"], 3),
+                fmt(methods[m]["evidence_precision"], 3),
+                fmt(methods[m]["steps_used"], 1),
+                fmt(methods[m]["gflops_per_video"], 2),
+                ratio(methods[m]["gflops_per_video"], dense),
+            ]  # fmt: skip
+            for m in ("skim", "uniform", "random", "dense")
+        ]
+        ref_text, ref_md = table(
+            ["method (paper, seed 0)", "accuracy", "mAP", "evidence precision", "steps used", "GFLOPs/video",
+             "vs dense"], ref_rows)  # fmt: skip
+        text += "\n\n" + ref_text
+
     wall = time.perf_counter() - t_start
-    last = summary["history"][-1] if summary["history"] else {}
     corpus_line = (
         f"{corpus_spec['videos']} synthetic videos of {corpus_spec['min_s']:g}-{corpus_spec['max_s']:g} s, "
-        f"{corpus_spec['classes']} classes, {result['videos']} test videos; tiny students "
-        f"({distill_epochs} distillation + {finetune_epochs} fine-tuning epochs), "
-        f"skimming {train_epochs} epochs"
+        f"{corpus_spec['classes']} classes, {next(iter(runs.values()))[0]['videos']} test videos; tiny "
+        "students "
+        f"({distill_epochs} distillation + {finetune_epochs} fine-tuning epochs); skimming {train_epochs} "
+        f"epochs, batch {args.train_batch}, {len(seeds)} seed(s) per variant: mean (min-max)"
     )
-    ceiling_line = (
-        "Best possible accuracy of uniform sampling on this corpus (synth.json: a uniform step must land "
-        f"in an evidence segment): {ceiling['ceiling_accuracy']:.3f} (frame), "
-        f"{ceiling['ceiling_accuracy_audio']:.3f} (1 s audio window); chance {ceiling['chance']:.3f}."
-        if "ceiling_accuracy" in ceiling
-        else ""
-    )
-    print(f"\nAccuracy and cost on the held-out split ({corpus_line}; {machine_line(info)})\n")
+    print(f"\nSkimming variants on one store ({corpus_line}; {machine_line(info)})\n")
     print(text)
-    if ceiling_line:
-        print(f"\n{ceiling_line}")
-    print(f"final train accuracy {last.get('train_accuracy')}; GFLOPs source: {costs.get('source')}")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     print(f"\nbenchmark wall time {wall:.0f} s{' (quick: tiny sizes, noisy)' if quick else ''}")
     markdown = "\n".join(
         [
-            f"**Accuracy vs cost** ({corpus_line}; {machine_line(info)}{'; QUICK run' if quick else ''})",
+            f"**Skimming variants on one store** ({corpus_line}; {machine_line(info)}"
+            f"{'; QUICK run' if quick else ''}; wall {wall / 60:.0f} min)",
             "",
             md,
             "",
-            ceiling_line,
-            "",
-            f"GFLOPs per step from {costs.get('source')} (FLOPs = 2 x multiply-adds).",
+            ref_md,
         ]
     )
     data = {
@@ -266,13 +334,14 @@ def main() -> None:
             "corpus": corpus_spec,
             "distill_epochs": distill_epochs,
             "finetune_epochs": finetune_epochs,
-            "train": train_cfg.to_dict(),
+            "train": {**base, "milestones": list(milestones)},
+            "seeds": seeds,
+            "variants": {n: {"model_options": VARIANTS[n][0], "train": VARIANTS[n][1]} for n in names},
         },
-        "methods": methods,
-        "costs": costs,
-        "uniform_ceiling": ceiling,
-        "train_history": summary["history"],
-        "evaluate": {k: v for k, v in result.items() if k != "methods"},
+        "runs": runs,
+        "summary": summary_rows,
+        "best": best,
+        "reference": reference,
         "stage_seconds": stages,
         "wall_s": wall,
     }
