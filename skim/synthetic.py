@@ -116,7 +116,13 @@ def write_planted_store(
         "gflops_per_step": {"image": 0.97, "audio": 1.22, "fusion": 0.003, "teacher_clip": 81.0},
     }
     store = get_store(store_format).create(
-        path, index=records, rows=rows, chunk_rows=spec.chunk_rows, dim=spec.dim, attrs=attrs
+        path,
+        index=records,
+        rows=rows,
+        chunk_rows=spec.chunk_rows,
+        dim=spec.dim,
+        attrs=attrs,
+        tasks=[(0, rows)],
     )
     store.write_rows(
         0,
@@ -130,6 +136,7 @@ def write_planted_store(
             "time_s": time_s,
         },
     )
+    store.mark_done(0, rows)  # readers see a task's rows once it is marked done
     store.close()
     labels = path.parent / f"{path.name}.labels.csv"
     with labels.open("w", newline="") as f:
