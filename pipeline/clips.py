@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from indexing.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SAMPLINGS = ("random", "uniform")
@@ -53,13 +55,13 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         if self.clips_per_video < 1:
-            raise ValueError(f"clips_per_video={self.clips_per_video} must be >= 1; use e.g. 8")
+            raise ConfigError(f"clips_per_video={self.clips_per_video} must be >= 1; use e.g. 8")
         if self.sampling not in SAMPLINGS:
-            raise ValueError(f"Unknown sampling {self.sampling!r}; available: {', '.join(SAMPLINGS)}")
+            raise ConfigError(f"Unknown sampling {self.sampling!r}; available: {', '.join(SAMPLINGS)}")
         if self.open_readers < 1:
-            raise ValueError(f"open_readers={self.open_readers} must be >= 1; use e.g. 32")
+            raise ConfigError(f"open_readers={self.open_readers} must be >= 1; use e.g. 32")
         if self.size < 16:
-            raise ValueError(f"size={self.size} is too small for the students; use 112")
+            raise ConfigError(f"size={self.size} is too small for the students; use 112")
 
 
 class ClipDataset(Dataset):
@@ -121,7 +123,7 @@ class ClipDataset(Dataset):
             self.entries.append(entry)
             self.infos.append(info)
         if not self.entries:
-            raise ValueError(
+            raise ConfigError(
                 f"none of {len(entries)} videos could be read ({self.skipped[:3]}); check the manifest"
             )
         self.labels = np.array(
@@ -129,7 +131,9 @@ class ClipDataset(Dataset):
         )
         if require_labels and (self.labels < 0).any():
             bad = [str(self.entries[i].video_id) for i in np.flatnonzero(self.labels < 0)[:5]]
-            raise ValueError(f"videos without a known class label: {', '.join(bad)}; label them or drop them")
+            raise ConfigError(
+                f"videos without a known class label: {', '.join(bad)}; label them or drop them"
+            )
         self.num_steps = np.array([info.num_steps for info in self.infos], np.int64)
         # Steps each video may draw from: all, or those whose midpoint lies in a ground-truth segment.
         self.candidates: list[np.ndarray] = []
@@ -233,9 +237,9 @@ def make_loader(
     results do not depend on ``num_workers``.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
     if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0")
+        raise ConfigError(f"num_workers={num_workers} must be >= 0")
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -272,7 +276,7 @@ def split_entries(
             log.warning("no val/test split in the corpus: validating on training videos")
             return train, train, "train"
     if val_split not in names:
-        raise ValueError(f"no video has split {val_split!r} (splits: {sorted(names)}); use --val-split auto")
+        raise ConfigError(f"no video has split {val_split!r} (splits: {sorted(names)}); use --val-split auto")
     return train, [e for e in entries if e.split == val_split], val_split
 
 
@@ -384,7 +388,6 @@ def report_loader(
     Raises:
         ConfigError: No video has ``split``.
     """
-    from indexing.errors import ConfigError
     from pipeline.corpus import read_corpus
 
     entries = [e for e in read_corpus(manifest) if not split or e.split == split]

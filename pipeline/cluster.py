@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
+from indexing.errors import ClusterError, ConfigError
 from indexing.options import cli_field
 
 if TYPE_CHECKING:  # distributed is imported lazily so that ``l2l --help`` stays instant
@@ -81,9 +82,9 @@ def pin_torch_threads(n: int | None = None) -> int:
         try:
             n = int(raw)
         except ValueError:
-            raise ValueError(f"OMP_NUM_THREADS={raw!r} is not an integer; export a thread count") from None
+            raise ConfigError(f"OMP_NUM_THREADS={raw!r} is not an integer; export a thread count") from None
     if n < 1:
-        raise ValueError(f"torch threads must be >= 1, got {n}")
+        raise ConfigError(f"torch threads must be >= 1, got {n}")
     # Already-loaded pools ignore these; they reach subprocesses (decoders) and late-loaded libraries.
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(n)
@@ -242,21 +243,21 @@ class ClusterConfig:
                 kind = "scheduler-file" if self.scheduler_file else "local"
             object.__setattr__(self, "kind", kind)
         if kind not in _CLUSTERS:
-            raise ValueError(f"Unknown cluster {kind!r}; available: {', '.join(available_clusters())}")
+            raise ConfigError(f"Unknown cluster {kind!r}; available: {', '.join(available_clusters())}")
 
         for name in ("workers", "threads_per_worker", "torch_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{_FLAGS[name]} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{_FLAGS[name]} must be a positive integer, got {value!r}")
         if not self.connect_timeout_s > 0:
-            raise ValueError(f"--connect-timeout-s must be > 0, got {self.connect_timeout_s!r}")
+            raise ConfigError(f"--connect-timeout-s must be > 0, got {self.connect_timeout_s!r}")
         if self.memory_limit is not None and self.memory_limit != "auto":
             from dask.utils import parse_bytes
 
             try:
                 parse_bytes(self.memory_limit)
             except (ValueError, TypeError):
-                raise ValueError(
+                raise ConfigError(
                     f"--memory-limit {self.memory_limit!r} is not a size; write e.g. '6GiB' or 'auto'"
                 ) from None
         for name in ("lifetime", "lifetime_stagger"):
@@ -267,22 +268,22 @@ class ClusterConfig:
                 try:
                     parse_timedelta(value)
                 except (ValueError, KeyError, TypeError):
-                    raise ValueError(
+                    raise ConfigError(
                         f"{_FLAGS[name]} {value!r} is not a duration; write e.g. '1h', '45m' or '600s'"
                     ) from None
         if self.lifetime_stagger is not None and self.lifetime is None:
-            raise ValueError("--worker-lifetime-stagger needs --worker-lifetime; set both or neither")
+            raise ConfigError("--worker-lifetime-stagger needs --worker-lifetime; set both or neither")
 
         tls = {n: getattr(self, n) for n in ("tls_ca_file", "tls_cert", "tls_key")}
         given = [n for n, v in tls.items() if v]
         if given and len(given) != 3:
             missing = [_FLAGS[n] for n in tls if n not in given]
-            raise ValueError(f"TLS needs a CA, a certificate and a key; also pass {', '.join(missing)}")
+            raise ConfigError(f"TLS needs a CA, a certificate and a key; also pass {', '.join(missing)}")
         for name in given:
             if not Path(tls[name]).is_file():
-                raise ValueError(f"{_FLAGS[name]} {tls[name]}: no such file")
+                raise ConfigError(f"{_FLAGS[name]} {tls[name]}: no such file")
         if self.jobqueue_config is not None and not Path(self.jobqueue_config).is_file():
-            raise ValueError(f"--cluster-config {self.jobqueue_config}: no such file")
+            raise ConfigError(f"--cluster-config {self.jobqueue_config}: no such file")
 
         _CLUSTERS[kind].check(self)
 
@@ -321,7 +322,7 @@ def _forbid(config: ClusterConfig, names: dict[str, str]) -> None:
     """Raise for the first field in ``names`` that is set; ``names`` maps the field to the fix."""
     for name, fix in names.items():
         if getattr(config, name) is not None:
-            raise ValueError(f"{_FLAGS[name]} cannot be used with --cluster {config.kind}: {fix}")
+            raise ConfigError(f"{_FLAGS[name]} cannot be used with --cluster {config.kind}: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +486,7 @@ def _connect(config: ClusterConfig, stack: ExitStack, where: str, **kwargs: Any)
     try:
         client = Client(security=config.security(), timeout=config.connect_timeout_s, **kwargs)
     except (OSError, TimeoutError) as e:
-        raise ConnectionError(
+        raise ClusterError(
             f"cannot reach the Dask scheduler at {where} within {config.connect_timeout_s:g}s ({e}); "
             "check that it is running and reachable from here, or raise --connect-timeout-s"
         ) from e
@@ -502,10 +503,10 @@ class SchedulerKind(ClusterKind):
         _check_external(config, {"scheduler_file": "pass --scheduler or --scheduler-file, not both"})
         address = config.scheduler_address
         if not address:
-            raise ValueError("--cluster scheduler needs --scheduler ADDRESS, e.g. tcp://10.0.0.5:8786")
+            raise ConfigError("--cluster scheduler needs --scheduler ADDRESS, e.g. tcp://10.0.0.5:8786")
         if config.uses_tls and not address.startswith("tls://"):
             rest = address.split("://", 1)[-1]
-            raise ValueError(f"--scheduler {address!r} with TLS certificates: write tls://{rest}")
+            raise ConfigError(f"--scheduler {address!r} with TLS certificates: write tls://{rest}")
 
     @classmethod
     def connect(cls, config: ClusterConfig, stack: ExitStack) -> Client:
@@ -520,14 +521,14 @@ class SchedulerFileKind(ClusterKind):
     def check(cls, config: ClusterConfig) -> None:
         _check_external(config, {"scheduler_address": "pass --scheduler or --scheduler-file, not both"})
         if not config.scheduler_file:
-            raise ValueError("--cluster scheduler-file needs --scheduler-file PATH (from dask scheduler)")
+            raise ConfigError("--cluster scheduler-file needs --scheduler-file PATH (from dask scheduler)")
 
     @classmethod
     def connect(cls, config: ClusterConfig, stack: ExitStack) -> Client:
         path = Path(config.scheduler_file)
         address = _read_scheduler_file(path, timeout_s=config.connect_timeout_s)
         if config.uses_tls and not address.startswith("tls://"):
-            raise ValueError(
+            raise ConfigError(
                 f"{path} points at {address} but TLS certificates were given; "
                 "start the scheduler with --tls-ca-file/--tls-cert/--tls-key"
             )
@@ -542,7 +543,7 @@ def _read_scheduler_file(path: Path, *, timeout_s: float) -> str:
             return json.loads(path.read_text())["address"]
         except (FileNotFoundError, ValueError, KeyError):  # not written yet, or half-written
             if time.monotonic() > deadline:
-                raise TimeoutError(
+                raise ClusterError(
                     f"--scheduler-file {path}: no scheduler address after {timeout_s:g}s; start "
                     f"`dask scheduler --scheduler-file {path}` first (on a filesystem this host shares)"
                 ) from None
@@ -570,7 +571,9 @@ def load_jobqueue_config(path: str | Path, kind: str) -> dict[str, Any]:
     sections = (doc or {}).get("jobqueue") if isinstance(doc, dict) else None
     if not isinstance(sections, dict) or not isinstance(sections.get(kind), dict):
         found = ", ".join(sections) if isinstance(sections, dict) else "none"
-        raise ValueError(f"{path}: no `jobqueue: {kind}:` section (found {found}); see cluster/jobqueue.yaml")
+        raise ConfigError(
+            f"{path}: no `jobqueue: {kind}:` section (found {found}); see cluster/jobqueue.yaml"
+        )
     return dict(_flatten(doc))
 
 
@@ -596,7 +599,7 @@ def jobqueue_cluster(config: ClusterConfig) -> Iterator[Any]:
     """
     kind = config.kind
     if kind not in _JOBQUEUE:
-        raise ValueError(f"--cluster {kind} is not a batch scheduler; use one of {', '.join(_JOBQUEUE)}")
+        raise ConfigError(f"--cluster {kind} is not a batch scheduler; use one of {', '.join(_JOBQUEUE)}")
     import dask
 
     try:
@@ -612,7 +615,7 @@ def jobqueue_cluster(config: ClusterConfig) -> Iterator[Any]:
         extra_args = list(dask.config.get(f"{section}.worker-extra-args") or [])
         if config.lifetime:
             if any(a.startswith("--lifetime") for a in extra_args):
-                raise ValueError(
+                raise ConfigError(
                     f"--worker-lifetime given, but {config.jobqueue_config} already sets --lifetime in "
                     "worker-extra-args; keep one of them"
                 )

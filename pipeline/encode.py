@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from indexing.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ContainerSpec:
@@ -74,7 +76,7 @@ def write_video(
     import av
 
     if container not in CONTAINERS:
-        raise ValueError(f"Unknown container {container!r}; available: {', '.join(CONTAINERS)}")
+        raise ConfigError(f"Unknown container {container!r}; available: {', '.join(CONTAINERS)}")
     spec = CONTAINERS[container]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,10 +92,10 @@ def write_video(
         frame_iter = iter(frames)
         first = next(frame_iter, None)
         if first is None:
-            raise ValueError("write_video needs at least one frame")
+            raise ConfigError("write_video needs at least one frame")
         h, w = first.shape[:2]
         if first.ndim != 3 or first.shape[2] != 3 or h % 2 or w % 2:
-            raise ValueError(f"frames must be (H, W, 3) with even H and W, got {first.shape}")
+            raise ConfigError(f"frames must be (H, W, 3) with even H and W, got {first.shape}")
         vstream = out.add_stream(spec.video_codec, rate=rate)
         vstream.width, vstream.height, vstream.pix_fmt = w, h, spec.pix_fmt
         if spec.video_codec in ("libx264", "libvpx-vp9"):
@@ -108,7 +110,9 @@ def write_video(
         if audio is not None:
             audio = np.asarray(audio, dtype=np.float32)
             if audio.ndim != 2 or audio.shape[0] not in (1, 2):
-                raise ValueError(f"audio must be (channels, samples) with 1 or 2 channels, got {audio.shape}")
+                raise ConfigError(
+                    f"audio must be (channels, samples) with 1 or 2 channels, got {audio.shape}"
+                )
             layout = "mono" if audio.shape[0] == 1 else "stereo"
             astream = out.add_stream(spec.audio_codec, rate=sample_rate, layout=layout)
             if audio_options:

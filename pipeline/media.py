@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexing.errors import MediaError
+from indexing.errors import ConfigError, MediaError
 from indexing.grid import AUDIO_S, SAMPLE_RATE, STEP_S, TEACHER_FRAMES, frames_at, num_steps, teacher_times
 
 MAX_SIDE = 8192  # larger frames are refused as absurd (corrupt headers claim 65535x65535)
@@ -175,7 +175,7 @@ def probe_video(path: str | Path, *, timeout_s: float = 60.0) -> VideoInfo:
     """
     path = _check_path(path)
     if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
     reply = _probe_child().request(str(path), timeout_s)
     if "error" in reply:
         raise MediaError(path, reply["error"])
@@ -642,7 +642,7 @@ def iter_step_batches(
             ``"audio truncated: decoded X s of Y s"``.
     """
     if batch_steps < 1:
-        raise ValueError(f"batch_steps must be >= 1, got {batch_steps}")
+        raise ConfigError(f"batch_steps must be >= 1, got {batch_steps}")
     info = info if info is not None else probe_video(path)
     with StepReader(path, info=info, size=size, num_threads=num_threads) as reader:
         total = info.num_steps
@@ -714,7 +714,7 @@ class StepReader:
         self, path: str | Path, *, info: VideoInfo | None = None, size: int = 112, num_threads: int = 1
     ):
         if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
+            raise ConfigError(f"size must be >= 1, got {size}")
         self.path = _check_path(path)
         self.info = info if info is not None else probe_video(path)
         self.size = size

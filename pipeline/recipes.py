@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from indexing.errors import ConfigError
 from pipeline.corpus import VIDEO_SUFFIXES, CorpusEntry, write_manifest
 
 # The 31 Kinetics-Sounds classes used by Listen to Look (Gao et al., CVPR 2020), Kinetics spelling.
@@ -79,27 +80,29 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if self.dataset not in _RECIPES:
-            raise ValueError(f"Unknown dataset {self.dataset!r}; available: {', '.join(available_recipes())}")
+            raise ConfigError(
+                f"Unknown dataset {self.dataset!r}; available: {', '.join(available_recipes())}"
+            )
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "out", Path(self.out))
         if self.annotations is not None:
             object.__setattr__(self, "annotations", Path(self.annotations))
         if not self.root.is_dir():
-            raise ValueError(f"root {str(self.root)!r} is not a folder; pass the folder holding the videos")
+            raise ConfigError(f"root {str(self.root)!r} is not a folder; pass the folder holding the videos")
         if self.out.suffix.lower() != ".csv":
-            raise ValueError(f"out {str(self.out)!r} must be a .csv file, e.g. --out manifest.csv")
+            raise ConfigError(f"out {str(self.out)!r} must be a .csv file, e.g. --out manifest.csv")
         if self.annotations is not None and not self.annotations.exists():
-            raise ValueError(f"annotations {str(self.annotations)!r} does not exist; fix --annotations")
+            raise ConfigError(f"annotations {str(self.annotations)!r} does not exist; fix --annotations")
         if self.split_id not in (1, 2, 3):
-            raise ValueError(f"split_id={self.split_id} is not an official UCF101 split; use 1, 2 or 3")
+            raise ConfigError(f"split_id={self.split_id} is not an official UCF101 split; use 1, 2 or 3")
         if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction={self.test_fraction} must be in [0, 1), e.g. 0.2")
+            raise ConfigError(f"test_fraction={self.test_fraction} must be in [0, 1), e.g. 0.2")
         if self.per_class_train < 0 or self.per_class_test < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"per_class_train={self.per_class_train}, per_class_test={self.per_class_test} must be >= 0"
             )
         if not 0.0 <= self.min_s <= self.max_s:
-            raise ValueError(f"min_s={self.min_s}, max_s={self.max_s}: need 0 <= min_s <= max_s")
+            raise ConfigError(f"min_s={self.min_s}, max_s={self.max_s}: need 0 <= min_s <= max_s")
 
 
 @dataclass
@@ -347,7 +350,7 @@ def _annotation_files(config: PrepareConfig, patterns: tuple[str, ...]) -> list[
         return [where]
     files = sorted({p for pattern in patterns for p in where.rglob(pattern) if p.is_file()})
     if not files:
-        raise ValueError(
+        raise ConfigError(
             f"{config.dataset}: no annotation file matching {', '.join(patterns)} under {where}; "
             "pass the dataset's annotation file or folder with --annotations"
         )
@@ -409,7 +412,7 @@ def kinetics_sounds(config: PrepareConfig) -> RecipeResult:
             reader.fieldnames = header
             need = {"youtube_id", "time_start", "time_end"}
             if not need <= set(header):
-                raise ValueError(
+                raise ConfigError(
                     f"{path}: header {header} lacks {sorted(need - set(header))}; expected the Kinetics CSV "
                     "format label,youtube_id,time_start,time_end,split"
                 )
@@ -418,14 +421,14 @@ def kinetics_sounds(config: PrepareConfig) -> RecipeResult:
                 split_name = (rec.get("split") or "").strip().lower()
                 split = KINETICS_SPLITS.get(split_name) if split_name else file_split
                 if not split:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{path}:{line}: split {split_name!r} is not one of {', '.join(KINETICS_SPLITS)}; "
                         "fix the split column or name the file train/validate/test.csv"
                     )
                 try:
                     start, end = int(float(rec["time_start"])), int(float(rec["time_end"]))
                 except (TypeError, ValueError) as err:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{path}:{line}: bad time_start/time_end ({err}); fix or remove the row"
                     ) from err
                 yid = rec["youtube_id"].strip()
@@ -480,14 +483,16 @@ def ucf101(config: PrepareConfig) -> RecipeResult:
     }
     for name in ("classind.txt", f"trainlist0{n}.txt", f"testlist0{n}.txt"):
         if name not in files:
-            raise ValueError(f"ucf101: {name} not found; pass the ucfTrainTestlist folder with --annotations")
+            raise ConfigError(
+                f"ucf101: {name} not found; pass the ucfTrainTestlist folder with --annotations"
+            )
     classes: dict[int, str] = {}
     for line_no, line in enumerate(files["classind.txt"].read_text().splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit():
-            raise ValueError(f"{files['classind.txt']}:{line_no}: expected 'index ClassName', got {line!r}")
+            raise ConfigError(f"{files['classind.txt']}:{line_no}: expected 'index ClassName', got {line!r}")
         classes[int(parts[0])] = parts[1]
     by_name = {name: idx for idx, name in classes.items()}
 
@@ -503,7 +508,7 @@ def ucf101(config: PrepareConfig) -> RecipeResult:
             parts = line.split()
             rel = parts[0]
             if "/" not in rel:
-                raise ValueError(f"{files[name]}:{line_no}: expected 'Class/v_X.avi[ index]', got {line!r}")
+                raise ConfigError(f"{files[name]}:{line_no}: expected 'Class/v_X.avi[ index]', got {line!r}")
             class_name = rel.split("/")[0]
             stem = Path(rel).stem
             direct = config.root / rel
@@ -556,7 +561,7 @@ def activitynet(config: PrepareConfig) -> RecipeResult:
     """
     found = _annotation_files(config, ("activity_net*.json", "activitynet*.json"))
     if len(found) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"activitynet: several JSON files {[str(p) for p in found]}; pick one with --annotations"
         )
     path = found[0]
@@ -564,7 +569,7 @@ def activitynet(config: PrepareConfig) -> RecipeResult:
         data = json.loads(path.read_text())
         database = data["database"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: not an ActivityNet JSON with a 'database' key ({err}); fix --annotations"
         ) from err
     taxonomy = data.get("taxonomy") or []
@@ -589,7 +594,7 @@ def activitynet(config: PrepareConfig) -> RecipeResult:
         try:
             label = _choose_label(anns) if anns else ""
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: video {vid}: annotations need 'label' and 'segment' [s, e] ({err})"
             ) from err
         if leaves and label and label not in leaves:
@@ -675,9 +680,9 @@ def probe_duration_s(path: Path) -> float:
                 return container.duration / av.time_base
             spans = [float(s.duration * s.time_base) for s in container.streams if s.duration and s.time_base]
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise ValueError(f"unreadable ({type(err).__name__}: {err})") from err
+        raise ConfigError(f"unreadable ({type(err).__name__}: {err})") from err
     if not spans:
-        raise ValueError("no duration in the container or its streams")
+        raise ConfigError("no duration in the container or its streams")
     return max(spans)
 
 
@@ -688,14 +693,14 @@ def _read_sports1m_list(path: Path, split: str) -> list[tuple[str, list[str], st
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of {{id, source, label487}} entries")
+            raise ConfigError(f"{path}: expected a JSON list of {{id, source, label487}} entries")
         for i, item in enumerate(data):
             vid = str(item.get("id") or _youtube_id(str(item.get("source") or item.get("url") or "")))
             labels = item.get("label487")
             if not vid or not isinstance(labels, list):
-                raise ValueError(
+                raise ConfigError(
                     f"{path}: entry {i} has no 'id'/'source' URL or no 'label487' list: {item!r}"
                 )
             entries.append((vid, [str(x) for x in labels], split))
@@ -706,7 +711,7 @@ def _read_sports1m_list(path: Path, split: str) -> list[tuple[str, list[str], st
         parts = re.split(r"[\s]+", line.strip(), maxsplit=1)
         vid = _youtube_id(parts[0]) if "/" in parts[0] else parts[0]
         if len(parts) != 2 or not vid:
-            raise ValueError(f"{path}:{line_no}: expected 'URL label,label', got {line!r}")
+            raise ConfigError(f"{path}:{line_no}: expected 'URL label,label', got {line!r}")
         entries.append((vid, [x for x in re.split(r"[,\s]+", parts[1]) if x], split))
     return entries
 
@@ -732,7 +737,7 @@ def sports1m(config: PrepareConfig) -> RecipeResult:
     label_file = _annotation_files(config, ("labels.txt",))
     label_file = [p for p in label_file if p.name == "labels.txt"]
     if not label_file:
-        raise ValueError(
+        raise ConfigError(
             "sports1m: labels.txt not found; pass the sports-1m-dataset folder with --annotations"
         )
     names = [line.strip() for line in label_file[0].read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -744,7 +749,7 @@ def sports1m(config: PrepareConfig) -> RecipeResult:
         txt_files = [p for p in found if p.name == f"{split}_partition.txt"]
         chosen = json_files or txt_files
         if not chosen:
-            raise ValueError(
+            raise ConfigError(
                 f"sports1m: no sports1m_{split}.json or {split}_partition.txt; fix --annotations"
             )
         listed.extend(_read_sports1m_list(chosen[0], split))

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexing.errors import ConfigError
 from indexing.grid import AUDIO_S, STEP_S, num_steps
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
@@ -112,7 +113,7 @@ def class_signatures(classes: int) -> list[ClassSignature]:
         ValueError: ``classes`` out of range.
     """
     if not 2 <= classes <= MAX_CLASSES:
-        raise ValueError(f"classes={classes} is out of range; use 2 to {MAX_CLASSES}")
+        raise ConfigError(f"classes={classes} is out of range; use 2 to {MAX_CLASSES}")
     colours = list(COLOURS)
     sigs = []
     for k in range(classes):
@@ -171,31 +172,33 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.videos < self.classes:
-            raise ValueError(f"videos={self.videos} < classes={self.classes}; ask for at least one per class")
+            raise ConfigError(
+                f"videos={self.videos} < classes={self.classes}; ask for at least one per class"
+            )
         class_signatures(self.classes)  # validates the class count
         if not 0 < self.min_s <= self.max_s:
-            raise ValueError(f"durations min_s={self.min_s}, max_s={self.max_s}; need 0 < min_s <= max_s")
+            raise ConfigError(f"durations min_s={self.min_s}, max_s={self.max_s}; need 0 < min_s <= max_s")
         if self.width < 32 or self.height < 32 or self.width % 2 or self.height % 2:
-            raise ValueError(f"frame size {self.width}x{self.height}; use even sizes of at least 32x32")
+            raise ConfigError(f"frame size {self.width}x{self.height}; use even sizes of at least 32x32")
         if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"test_fraction={self.test_fraction}; use a value in [0, 1)")
+            raise ConfigError(f"test_fraction={self.test_fraction}; use a value in [0, 1)")
         if not 1 <= self.min_segments <= self.max_segments:
-            raise ValueError(
+            raise ConfigError(
                 f"segments {self.min_segments}..{self.max_segments}; need 1 <= min_segments <= max_segments"
             )
         if not 0.5 <= self.min_segment_s <= self.max_segment_s:
-            raise ValueError(
+            raise ConfigError(
                 f"segment lengths {self.min_segment_s}..{self.max_segment_s} s; "
                 "need 0.5 <= min_segment_s <= max_segment_s"
             )
         if self.min_s < self.max_segment_s + 2 * MARGIN_S:
-            raise ValueError(
+            raise ConfigError(
                 f"min_s={self.min_s} cannot hold a {self.max_segment_s} s segment with {MARGIN_S} s margins; "
                 f"raise min_s to {self.max_segment_s + 2 * MARGIN_S} or lower max_segment_s"
             )
         for name in ("faint_opacity", "faint_loudness"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}={getattr(self, name)}; use a value in [0, 1]")
+                raise ConfigError(f"{name}={getattr(self, name)}; use a value in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -399,7 +402,7 @@ def _sprite(shape: str, size: int) -> np.ndarray:
         return (abs(y) <= 0.3) & (abs(x) <= 0.95)
     if shape == "ellipse":  # distractor only
         return x**2 + (y / 0.5) ** 2 <= 1.0
-    raise ValueError(f"Unknown shape {shape!r}; available: {', '.join((*SHAPES, 'bar', 'ellipse'))}")
+    raise ConfigError(f"Unknown shape {shape!r}; available: {', '.join((*SHAPES, 'bar', 'ellipse'))}")
 
 
 def _paste(frame: np.ndarray, mask: np.ndarray, cx: float, cy: float, rgb: np.ndarray, alpha: float) -> None:
@@ -435,7 +438,7 @@ def _motion(motion: str, tau_s: float, phase: float) -> tuple[float, float, floa
         return 0.5, 0.5, 0.65 + 0.35 * math.sin(2 * math.pi * 1.5 * tau_s + phase)
     if motion == "diagonal":
         return 0.5 + 0.3 * s, 0.5 + 0.25 * s, 1.0
-    raise ValueError(f"Unknown motion {motion!r}; available: {', '.join(MOTIONS)}")
+    raise ConfigError(f"Unknown motion {motion!r}; available: {', '.join(MOTIONS)}")
 
 
 def _strengths(plan: VideoPlan) -> tuple[float, float]:
@@ -625,13 +628,13 @@ def synthesize(
     from pipeline.corpus import CorpusEntry, read_corpus, write_manifest
 
     if jobs < 1:
-        raise ValueError(f"jobs={jobs}; use 1 or more")
+        raise ConfigError(f"jobs={jobs}; use 1 or more")
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.csv"
     plans = plan_corpus(config)
     if manifest.exists():
         if not overwrite:
-            raise ValueError(f"{manifest} exists; pass --overwrite to replace it or pick another folder")
+            raise ConfigError(f"{manifest} exists; pass --overwrite to replace it or pick another folder")
         keep = {(out_dir / p.path).resolve() for p in plans}
         for old in read_corpus(manifest):
             if (

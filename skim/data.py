@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from indexing.corpus import CorpusEntry, read_labels
+from indexing.errors import ConfigError
 from indexing.grid import STEP_S
 from indexing.stores import FeatureStore
 
@@ -56,7 +57,7 @@ def label_names(store: FeatureStore, labels: Mapping[str, CorpusEntry] | None) -
         if label:
             names.add(label)
     if len(names) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"store {getattr(store, 'path', '')} has {len(names)} labelled class(es) among its ok videos; "
             "give a labels manifest (--labels) covering at least two classes"
         )
@@ -116,7 +117,9 @@ class SkimDataset(Dataset):
         self.recognition_store = recognition_store
         self.keys = tuple(keys)
         if any(k.startswith(RECOGNITION_PREFIX) for k in self.keys) and recognition_store is None:
-            raise ValueError(f"features {list(self.keys)} need a recognition store; pass --recognition-store")
+            raise ConfigError(
+                f"features {list(self.keys)} need a recognition store; pass --recognition-store"
+            )
         self.skipped: dict[str, int] = {"not_ok": 0, "other_split": 0, "unlabelled": 0}
         cols = store.index_columns()
         ids = cols["video_id"].tolist()
@@ -125,7 +128,7 @@ class SkimDataset(Dataset):
         if video_ids is not None:
             missing = [v for v in video_ids if v not in position]
             if missing:
-                raise KeyError(f"video(s) {missing[:5]} are not in store {getattr(store, 'path', '')}")
+                raise ConfigError(f"video(s) {missing[:5]} are not in store {getattr(store, 'path', '')}")
             order = [position[v] for v in video_ids]
         else:
             order = list(range(len(ids)))
@@ -143,7 +146,7 @@ class SkimDataset(Dataset):
             vid, status, steps = ids[i], str(cols["status"][i]), int(cols["steps"][i])
             if status != "ok" or steps <= 0:
                 if video_ids is not None:
-                    raise ValueError(
+                    raise ConfigError(
                         f"video {vid!r} has status {status!r} ({steps} steps); only ok videos skim"
                     )
                 self.skipped["not_ok"] += 1
@@ -174,12 +177,12 @@ class SkimDataset(Dataset):
     def _recognition_row(self, vid: str, steps: int, rec_pos: Mapping[str, tuple[int, int]]) -> int:
         where = getattr(self.recognition_store, "path", "")
         if vid not in rec_pos:
-            raise ValueError(
+            raise ConfigError(
                 f"video {vid!r} is not in the recognition store {where}; extract it there or drop that store"
             )
         first, rec_steps = rec_pos[vid]
         if rec_steps != steps:
-            raise ValueError(
+            raise ConfigError(
                 f"video {vid!r} has {steps} steps in the indexing store but {rec_steps} in the recognition "
                 f"store {where}; extract both stores on the same step grid"
             )
@@ -281,9 +284,9 @@ class CropBatchSampler(Sampler):
         self, steps: Sequence[int], *, batch_size: int, crop_min: int, crop_max: int, seed: int = 0
     ) -> None:
         if not 1 <= crop_min <= crop_max:
-            raise ValueError(f"crop range [{crop_min}, {crop_max}] is empty; need 1 <= crop_min <= crop_max")
+            raise ConfigError(f"crop range [{crop_min}, {crop_max}] is empty; need 1 <= crop_min <= crop_max")
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+            raise ConfigError(f"batch_size={batch_size} must be >= 1")
         self.steps = list(steps)
         self.batch_size = batch_size
         self.crop_min, self.crop_max = crop_min, crop_max
@@ -315,7 +318,7 @@ class LengthBatchSampler(Sampler):
 
     def __init__(self, steps: Sequence[int], *, batch_size: int, max_rows: int = 256 * 500) -> None:
         if batch_size < 1 or max_rows < 1:
-            raise ValueError(f"batch_size={batch_size} and max_rows={max_rows} must be >= 1")
+            raise ConfigError(f"batch_size={batch_size} and max_rows={max_rows} must be >= 1")
         order = np.argsort(np.asarray(steps, dtype=np.int64), kind="stable").tolist()
         self.batches: list[list[int]] = []
         batch: list[int] = []

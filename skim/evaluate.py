@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from indexing.corpus import default_moments_path, read_labels, read_segments
+from indexing.errors import CheckpointError, ConfigError
 
 from .checkpoint import SkimCheckpoint, load_checkpoint
 from .data import SkimDataset, step_seconds
@@ -99,11 +100,11 @@ class EvalConfig:
         object.__setattr__(self, "curve_steps", tuple(int(k) for k in self.curve_steps))
         object.__setattr__(self, "subsample_factors", tuple(int(k) for k in self.subsample_factors))
         if min(self.batch_size, self.baseline_steps, self.baseline_batch_size, self.random_draws) < 1:
-            raise ValueError("batch_size, baseline_steps, baseline_batch_size and random_draws must be >= 1")
+            raise ConfigError("batch_size, baseline_steps, baseline_batch_size and random_draws must be >= 1")
         if not self.baseline_lr > 0:
-            raise ValueError(f"baseline_lr={self.baseline_lr} must be positive")
+            raise ConfigError(f"baseline_lr={self.baseline_lr} must be positive")
         if any(k < 1 for k in self.curve_steps + self.subsample_factors):
-            raise ValueError(
+            raise ConfigError(
                 f"curve_steps {list(self.curve_steps)} and subsample_factors {list(self.subsample_factors)} "
                 "must be >= 1"
             )
@@ -390,7 +391,7 @@ def evaluate(
     data_kw: dict[str, Any] = {"labels": manifest, "names": names, "recognition_store": rec_store}
     eval_ds = SkimDataset(store, cfg.batch_keys, split=config.split, **data_kw)
     if len(eval_ds) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"no labelled ok videos in split {config.split!r} of {store_path} (skipped: {eval_ds.skipped}); "
             "pass --split or --labels"
         )
@@ -582,7 +583,7 @@ def _subsample_curve(
 
 def _check_dim(store: Any, ckpt: SkimCheckpoint) -> None:
     if store.dim != ckpt.config.dim:
-        raise ValueError(
+        raise CheckpointError(
             f"store features are {store.dim}-d but the model expects {ckpt.config.dim}-d; "
             "evaluate on a store extracted with the same models"
         )

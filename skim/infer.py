@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from indexing.errors import ConfigError
 from indexing.stores import FeatureStore, open_store
 
 from .checkpoint import SkimCheckpoint
@@ -53,7 +54,7 @@ def open_stores(
         return store, None
     path = recognition_store or ckpt.meta.get("features", {}).get("recognition_store")
     if not path:
-        raise ValueError(
+        raise ConfigError(
             "this model reads recognition features from a second store; pass --recognition-store"
         )
     return store, open_store(path)

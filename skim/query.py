@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from indexing.errors import CheckpointError, ConfigError
+
 from .checkpoint import load_checkpoint
 from .data import SkimDataset, step_seconds
 from .infer import distinct_steps, iter_outputs, moments_of, open_stores, top_labels, uniform_positions
@@ -56,12 +58,12 @@ def query(
         ValueError: A video that is not ``ok``, ``top_k < 1``, or a missing recognition store.
     """
     if top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
+        raise ConfigError(f"top_k={top_k} must be >= 1")
     dev = resolve_device(device)
     ckpt = load_checkpoint(model_path, device=str(dev), **dict(inference or {}))
     store, rec_store = open_stores(store_path, ckpt, recognition_store)
     if store.dim != ckpt.config.dim:
-        raise ValueError(f"store features are {store.dim}-d but the model expects {ckpt.config.dim}-d")
+        raise CheckpointError(f"store features are {store.dim}-d but the model expects {ckpt.config.dim}-d")
     step_s = step_seconds(store)
     dataset = SkimDataset(
         store,
@@ -109,7 +111,7 @@ def explain(
     """:func:`query` for one video with ``details``, plus what a side-by-side figure shows: ``shown_steps``,
     the first ``max_frames`` distinct chosen steps, and ``uniform_steps``, as many evenly spaced steps."""
     if max_frames < 1:
-        raise ValueError(f"max_frames={max_frames} must be >= 1")
+        raise ConfigError(f"max_frames={max_frames} must be >= 1")
     answer = query(store_path, model_path, [video_id], details=True, **kwargs)[0]
     answer["shown_steps"] = answer["chosen_steps"][:max_frames]
     k = max(len(answer["shown_steps"]), 1)

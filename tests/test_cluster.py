@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from indexing.errors import ClusterError
 from pipeline.cluster import (
     THREAD_ENV_VARS,
     ClusterConfig,
@@ -430,14 +431,14 @@ def test_batch_script_runs_scheduler_workers_and_client(system, tmp_path):
 
 def test_scheduler_file_that_never_appears_times_out(tmp_path):
     config = ClusterConfig(scheduler_file=str(tmp_path / "none.json"), connect_timeout_s=0.3)
-    with pytest.raises(TimeoutError, match="dask scheduler --scheduler-file"):
+    with pytest.raises(ClusterError, match="dask scheduler --scheduler-file"):
         with open_client(config):
             pass
 
 
 def test_unreachable_scheduler_is_a_connection_error_that_says_so():
     config = ClusterConfig(scheduler_address="tcp://127.0.0.1:9", connect_timeout_s=1)
-    with pytest.raises(ConnectionError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+    with pytest.raises(ClusterError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
         with open_client(config):
             pass
 

@@ -332,10 +332,24 @@ def test_probe_timeout_and_crash_become_media_errors(files):
     child = media._probe_child()
     uses = child.uses
 
-    def crash_when_busy() -> None:  # a real SIGSEGV in the helper while it scans
-        while child.uses == uses:
-            time.sleep(0.001)
-        time.sleep(0.02)
+    fds = Path(f"/proc/{child.proc.pid}/fd")
+    target = str(files["long"].resolve())
+
+    def scanning() -> bool:  # the helper holds the file open exactly while it scans it
+        for fd in list(fds.iterdir()) if fds.exists() else []:
+            try:
+                if os.readlink(fd) == target:
+                    return True
+            except OSError:  # closed between listing and reading
+                pass
+        return False
+
+    def crash_when_busy() -> None:  # a real SIGSEGV in the helper while it scans (not before, not after)
+        deadline = time.monotonic() + 30
+        while child.uses == uses or not scanning():
+            if time.monotonic() > deadline or child.proc.poll() is not None:
+                return
+            time.sleep(0.0005)
         os.kill(child.proc.pid, signal.SIGSEGV)
 
     killer = threading.Thread(target=crash_when_busy)
