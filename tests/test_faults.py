@@ -843,3 +843,101 @@ def test_cli_check_json_quick_and_repair(clean, tmp_path):
     _assert_same_store(clean["zarr"], store)
     info = runner.invoke(main, ["store", "info", str(store)])
     assert "checksums: crc32c" in info.output
+
+
+# ---- 9. writers killed at random points: no chunk passes its checksum with wrong content ----------------
+
+_WRITER = """
+import sys
+import numpy as np
+from indexing.stores import open_store
+
+store = open_store(sys.argv[1], "r+")
+done = set(store.done_ranges())
+print("ready", flush=True)
+for a, b in store.tasks():
+    if (a, b) not in done:
+        rng = np.random.default_rng(a)  # a rerun writes the same bytes, as extraction does
+        n = b - a
+        rows = {
+            k: rng.standard_normal((n, store.dim)).astype(store.dtype)
+                for k in ("image", "audio", "fused")
+        }
+        rows |= {"valid": np.ones(n, bool), "audio_valid": np.ones(n, bool), "time_s": np.arange(a, b) / 2}
+        store.write_rows(a, b, rows)
+        store.mark_done(a, b)
+"""
+KILL_TASKS = [(a, a + 512) for a in range(0, 16 * 512, 512)]
+
+
+def _expected(dim: int, dtype: str) -> dict[str, np.ndarray]:
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
+    for a, b in KILL_TASKS:
+        rng, n = np.random.default_rng(a), b - a
+        for k in ("image", "audio", "fused"):
+            out[k].append(rng.standard_normal((n, dim)).astype(dtype))
+        out["valid"].append(np.ones(n, bool))
+        out["audio_valid"].append(np.ones(n, bool))
+        out["time_s"].append(np.arange(a, b) / 2)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_writers_killed_at_random_points_leave_no_wrong_chunk(tmp_path, fmt, procs):
+    from indexing.stores import VideoRecord, get_store
+
+    rows, dim = KILL_TASKS[-1][1], 512
+    index = [
+        VideoRecord(f"v{i}", f"/v{i}.mp4", a, b - a, status="pending") for i, (a, b) in enumerate(KILL_TASKS)
+    ]
+    store = tmp_path / "store"
+    get_store(fmt).create(
+        store, index=index, rows=rows, chunk_rows=256, dim=dim, dtype="float32", tasks=KILL_TASKS
+    ).close()
+    want = _expected(dim, "float32")
+    rng = np.random.default_rng(7)
+    kills = caught_mid_task = 0
+    for attempt in range(8):
+        proc = procs.start([sys.executable, "-c", _WRITER, str(store)], f"writer{attempt}")
+        _wait("the writer", lambda p=proc: "ready" in _tail(p), proc=proc)
+        time.sleep(float(rng.uniform(0.0, 0.2)))  # a whole run writes for about a second
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        assert check_store(store) == [], attempt  # killed mid-write: nothing to report, nothing to repair
+        with open_store(store) as s:
+            done = s.done_ranges()
+            unfinished = [t for t in KILL_TASKS if t not in done]
+            on_disk = {
+                p for t in unfinished for n in ARRAYS for p in s.files_of(n, *t) if (store / p).exists()
+            }
+            temps = [p for p in store.rglob("*") if p.name.endswith(".partial") or ".tmp-" in p.name]
+            caught_mid_task += bool(on_disk or temps)
+            for name in ARRAYS:  # readers see finished tasks only, the others as fill
+                got = s.read_rows(name, 0, rows)
+                seen = np.zeros(rows, bool)
+                for a, b in done:
+                    seen[a:b] = True
+                np.testing.assert_array_equal(got[seen], want[name][seen])
+                assert not got[~seen].any()
+                for a, b in KILL_TASKS:  # bytes already on disk for unfinished tasks: right or unreadable
+                    if (a, b) in done:
+                        continue
+                    for c in range(a, b, 256):
+                        try:
+                            chunk = s._read(name, c, c + 256)
+                        except Exception:  # noqa: BLE001 - a torn chunk must fail its checksum
+                            continue
+                        if chunk.any():
+                            np.testing.assert_array_equal(chunk, want[name][c : c + 256])
+        if len(done) == len(KILL_TASKS):
+            break
+    assert kills >= 2 and caught_mid_task >= 1, (kills, caught_mid_task)  # some kills hit a task mid-write
+    proc = procs.start([sys.executable, "-c", _WRITER, str(store)], "writer-final")
+    assert proc.wait(timeout=120) == 0, _tail(proc)
+    assert check_store(store) == []
+    with open_store(store) as s:
+        assert s.done_ranges() == KILL_TASKS
+        for name in ARRAYS:
+            np.testing.assert_array_equal(s.read_rows(name, 0, rows), want[name])
