@@ -941,3 +941,20 @@ def test_writers_killed_at_random_points_leave_no_wrong_chunk(tmp_path, fmt, pro
         assert s.done_ranges() == KILL_TASKS
         for name in ARRAYS:
             np.testing.assert_array_equal(s.read_rows(name, 0, rows), want[name])
+
+
+def test_commands_refuse_damaged_rows_with_exit_4(clean, tmp_path):
+    """A command reading damaged rows (here `l2l store export`) stops with the store error, no traceback."""
+    store = tmp_path / "store"
+    shutil.copytree(clean["zarr"], store)
+    _damage(store, "zarr", "delete")  # features/fused/c/1/0: rows [4, 8) of video s1
+    result = CliRunner().invoke(
+        main, ["store", "export", str(store), str(tmp_path / "out"), "--format", "hdf5"]
+    )
+    assert result.exit_code == 4, result.output
+    assert "Traceback" not in result.output
+    assert re.search(
+        rf"store {re.escape(str(store))}: array features/fused rows \[4, 8\) \(videos 's1'\) cannot be read: "
+        rf"features/fused/c/1/0 is missing; .*l2l store repair {re.escape(str(store))}",
+        result.output,
+    ), result.output

@@ -530,3 +530,37 @@ def test_cli_store_commands(tmp_path: Path) -> None:
     assert problems[0]["video_ids"] == ["a", "vidéo_β/ü 中"]
     result = runner.invoke(main, ["store", "info", str(tmp_path)])
     assert result.exit_code == 2 and "not a feature store" in result.output
+
+
+def test_format_1_stores_still_open_and_export_adds_checksums(tmp_path: Path) -> None:
+    """Stores written before checksums (by the code of commit ac1f1bb) read as before, say so, and export."""
+    import tarfile
+
+    with tarfile.open(Path(__file__).parent / "data" / "stores-v1.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    with np.load(tmp_path / "v1-data.npz") as z:
+        data = {k: z[k] for k in z.files}
+    for fmt in available_stores():
+        old = tmp_path / f"v1-{fmt}"
+        info = store_info(old)
+        assert info["format_version"] == 1 and info["checksums"].startswith("no checksums")
+        assert "l2l store export" in info["checksums"]
+        assert store_check(old) == []
+        with open_store(old) as store:
+            assert not store.verified and store.done_ranges() == [(0, 8), (8, 14)]
+            for name in FEATURES + ROW_ARRAYS:
+                np.testing.assert_array_equal(store.read_rows(name, 0, store.rows), data[name])
+        new = export_store(old, tmp_path / f"v2-{fmt}", fmt)
+        info = store_info(new)
+        assert (info["format_version"], info["checksums"]) == (
+            2,
+            {"zarr": "crc32c", "hdf5": "fletcher32"}[fmt],
+        )
+        assert check_store(new) == []
+        with open_store(new) as store:
+            assert store.verified and store.done_ranges() == [(0, 8), (8, 14)]
+            assert set(store.task_record(0, 8)["files"]) == {
+                p for n in FEATURES + ROW_ARRAYS for p in store.files_of(n, 0, 8)
+            }
+            for name in FEATURES + ROW_ARRAYS:
+                np.testing.assert_array_equal(store.read_rows(name, 0, store.rows), data[name])

@@ -563,8 +563,22 @@ class FeatureStore(ABC):
             try:
                 out[a - start : b - start] = self._read(name, a, b)
             except Exception as exc:  # noqa: BLE001 - codecs raise many types; all mean damaged bytes
-                raise self.damage_error(name, a, b, f"{type(exc).__name__}: {exc}") from exc
+                raise self._narrow_damage(name, a, b, exc) from exc
         return out
+
+    def _chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` cut at chunk boundaries."""
+        first = start - start % self.chunk_rows
+        return [(max(s, start), min(s + self.chunk_rows, stop)) for s in range(first, stop, self.chunk_rows)]
+
+    def _narrow_damage(self, name: str, start: int, stop: int, exc: Exception) -> StoreError:
+        """The error for the first chunk of ``[start, stop)`` that fails to read (all of it if none alone)."""
+        for a, b in self._chunks(start, stop):
+            try:
+                self._read(name, a, b)
+            except Exception as one:  # noqa: BLE001 - as in read_rows
+                return self.damage_error(name, a, b, f"{type(one).__name__}: {one}")
+        return self.damage_error(name, start, stop, f"{type(exc).__name__}: {exc}")
 
     def damage_error(self, name: str, start: int, stop: int, what: str) -> StoreError:
         """The error for damaged rows: store, array, rows, their videos and how to repair."""
@@ -601,6 +615,9 @@ class FeatureStore(ABC):
         return self._done
 
     def _check_file(self, name: str, path: str, start: int, stop: int) -> None:
+        held = [(a, b) for a, b in self._chunks(start, stop) if path in self.files_of(name, a, b)]
+        if held:  # name the rows this file holds, not the whole read
+            start, stop = held[0][0], held[-1][1]
         task = _containing(self._done_cache(), start)
         record = self.task_record(*task) if task else None
         want = (record or {}).get("files", {}).get(path)
