@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from indexing.errors import ConfigError, IncompleteError
+from indexing.errors import ConfigError, IncompleteError, L2LError
 from indexing.options import (
     RegistryChoice,
     config_options,
@@ -256,7 +256,7 @@ def extract(
                     progress=not no_progress,
                     log=note,
                 )
-    except ConfigError:
+    except L2LError:  # ClusterError is an OSError too: keep its own message and code
         raise
     except OSError as err:  # a full disk, a path that cannot be a directory: the cause, not a traceback
         raise ConfigError(
