@@ -11,8 +11,7 @@ spectrogram large), Ψ ~0.003, students total ~2.2 GFLOPs, against ~81 for the t
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -81,36 +80,3 @@ def students_gflops(students: nn.Module) -> dict[str, float]:
         students.train(was_training)
     out["students"] = out["image"] + out["audio"] + out["fusion"]
     return out
-
-
-def measure_ms_per_step(
-    model: nn.Module,
-    make_inputs: Callable[[int], tuple[torch.Tensor, ...]],
-    *,
-    batch_sizes: Sequence[int] = (1, 4, 16, 32),
-    repeats: int = 3,
-) -> dict[int, float]:
-    """Wall milliseconds per sample (per step) of ``model`` at several batch sizes, best of ``repeats``.
-
-    Args:
-        model: Module run in eval mode under ``inference_mode``.
-        make_inputs: ``batch -> inputs`` for the model.
-        batch_sizes: Batch sizes to try.
-        repeats: Timed runs per batch size after one warm-up.
-
-    Returns:
-        ``{batch_size: ms per sample}``.
-    """
-    model.eval()
-    result = {}
-    with torch.inference_mode():
-        for b in batch_sizes:
-            inputs = make_inputs(b)
-            model(*inputs)  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model(*inputs)
-                best = min(best, time.perf_counter() - t0)
-            result[b] = 1000 * best / b
-    return result

@@ -364,21 +364,6 @@ def _ceiling(durations, segments, classes: int, steps: int) -> dict[str, float]:
     }
 
 
-def describe(config: SynthConfig | None = None) -> str:
-    """A short human-readable account of the corpus a config makes and its uniform-baseline ceiling."""
-    config = config or SynthConfig()
-    c = uniform_baseline_ceiling(config)
-    return (
-        f"{config.videos} videos of {config.min_s:g}-{config.max_s:g} s, {config.classes} classes, "
-        f"{config.min_segments}-{config.max_segments} evidence segments of "
-        f"{config.min_segment_s:g}-{config.max_segment_s:g} s. With T={c['steps']} uniformly spaced steps a "
-        f"step start lands in evidence in {c['hit_rate']:.0%} of videos, so uniform sampling is right at "
-        f"most {c['ceiling_accuracy']:.1%} of the time (chance {c['chance']:.1%} otherwise); counting any "
-        f"overlap of the 1 s audio window: {c['hit_rate_audio']:.0%} / {c['ceiling_accuracy_audio']:.1%}. "
-        "A model that finds the evidence can reach 100%."
-    )
-
-
 # ---- rendering -------------------------------------------------------------------------------------------
 
 
