@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from cli import main
-from pipeline.encode import write_video
 from skim.synthetic import PlantedSpec, write_planted_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,16 +339,12 @@ CASES: dict[tuple[str, ...], list[Case]] = {
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, str]:
+def files(tmp_path_factory, make_video, one_torch_thread) -> dict[str, str]:
     """Real inputs (a store, a trained model, a one-video corpus) and bad ones of each kind."""
     root = tmp_path_factory.mktemp("cli-errors")
     spec = PlantedSpec(videos=12, classes=3, dim=16, min_steps=12, max_steps=20, chunk_rows=64)
     planted = write_planted_store(root / "store", spec)
-    rng = np.random.default_rng(0)
-    frames = (rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(20))  # 2 s at 10 fps
-    write_video(
-        root / "v.mp4", frames, fps=10, audio=0.1 * rng.standard_normal((1, 32_000)).astype(np.float32)
-    )
+    make_video(root / "v.mp4", 2.0, fps=10)
     (root / "manifest.csv").write_text("video_id,path,label,split\nv,v.mp4,a,train\n")
     (root / "bad.csv").write_text("video_id,file\nv,v.mp4\n")
     (root / "bad_moments.json").write_text(
@@ -361,17 +355,12 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "not_a_store" / "notes.txt").write_text("hello\n")
     (root / "a_file").write_text("")
     model = root / "skim.pt"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(
-            main,
-            ["train", str(planted["store"]), "--labels", str(planted["labels"]), "--out", str(model),
-             "--init", "scratch", "--epochs", "1", "--hidden", "16", "--embed", "16", "--batch-size", "4",
-             "--json"],
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    result = CliRunner().invoke(
+        main,
+        ["train", str(planted["store"]), "--labels", str(planted["labels"]), "--out", str(model),
+         "--init", "scratch", "--epochs", "1", "--hidden", "16", "--embed", "16", "--batch-size", "4",
+         "--json"],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     return {
         "store": str(planted["store"]),

@@ -5,33 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from indexing.corpus import read_labels, read_segments
 from indexing.errors import ConfigError
 from pipeline.corpus import CorpusEntry, read_corpus, read_moments, write_manifest
-from pipeline.encode import write_video
-
-
-def _video(path: Path, container: str = "mp4", seed: int = 0) -> Path:
-    """A real two-frame video (16x16), distinct per seed."""
-    rng = np.random.default_rng(seed)
-    return write_video(
-        path, [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)], container=container
-    )
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
+def tree(tmp_path_factory, make_video) -> Path:
     """root/{a/x.mp4, b/x.mp4, b/deep/y.webm, c/z.mp4, c/z.avi, .hidden/h.mp4, notes.txt}."""
     root = tmp_path_factory.mktemp("tree")
-    _video(root / "a" / "x.mp4", seed=1)
-    _video(root / "b" / "x.mp4", seed=2)
-    _video(root / "b" / "deep" / "y.webm", "webm", seed=3)
-    _video(root / "c" / "z.mp4", seed=4)
-    _video(root / "c" / "z.avi", "avi", seed=5)
-    _video(root / ".hidden" / "h.mp4", seed=6)
+    make_video(root / "a" / "x.mp4", 2 / 30, audio=False, size=(16, 16), container="mp4", seed=1)
+    make_video(root / "b" / "x.mp4", 2 / 30, audio=False, size=(16, 16), container="mp4", seed=2)
+    make_video(root / "b" / "deep" / "y.webm", 2 / 30, audio=False, size=(16, 16), container="webm", seed=3)
+    make_video(root / "c" / "z.mp4", 2 / 30, audio=False, size=(16, 16), container="mp4", seed=4)
+    make_video(root / "c" / "z.avi", 2 / 30, audio=False, size=(16, 16), container="avi", seed=5)
+    make_video(root / ".hidden" / "h.mp4", 2 / 30, audio=False, size=(16, 16), container="mp4", seed=6)
     (root / "notes.txt").write_text("not a video")
     return root
 

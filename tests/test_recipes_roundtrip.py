@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import torch
 from click.testing import CliRunner
 
 from cli import main
 from indexing.stores import open_store
-from pipeline.encode import write_video
 
 
-def _video(path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    frames = (rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(40))  # 4 s at 10 fps
-    audio = 0.1 * rng.standard_normal((1, 4 * 16_000)).astype(np.float32)  # (1, 64000) mono 16 kHz
-    write_video(path, frames, fps=10, audio=audio)
-
-
-def test_folder_recipe_round_trip_through_extract_and_train(tmp_path):
+def test_folder_recipe_round_trip_through_extract_and_train(tmp_path, make_video, one_torch_thread):
     root = tmp_path / "videos"
     for c, name in enumerate(["cheering", "drumming"]):
         for i in range(3):
-            _video(root / name / f"{name}{i}.mp4", seed=10 * c + i)
+            make_video(root / name / f"{name}{i}.mp4", 4.0, fps=10, seed=10 * c + i)  # 4 s at 10 fps
     runner = CliRunner()
 
     def run(*args: str) -> dict:
@@ -47,15 +37,10 @@ def test_folder_recipe_round_trip_through_extract_and_train(tmp_path):
     assert all(rec.status == "ok" and rec.steps == 8 for rec in records.values())
     assert {rec.label for rec in records.values()} == {"cheering", "drumming"}
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        # Random students have no classifier for Psi and the classifier to start from.
-        summary = run("train", str(store), "--labels", str(manifest), "--out", str(tmp_path / "skim.pt"),
-                      "--epochs", "1", "--batch-size", "4", "--hidden", "32", "--embed", "16",
-                      "--init", "scratch")  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    # Random students have no classifier for Psi and the classifier to start from.
+    summary = run("train", str(store), "--labels", str(manifest), "--out", str(tmp_path / "skim.pt"),
+                  "--epochs", "1", "--batch-size", "4", "--hidden", "32", "--embed", "16",
+                  "--init", "scratch")  # fmt: skip
     splits = [r[3] for r in rows]
     assert summary["train_videos"] == splits.count("train") and splits.count("test") >= 2
     assert sorted(summary["labels"]) == ["cheering", "drumming"]

@@ -34,13 +34,7 @@ FAST_TRAIN = ["--lr", "0.1", "--batch-size", "16", "--milestones", "", "--seed",
 METRICS = {"accuracy", "map", "gflops_per_video", "steps_used", "evidence_precision"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one torch thread avoids thread-pool handoffs that dominate on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: thread handoffs dominate
 
 
 def run(*args: str) -> dict | list:
