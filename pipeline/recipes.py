@@ -246,14 +246,21 @@ def prepare(config: PrepareConfig) -> PrepareReport:
         The report of what was written and what could not be matched.
 
     Raises:
-        ValueError: Annotation files absent or malformed (the message names the file and the fix).
+        ConfigError: Annotation files absent or malformed (the message names the file and the fix), or no
+            video found under the root.
     """
     result = _RECIPES[config.dataset](config)
     out = config.out
-    out.parent.mkdir(parents=True, exist_ok=True)
     class_set = set(result.classes)
     found = [r for r in result.rows if r.path is not None]
     missing = [r for r in result.rows if r.path is None]
+    if not found:  # an empty manifest would only make an empty store later
+        what = f"none of the {len(missing)} listed videos" if missing else "no video"
+        raise ConfigError(
+            f"{config.dataset}: {what} found under {config.root}; check ROOT (and --annotations); "
+            "nothing was written"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
     for row in found:
         if row.label and row.label not in class_set:  # a recipe bug, not user data: fail loudly
             raise RuntimeError(

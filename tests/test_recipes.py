@@ -41,8 +41,21 @@ def run(dataset: str, root: Path, out: Path, **options) -> tuple[dict, list[dict
 # ---- registry and config ------------------------------------------------------------------------------
 
 
-def test_registry_lists_every_recipe():
-    assert available_recipes() == ["activitynet", "folder", "kinetics-sounds", "sports1m", "ucf101"]
+def test_registry_lists_the_papers_datasets_and_the_cli_offers_every_recipe():
+    assert {"activitynet", "folder", "kinetics-sounds", "sports1m", "ucf101"} <= set(available_recipes())
+    dataset = next(p for p in main.commands["prepare"].params if p.name == "dataset")
+    assert list(dataset.type.choices) == available_recipes()
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_recipe_refuses_a_folder_without_videos(name, tmp_path):
+    """No annotations or videos under ROOT: a clear error and no manifest (it would make an empty store)."""
+    (tmp_path / "root").mkdir()
+    out = tmp_path / "m.csv"
+    result = CliRunner().invoke(main, ["prepare", name, str(tmp_path / "root"), "--out", str(out)])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {name}: ")
+    assert not out.exists()
 
 
 def test_kinetics_sounds_has_the_papers_31_classes():
