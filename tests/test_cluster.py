@@ -305,8 +305,11 @@ def _fake(bin_dir: Path, name: str, body: str) -> None:
 
 FAKE_L2L = """\
 #!{python}
-# Stand-in for `l2l extract`: connect through the scheduler file like the real command, run one task.
+# Stand-in for `l2l extract`: the real CLI parses the arguments (an option it lacks ends this with exit 2),
+# then it connects through the scheduler file like the real command and runs one task.
 import json, os, sys
+import click
+from cli import main
 from pipeline.cluster import ClusterConfig, open_client
 
 def probe():
@@ -315,7 +318,15 @@ def probe():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    config = ClusterConfig(scheduler_file=args[args.index("--scheduler-file") + 1], connect_timeout_s=30)
+    try:
+        command = main.get_command(None, args[0]) if args else None
+        if command is None:
+            raise click.UsageError(f"no such command {{args[:1]}}")
+        params = command.make_context(f"l2l {{args[0]}}", args[1:]).params
+    except click.ClickException as err:
+        err.show()
+        sys.exit(2)
+    config = ClusterConfig(scheduler_file=params["scheduler_file"], connect_timeout_s=30)
     with open_client(config) as client:
         client.wait_for_workers(1, timeout=60)
         result = client.submit(probe, pure=False).result(timeout=60)
@@ -363,6 +374,9 @@ def _wait_group_gone(pgid: int, *, timeout_s: float) -> bool:
     return True
 
 
+EXTRA = ["--students", "random:0:tiny", "--batch-steps", "32"]  # what a user adds to the script's command
+
+
 @pytest.mark.parametrize("system", ["slurm", "pbs"])
 def test_batch_script_runs_scheduler_workers_and_client(system, tmp_path):
     """The real script, with a real `dask scheduler` and `dask worker` on loopback."""
@@ -389,7 +403,7 @@ def test_batch_script_runs_scheduler_workers_and_client(system, tmp_path):
             "SLURM_NTASKS_PER_NODE": "1",
             "SLURM_MEM_PER_NODE": "4096",
         }
-        cmd = ["bash", str(CLUSTER / "slurm" / "extract.sbatch"), "m.csv", "f.zarr", "--extra", "1"]
+        cmd = ["bash", str(CLUSTER / "slurm" / "extract.sbatch"), "m.csv", "f.zarr", *EXTRA]
         sched_file = tmp_path / "dask-42" / "scheduler.json"
     else:
         nodefile = tmp_path / "nodes"
@@ -400,7 +414,7 @@ def test_batch_script_runs_scheduler_workers_and_client(system, tmp_path):
             "PBS_NODEFILE": str(nodefile),
             "L2L_MANIFEST": "m.csv",
             "L2L_STORE": "f.zarr",
-            "L2L_EXTRACT_ARGS": "--extra 1",
+            "L2L_EXTRACT_ARGS": " ".join(EXTRA),
             "L2L_WORKERS_PER_NODE": "1",
             "L2L_TORCH_THREADS": "2",
             "L2L_MEM_PER_WORKER": "2GiB",
@@ -422,12 +436,21 @@ def test_batch_script_runs_scheduler_workers_and_client(system, tmp_path):
         str(sched_file),
         "--torch-threads",
         "2",
-        "--extra",
-        "1",
+        *EXTRA,
     ]
     assert out["workers"] == 1
     assert out["probe"][1:] == [2, "2"]  # torch threads from the script's OMP_NUM_THREADS, via the plugin
     assert "l2l: scheduler" in done.stdout
+
+
+def test_fake_l2l_of_the_batch_tests_refuses_what_the_real_cli_refuses(tmp_path):
+    """The stand-in above parses with the real CLI: a flag `l2l extract` lacks cannot pass unseen."""
+    _fake(tmp_path, "l2l", FAKE_L2L.format(python=sys.executable))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["extract", "m.csv", "f.zarr", "--tls-cert-file", "x"], ["extrct", "m.csv"]):
+        fake = [str(tmp_path / "l2l"), *args]
+        done = subprocess.run(fake, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "Error" in done.stderr, done.stderr
 
 
 def test_scheduler_file_that_never_appears_times_out(tmp_path):
