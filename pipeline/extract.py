@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexing.errors import MediaError
+from indexing.errors import CheckpointError, ConfigError, MediaError, StoreError
 from indexing.grid import AUDIO_S, SAMPLE_RATE, STEP_S
 from indexing.stores import (
     FEATURES,
@@ -86,7 +86,7 @@ class ExtractConfig:
         compression: Store codec (``default`` = the backend's measured default).
 
     Raises:
-        ValueError: A bad value; the message names the value and the fix.
+        ConfigError: A bad value; the message names the value and the fix.
     """
 
     students: str
@@ -104,28 +104,28 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         if not str(self.students).strip():
-            raise ValueError("students is empty; pass --students CHECKPOINT or --students random:SEED")
+            raise ConfigError("students is empty; pass --students CHECKPOINT or --students random:SEED")
         object.__setattr__(self, "students", str(self.students))
         if self.store not in available_stores():
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown store format {self.store!r}; available: {', '.join(available_stores())}"
             )
         if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype {self.dtype!r} is not supported; use float16 or float32")
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; use float16 or float32")
         for name in ("chunk_rows", "batch_steps", "torch_threads", "probe_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.task_steps is None:
             object.__setattr__(self, "task_steps", 2 * self.chunk_rows)
         if not isinstance(self.task_steps, int) or self.task_steps < 1:
-            raise ValueError(f"task_steps must be a positive integer, got {self.task_steps!r}")
+            raise ConfigError(f"task_steps must be a positive integer, got {self.task_steps!r}")
         if not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries!r}")
+            raise ConfigError(f"retries must be >= 0, got {self.retries!r}")
         if not self.probe_timeout_s > 0:
-            raise ValueError(f"probe_timeout_s must be > 0, got {self.probe_timeout_s!r}")
+            raise ConfigError(f"probe_timeout_s must be > 0, got {self.probe_timeout_s!r}")
         if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ValueError(f"device {self.device!r} is not supported; use cpu, cuda or cuda:N")
+            raise ConfigError(f"device {self.device!r} is not supported; use cpu, cuda or cuda:N")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields, as stored in the store attrs under ``extraction``."""
@@ -346,7 +346,7 @@ def extract_task(task: Task, *, store_path: str | Path, config: ExtractConfig) -
         The task's result (per-video status, error, has_audio, rows written).
 
     Raises:
-        ValueError: The loaded students are not the ones the store was created with.
+        CheckpointError: The loaded students are not the ones the store was created with.
         Exception: Anything other than a ``MediaError`` (which only fails its video) fails the task, so
             the executor can retry it.
     """
@@ -359,7 +359,7 @@ def extract_task(task: Task, *, store_path: str | Path, config: ExtractConfig) -
     try:
         want = store.attrs.get("models", {}).get("students", {}).get("sha256")
         if want and meta.get("sha256") != want:
-            raise ValueError(
+            raise CheckpointError(
                 f"students {config.students} have weights sha256 {meta.get('sha256')}, but store "
                 f"{store_path} was created with {want}; the checkpoint changed during extraction"
             )
@@ -547,7 +547,7 @@ def _check_resume(
     fix = "extract into a new store path (or delete this store to start over)"
     old = attrs.get("extraction")
     if not isinstance(old, dict):
-        raise ValueError(
+        raise ConfigError(
             f"{path} was not written by `l2l extract` (no extraction config in its attrs); {fix}"
         )
     diffs = [
@@ -568,7 +568,7 @@ def _check_resume(
             f"{attrs.get('corpus', {}).get('spec')!r}, this corpus differs"
         )
     if diffs:
-        raise ValueError(f"{path} was extracted with a different configuration ({'; '.join(diffs)}); {fix}")
+        raise ConfigError(f"{path} was extracted with a different configuration ({'; '.join(diffs)}); {fix}")
 
 
 def run_extraction(
@@ -599,7 +599,7 @@ def run_extraction(
         The report. ``report.complete`` is false when tasks remain (errors or ``max_tasks``).
 
     Raises:
-        ValueError: Bad corpus, a store locked by another writer, a store made with another config or
+        ConfigError: Bad corpus, a store locked by another writer, a store made with another config or
             corpus, or ``resume`` contradicting what is at ``store_path``.
     """
     from pipeline.corpus import read_corpus
@@ -611,9 +611,11 @@ def run_extraction(
     digest = corpus_digest(entries)
     exists = store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir()))
     if resume is True and not exists:
-        raise ValueError(f"--resume: there is no store at {store_path} to resume; drop --resume to create it")
+        raise ConfigError(
+            f"--resume: there is no store at {store_path} to resume; drop --resume to create it"
+        )
     if resume is False and exists:
-        raise ValueError(f"{store_path} already exists; resume it or choose a new store path")
+        raise ConfigError(f"{store_path} already exists; resume it or choose a new store path")
     students, meta = cached_students(config.students, config.device)  # the serial path reuses this load
     if meta.get("random"):
         log(
@@ -656,11 +658,11 @@ def run_extraction(
         try:
             fmt = store_format(store_path)
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"{store_path} exists and is not a feature store; choose a new store path"
             ) from None
         if fmt != config.store:
-            raise ValueError(
+            raise ConfigError(
                 f"{store_path} is a {fmt} store but --format {config.store} was asked; extract into a new "
                 "store path or pass --format " + fmt
             )
@@ -673,9 +675,9 @@ def run_extraction(
             records = store.videos()
             plan = plan_extraction(records, chunk_rows=config.chunk_rows, task_steps=config.task_steps)
             if plan.digest() != store.attrs.get("plan", {}).get("digest"):
-                raise ValueError(
+                raise StoreError(
                     f"{store_path}: its index no longer gives the plan it was created with "
-                    "(digest mismatch); the store is damaged, extract into a new store path"
+                    f"(digest mismatch); the index is damaged: run `l2l store repair {store_path}`"
                 )
         done = finished_results(store, plan)
         pending = [t for t in plan.tasks if t.index not in done]
@@ -876,7 +878,6 @@ def repair_store(
             first), it is locked by a live writer, or its kept plan is damaged too.
         ConfigError: The recorded students cannot be loaded.
     """
-    from indexing.errors import StoreError
     from indexing.stores import columns_to_records
     from indexing.stores.tools import REPAIRED_BY_TASK, check_store
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from indexing.errors import ConfigError
 from indexing.stores import VideoRecord
 
 PLAN_VERSION = 1
@@ -144,19 +145,19 @@ def plan_extraction(records: Sequence[VideoRecord], *, chunk_rows: int, task_ste
         The plan; see the module docstring for the layout rules.
 
     Raises:
-        ValueError: Non-positive ``chunk_rows`` / ``task_steps``, negative steps or duplicate video ids.
+        ConfigError: Non-positive ``chunk_rows`` / ``task_steps``, negative steps or duplicate video ids.
     """
     if chunk_rows <= 0:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        raise ConfigError(f"chunk_rows must be positive, got {chunk_rows}")
     if task_steps <= 0:
-        raise ValueError(f"task_steps must be positive, got {task_steps}")
+        raise ConfigError(f"task_steps must be positive, got {task_steps}")
     seen: set[str] = set()
     for r in records:
         if r.video_id in seen:
-            raise ValueError(f"duplicate video id {r.video_id!r} ({r.path}); video ids must be unique")
+            raise ConfigError(f"duplicate video id {r.video_id!r} ({r.path}); video ids must be unique")
         seen.add(r.video_id)
         if r.steps < 0:
-            raise ValueError(f"{r.path}: negative step count {r.steps}")
+            raise ConfigError(f"{r.path}: negative step count {r.steps}")
 
     out: list[VideoRecord] = []
     tasks: list[Task] = []

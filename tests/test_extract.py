@@ -301,7 +301,7 @@ def test_second_writer_is_refused_while_locked(corpus, reference):
         result = CliRunner().invoke(
             main, args + ["--chunk-rows", "4", "--task-steps", "4", "--batch-steps", "4"]
         )
-        assert result.exit_code == 2 and "locked" in result.stderr
+        assert result.exit_code == 4 and "locked" in result.stderr
 
 
 def test_killed_cli_run_resumes_bitwise(corpus, reference, tmp_path):

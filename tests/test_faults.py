@@ -532,7 +532,7 @@ def test_second_extract_is_refused_while_a_real_run_holds_the_store(corpus, refe
         result = CliRunner().invoke(main, args)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 4, result.output  # a locked store is a StoreError
     assert f"store is locked by another writer (pid {proc.pid} on host" in result.stderr
     assert "Traceback" not in result.output
     rc, _, err = _finish(proc)
@@ -870,6 +870,21 @@ for a, b in store.tasks():
 KILL_TASKS = [(a, a + 512) for a in range(0, 16 * 512, 512)]
 
 
+def _mid_task(store: Path) -> bool:
+    """Whether a task has bytes on disk (a temporary or a final file) but no done marker."""
+    if any(p.name.endswith(".partial") or ".tmp-" in p.name for p in store.rglob("*")):
+        return True
+    with open_store(store) as s:
+        done = set(s.done_ranges())
+        return any(
+            (store / p).exists()
+            for t in KILL_TASKS
+            if t not in done
+            for n in ARRAYS
+            for p in s.files_of(n, *t)
+        )
+
+
 def _expected(dim: int, dtype: str) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
     for a, b in KILL_TASKS:
@@ -900,20 +915,18 @@ def test_writers_killed_at_random_points_leave_no_wrong_chunk(tmp_path, fmt, pro
     for attempt in range(8):
         proc = procs.start([sys.executable, "-c", _WRITER, str(store)], f"writer{attempt}")
         _wait("the writer", lambda p=proc: "ready" in _tail(p), proc=proc)
-        time.sleep(float(rng.uniform(0.0, 0.2)))  # a whole run writes for about a second
+        if attempt % 2:  # at a random time (a whole run writes for about a second) ...
+            time.sleep(float(rng.uniform(0.0, 0.2)))
+        else:  # ... or as soon as a task has bytes on disk but no marker yet (whatever the machine's load)
+            _wait("a task mid-write", lambda p=proc: _mid_task(store) or p.poll() is not None, timeout_s=60)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
         assert check_store(store) == [], attempt  # killed mid-write: nothing to report, nothing to repair
+        caught_mid_task += _mid_task(store)
         with open_store(store) as s:
             done = s.done_ranges()
-            unfinished = [t for t in KILL_TASKS if t not in done]
-            on_disk = {
-                p for t in unfinished for n in ARRAYS for p in s.files_of(n, *t) if (store / p).exists()
-            }
-            temps = [p for p in store.rglob("*") if p.name.endswith(".partial") or ".tmp-" in p.name]
-            caught_mid_task += bool(on_disk or temps)
             for name in ARRAYS:  # readers see finished tasks only, the others as fill
                 got = s.read_rows(name, 0, rows)
                 seen = np.zeros(rows, bool)

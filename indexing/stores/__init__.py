@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from indexing.errors import StoreError
+from indexing.errors import ConfigError, StoreError
 
 FORMAT_NAME = "l2l-features"
 FORMAT_VERSION = 2  # 2: checksummed chunks, per-task write records in the done markers, planned index kept
@@ -139,15 +139,17 @@ def normalize_columns(columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Coerce index columns read from a file (object arrays, bytes, other int widths) to the canonical dtypes.
 
     Raises:
-        ValueError: A column is missing or the columns differ in length.
+        ConfigError: A column is missing or the columns differ in length.
     """
     missing = [name for name in INDEX_COLUMNS if name not in columns]
     if missing:
-        raise ValueError(f"index is missing column(s) {', '.join(missing)}; rebuild the index with set_index")
+        raise ConfigError(
+            f"index is missing column(s) {', '.join(missing)}; rebuild the index with set_index"
+        )
     out = {name: _column_array(columns[name], kind) for name, kind in INDEX_COLUMNS.items()}
     lengths = {name: len(col) for name, col in out.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"index columns differ in length: {lengths}; rebuild the index with set_index")
+        raise ConfigError(f"index columns differ in length: {lengths}; rebuild the index with set_index")
     return out
 
 
@@ -206,7 +208,7 @@ def index_problems(columns: Mapping[str, np.ndarray], rows: int) -> list[str]:
 
 
 def check_index(records_or_columns: Sequence[VideoRecord] | Mapping[str, np.ndarray], rows: int) -> dict:
-    """Columns of a valid index; ``ValueError`` listing the first problems otherwise (used by writers)."""
+    """Columns of a valid index; ``ConfigError`` listing the first problems otherwise (used by writers)."""
     if isinstance(records_or_columns, Mapping):
         columns = normalize_columns(records_or_columns)
     else:
@@ -215,7 +217,7 @@ def check_index(records_or_columns: Sequence[VideoRecord] | Mapping[str, np.ndar
     if problems:
         shown = "; ".join(problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"invalid index: {shown}{more}; fix the plan before writing it")
+        raise ConfigError(f"invalid index: {shown}{more}; fix the plan before writing it")
     return columns
 
 
@@ -226,34 +228,36 @@ def check_tasks(tasks: Sequence[tuple[int, int]], *, rows: int, chunk_rows: int)
         check_row_range(start, stop, rows=rows, chunk_rows=chunk_rows)
     for (a0, b0), (a1, b1) in zip(out, out[1:], strict=False):
         if a1 < b0:
-            raise ValueError(f"planned tasks [{a0}, {b0}) and [{a1}, {b1}) overlap; give each row one task")
+            raise ConfigError(f"planned tasks [{a0}, {b0}) and [{a1}, {b1}) overlap; give each row one task")
     return out
 
 
 def check_row_range(start: int, stop: int, *, rows: int, chunk_rows: int | None = None) -> None:
-    """``ValueError`` unless ``0 <= start <= stop <= rows`` (and, with ``chunk_rows``, chunk-aligned).
+    """``ConfigError`` unless ``0 <= start <= stop <= rows`` (and, with ``chunk_rows``, chunk-aligned).
 
     Aligned means ``start % chunk_rows == 0`` and ``stop % chunk_rows == 0 or stop == rows``, so two
     writers never share a chunk.
     """
     if not 0 <= start <= stop <= rows:
-        raise ValueError(f"rows [{start}, {stop}) are not inside the store's {rows} rows")
+        raise ConfigError(f"rows [{start}, {stop}) are not inside the store's {rows} rows")
     if chunk_rows is None:
         return
     if start % chunk_rows or (stop % chunk_rows and stop != rows):
-        raise ValueError(
+        raise ConfigError(
             f"task rows [{start}, {stop}) are not chunk-aligned (chunk_rows={chunk_rows}, rows={rows}): "
             f"start must be a multiple of {chunk_rows} and stop a multiple of it or {rows}"
         )
 
 
 def check_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Store attrs as a JSON-safe dict with ``format``/``format_version`` set; ``ValueError`` if not JSON."""
+    """Store attrs as a JSON-safe dict with ``format``/``format_version`` set; ``ConfigError`` if not JSON."""
     out = dict(attrs or {})
     try:
         out = json.loads(json.dumps(out, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"store attrs must be JSON-serialisable (str/number/bool/list/dict): {exc}") from exc
+        raise ConfigError(
+            f"store attrs must be JSON-serialisable (str/number/bool/list/dict): {exc}"
+        ) from exc
     out["format"] = FORMAT_NAME
     out["format_version"] = FORMAT_VERSION
     return out
@@ -261,34 +265,34 @@ def check_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def check_feature_dtype(dtype: str) -> str:
     if str(dtype) not in FEATURE_DTYPES:
-        raise ValueError(f"feature dtype {dtype!r} is not supported; use one of {', '.join(FEATURE_DTYPES)}")
+        raise ConfigError(f"feature dtype {dtype!r} is not supported; use one of {', '.join(FEATURE_DTYPES)}")
     return str(dtype)
 
 
 def array_dtype(name: str, feature_dtype: str) -> np.dtype:
-    """The on-disk dtype of array ``name``; ``ValueError`` naming the known arrays otherwise."""
+    """The on-disk dtype of array ``name``; ``ConfigError`` naming the known arrays otherwise."""
     if name in FEATURES:
         return np.dtype(feature_dtype)
     if name in ROW_DTYPES:
         return ROW_DTYPES[name]
-    raise ValueError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
+    raise ConfigError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
 
 
 def check_block(name: str, data: Any, *, n: int, dim: int, feature_dtype: str) -> np.ndarray:
-    """``data`` for ``n`` rows of array ``name`` as the on-disk dtype; ``ValueError`` on a shape mismatch."""
+    """``data`` for ``n`` rows of array ``name`` as the on-disk dtype; ``ConfigError`` on a shape mismatch."""
     dtype = array_dtype(name, feature_dtype)
     arr = np.asarray(data)
     want = (n, dim) if name in FEATURES else (n,)
     if arr.shape != want:
-        raise ValueError(f"array {name!r}: got shape {arr.shape} for {n} rows, expected {want}")
+        raise ConfigError(f"array {name!r}: got shape {arr.shape} for {n} rows, expected {want}")
     return arr.astype(dtype, copy=False)
 
 
 def prepare_store_dir(path: Path, *, overwrite: bool) -> None:
-    """Make ``path`` an empty directory; ``ValueError`` if it holds anything and ``overwrite`` is false."""
+    """Make ``path`` an empty directory; ``ConfigError`` if it holds anything and ``overwrite`` is false."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
-            raise ValueError(f"{path} already exists; remove it or pass overwrite=True")
+            raise ConfigError(f"{path} already exists; remove it or pass overwrite=True")
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -325,7 +329,7 @@ def acquire_lock(path: str | Path) -> StoreLock:
     A lock left by a dead process on this host is taken over; any other lock is refused.
 
     Raises:
-        ValueError: Another writer holds the lock (the message names its pid and host and how to clear it).
+        StoreError: Another writer holds the lock (the message names its pid and host and how to clear it).
     """
     path = Path(path)
     token = uuid.uuid4().hex
@@ -336,7 +340,7 @@ def acquire_lock(path: str | Path) -> StoreLock:
         except FileExistsError:
             holder = _read_lock(path) or {}
             if not _is_stale(holder):
-                raise ValueError(_lock_message(path, holder)) from None
+                raise StoreError(_lock_message(path, holder)) from None
             _take_over(path, holder)
             continue
         try:
@@ -346,7 +350,7 @@ def acquire_lock(path: str | Path) -> StoreLock:
             path.unlink(missing_ok=True)  # e.g. a full disk: an empty lock would refuse every later run
             raise
         return StoreLock(path, token)
-    raise ValueError(_lock_message(path, _read_lock(path) or {}))
+    raise StoreError(_lock_message(path, _read_lock(path) or {}))
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -382,7 +386,7 @@ def _take_over(path: Path, holder: Mapping[str, Any]) -> None:
     moved = _read_lock(aside) or {}
     if moved.get("token") != holder.get("token"):
         os.rename(aside, path)  # not the stale lock we inspected: someone else just took it; give it back
-        raise ValueError(_lock_message(path, moved))
+        raise StoreError(_lock_message(path, moved))
     aside.unlink(missing_ok=True)
 
 
@@ -446,7 +450,7 @@ class FeatureStore(ABC):
             overwrite: Replace an existing store at ``path``.
 
         Raises:
-            ValueError: Bad sizes, dtype, attrs, index or tasks, or ``path`` exists.
+            ConfigError: Bad sizes, dtype, attrs, index or tasks, or ``path`` exists.
         """
 
     @abstractmethod
@@ -454,7 +458,7 @@ class FeatureStore(ABC):
         """Write rows ``[start, stop)`` of every array in ``arrays`` (feature names and row arrays).
 
         ``start`` must be a multiple of ``chunk_rows`` and ``stop`` either a multiple of it or the end
-        of the store; otherwise ``ValueError`` (two writers must never share a chunk).
+        of the store; otherwise ``ConfigError`` (two writers must never share a chunk).
         """
 
     @abstractmethod
@@ -550,7 +554,7 @@ class FeatureStore(ABC):
         Raises:
             StoreError: A file holding done rows is missing, has the wrong size or fails its checksum; the
                 message names the store, the array, the rows, their videos and the repair command.
-            ValueError: Rows outside the store or an unknown array.
+            ConfigError: Rows outside the store or an unknown array.
         """
         check_row_range(start, stop, rows=self.rows)
         dtype = array_dtype(name, self.dtype)
@@ -714,18 +718,18 @@ class FeatureStore(ABC):
     def _check_writable(self) -> None:
         self._done = None  # a writer's own view of the markers must follow its writes
         if self.mode == "r":
-            raise ValueError(f"store {self.path} is open read-only; open it with mode='r+' to write")
+            raise ConfigError(f"store {self.path} is open read-only; open it with mode='r+' to write")
 
     @staticmethod
     def _check_mode(mode: str) -> None:
         if mode not in ("r", "r+"):
-            raise ValueError(f"mode {mode!r} is not supported; use 'r' or 'r+'")
+            raise ConfigError(f"mode {mode!r} is not supported; use 'r' or 'r+'")
 
     @staticmethod
     def _check_version(path: Path, attrs: Mapping[str, Any]) -> None:
         version = attrs.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: store format version {version!r} is newer than this l2l reads ({FORMAT_VERSION}); "
                 "upgrade listen-to-look"
             )
@@ -733,14 +737,14 @@ class FeatureStore(ABC):
     @staticmethod
     def _check_sizes(rows: int, chunk_rows: int, dim: int) -> None:
         if rows < 0 or chunk_rows <= 0 or dim <= 0:
-            raise ValueError(f"need rows >= 0, chunk_rows > 0 and dim > 0; got {rows}, {chunk_rows}, {dim}")
+            raise ConfigError(f"need rows >= 0, chunk_rows > 0 and dim > 0; got {rows}, {chunk_rows}, {dim}")
 
     # ---- writer lock and task markers ------------------------------------------------------------
     def lock(self) -> StoreLock:
         """Take the store's writer lock (``write.lock``), for use as ``with store.lock(): ...``.
 
         Raises:
-            ValueError: Another live writer holds it; the message names its pid and host and says to
+            StoreError: Another live writer holds it; the message names its pid and host and says to
                 delete the lock file if that writer is gone. A lock of a dead pid on this host is taken over.
         """
         return acquire_lock(self.path / LOCK_NAME)
@@ -823,7 +827,7 @@ def array_path(name: str) -> str:
         return f"features/{name}"
     if name in ROW_ARRAYS:
         return name
-    raise ValueError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
+    raise ConfigError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
 
 
 def _intersect(ranges: Sequence[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
@@ -876,23 +880,23 @@ def available_stores() -> list[str]:
 
 
 def get_store(name: str) -> type[FeatureStore]:
-    """The backend class registered as ``name``; ``ValueError`` listing the choices otherwise."""
+    """The backend class registered as ``name``; ``ConfigError`` listing the choices otherwise."""
     _load_backends()
     if name not in _STORES:
-        raise ValueError(f"Unknown store format {name!r}; available: {', '.join(sorted(_STORES))}")
+        raise ConfigError(f"Unknown store format {name!r}; available: {', '.join(sorted(_STORES))}")
     return _STORES[name]
 
 
 def store_format(path: str | Path) -> str:
-    """The backend name of the store at ``path``; ``ValueError`` when ``path`` is not a feature store."""
+    """The backend name of the store at ``path``; ``ConfigError`` when ``path`` is not a feature store."""
     _load_backends()
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file or directory; give the path of a feature store")
+        raise ConfigError(f"{path}: no such file or directory; give the path of a feature store")
     for name in sorted(_STORES):
         if _STORES[name].is_store(path):
             return name
-    raise ValueError(
+    raise ConfigError(
         f"{path} is not a feature store (looked for: {', '.join(sorted(_STORES))}); "
         "create one with `l2l extract` or give the store directory"
     )
@@ -906,10 +910,10 @@ def open_store(path: str | Path, mode: str = "r") -> FeatureStore:
         mode: ``"r"`` to read, ``"r+"`` to write rows or the index.
 
     Raises:
-        ValueError: ``path`` is not a feature store, or ``mode`` is unknown.
+        ConfigError: ``path`` is not a feature store, or ``mode`` is unknown.
     """
     if mode not in ("r", "r+"):
-        raise ValueError(f"mode {mode!r} is not supported; use 'r' or 'r+'")
+        raise ConfigError(f"mode {mode!r} is not supported; use 'r' or 'r+'")
     return get_store(store_format(path)).open(path, mode)
 
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from indexing.errors import StoreError
+from indexing.errors import ConfigError, StoreError
 
 from . import (
     FEATURES,
@@ -86,7 +86,7 @@ def _dataset_path(name: str) -> str:
         return f"features/{name}"
     if name in ROW_ARRAYS:
         return name
-    raise ValueError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
+    raise ConfigError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
 
 
 def _compression_kw(compression: str) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def _compression_kw(compression: str) -> dict[str, Any]:
         return {}
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
-    raise ValueError(f"unknown hdf5 compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
+    raise ConfigError(f"unknown hdf5 compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
 
 
 @register_store
@@ -172,7 +172,7 @@ class Hdf5Store(FeatureStore):
         Rewriting the same range replaces the part (arrays not given are kept from the old part).
 
         Raises:
-            ValueError: Misaligned range, bad shapes, read-only store, or a part of a different range
+            ConfigError: Misaligned range, bad shapes, read-only store, or a part of a different range
                 overlapping this one already exists.
         """
         import h5py
@@ -188,7 +188,7 @@ class Hdf5Store(FeatureStore):
             return
         for a, b in self.part_ranges():
             if a < stop and start < b and (a, b) != (start, stop):
-                raise ValueError(
+                raise ConfigError(
                     f"rows [{start}, {stop}) overlap existing part {part_name(a, b)}; tasks must keep the "
                     "row ranges they were planned with (delete the stray part if the plan changed)"
                 )
@@ -228,7 +228,7 @@ class Hdf5Store(FeatureStore):
         present = self.part_ranges()
         for (a0, b0), (a1, b1) in zip(present, present[1:], strict=False):
             if a1 < b0:
-                raise ValueError(
+                raise ConfigError(
                     f"part files {part_name(a0, b0)} and {part_name(a1, b1)} overlap; delete the one that "
                     "does not match the plan, rerun its task, then finalise again"
                 )
@@ -260,7 +260,9 @@ class Hdf5Store(FeatureStore):
             path = path.parent
         cls._check_mode(mode)
         if not cls.is_store(path):
-            raise ValueError(f"{path} is not an hdf5 feature store (no {STORE_FILE} of format {FORMAT_NAME})")
+            raise ConfigError(
+                f"{path} is not an hdf5 feature store (no {STORE_FILE} of format {FORMAT_NAME})"
+            )
         store = cls(path, mode)
         cls._check_version(path, store._attrs)
         return store

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from indexing.errors import StoreError
+from indexing.errors import ConfigError, StoreError
 
 from . import (
     FEATURES,
@@ -48,7 +48,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         reads are verified; a format-1 store says it has none).
 
     Raises:
-        ValueError: ``path`` is not a feature store.
+        ConfigError: ``path`` is not a feature store.
     """
     with open_store(path) as store:
         cols = store.index_columns()
@@ -527,12 +527,12 @@ def export_store(
         The new store's path.
 
     Raises:
-        ValueError: Unknown format, ``src`` not a store, or ``dst`` exists (without ``overwrite``).
+        ConfigError: Unknown format, ``src`` not a store, or ``dst`` exists (without ``overwrite``).
     """
     cls = get_store(format)
     dst = Path(dst)
     if Path(src).resolve() == dst.resolve():
-        raise ValueError(f"export target {dst} is the source store; give a new path")
+        raise ConfigError(f"export target {dst} is the source store; give a new path")
     with open_store(src) as source:
         tasks = source_tasks(source)
         done = set(source.done_ranges())

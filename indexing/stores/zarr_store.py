@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from indexing.errors import StoreError
+from indexing.errors import ConfigError, StoreError
 
 from . import (
     FEATURES,
@@ -85,7 +85,7 @@ def _compressors(compression: str, checksums: bool = True) -> list[Any]:
     elif compression == "none":
         codecs = []
     else:
-        raise ValueError(f"unknown zarr compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
+        raise ConfigError(f"unknown zarr compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
     return codecs + [Crc32cCodec()] if checksums else codecs
 
 
@@ -156,7 +156,7 @@ class ZarrStore(FeatureStore):
         compressors = _compressors(compression, checksums)
         root_attrs["checksums"] = "crc32c" if checksums else "none"
         if inner_chunk_rows is not None and (inner_chunk_rows <= 0 or chunk_rows % inner_chunk_rows):
-            raise ValueError(
+            raise ConfigError(
                 f"inner_chunk_rows={inner_chunk_rows} must be positive and divide chunk_rows={chunk_rows}"
             )
         prepare_store_dir(path, overwrite=overwrite)
@@ -238,7 +238,9 @@ class ZarrStore(FeatureStore):
         path = Path(path)
         cls._check_mode(mode)
         if not cls.is_store(path):
-            raise ValueError(f"{path} is not a zarr feature store (no zarr.json with format {FORMAT_NAME!r})")
+            raise ConfigError(
+                f"{path} is not a zarr feature store (no zarr.json with format {FORMAT_NAME!r})"
+            )
         group = zarr.open_group(str(path), mode=mode)
         cls._check_version(path, group.attrs)
         return cls(path, group, mode)
