@@ -510,6 +510,7 @@ class SchedulerKind(ClusterKind):
 
     @classmethod
     def connect(cls, config: ClusterConfig, stack: ExitStack) -> Client:
+        _require_tls_settings(config, config.scheduler_address, "--scheduler")
         return _connect(config, stack, config.scheduler_address, address=config.scheduler_address)
 
 
@@ -532,7 +533,22 @@ class SchedulerFileKind(ClusterKind):
                 f"{path} points at {address} but TLS certificates were given; "
                 "start the scheduler with --tls-ca-file/--tls-cert/--tls-key"
             )
+        _require_tls_settings(config, address, f"--scheduler-file {path}")
         return _connect(config, stack, f"{address} (from {path})", scheduler_file=str(path))
+
+
+def _require_tls_settings(config: ClusterConfig, address: str, where: str) -> None:
+    """Refuse a ``tls://`` scheduler when neither the flags nor the dask config give certificates."""
+    if not address.startswith("tls://") or config.uses_tls:
+        return
+    from distributed.security import Security
+
+    if Security().get_connection_args("client").get("ssl_context") is None:
+        raise ClusterError(
+            f"{where}: the scheduler at {address} speaks TLS only and no certificates were given; pass "
+            "--tls-ca-file, --tls-cert and --tls-key (or set distributed.comm.tls in the dask config, "
+            "see cluster/tls/security.yaml)"
+        )
 
 
 def _read_scheduler_file(path: Path, *, timeout_s: float) -> str:

@@ -510,3 +510,55 @@ def test_tls_snippet_keys_are_known_to_distributed():
     assert security.require_encryption
     assert security.tls_ca_file == "/etc/l2l/tls/ca.pem"
     assert security.tls_worker_cert == security.tls_scheduler_cert == security.tls_client_cert
+
+
+def test_extract_on_a_tls_only_scheduler_needs_the_certificates(tmp_path, make_video):
+    """Real `dask scheduler` and `dask worker` processes speaking TLS only, on loopback: `l2l extract` with
+    --tls-ca-file/--tls-cert/--tls-key fills the store; without them it is refused (exit 5), not a hang."""
+    from click.testing import CliRunner
+
+    from cli import main
+    from indexing.stores import open_store
+
+    certs = tmp_path / "tls"
+    make_ca = ["bash", str(CLUSTER / "tls" / "make-test-ca.sh"), str(certs)]
+    subprocess.run(make_ca, check=True, capture_output=True)
+    tls = ["--tls-ca-file", str(certs / "ca.pem"), "--tls-cert", str(certs / "dask.pem")]
+    tls += ["--tls-key", str(certs / "dask.key")]
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    scheduler = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "tls"]
+    scheduler += ["--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"]
+    worker = [sys.executable, "-m", "distributed.cli.dask_worker", "--nthreads", "1", "--no-dashboard"]
+    worker += ["--host", "127.0.0.1"]
+    quiet = {
+        "env": env,
+        "stdout": subprocess.DEVNULL,
+        "stderr": subprocess.DEVNULL,
+        "start_new_session": True,
+    }
+    procs = [
+        subprocess.Popen([*cmd, "--scheduler-file", str(sched_file), *tls], **quiet)
+        for cmd in (scheduler, worker)
+    ]
+    try:
+        for i in range(3):
+            make_video(tmp_path / f"v{i}.mp4", 1.2, seed=i)
+        corpus = tmp_path / "m.csv"
+        corpus.write_text("video_id,path\n" + "".join(f"v{i},v{i}.mp4\n" for i in range(3)))
+        store = tmp_path / "s.zarr"
+        args = ["extract", str(corpus), str(store), "--students", "random:0:tiny", "--scheduler-file"]
+        args += [str(sched_file), "--no-progress"]
+        refused = CliRunner().invoke(main, [*args, "--connect-timeout-s", "3"])
+        assert refused.exit_code == 5 and isinstance(refused.exception, SystemExit), refused.output
+        assert refused.stderr.startswith("error: ") and "speaks TLS only" in refused.stderr
+        assert not store.exists()  # refused before anything was written
+        done = CliRunner().invoke(main, [*args, "--connect-timeout-s", "30", "--json", *tls])
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout)["complete"]
+        with open_store(store) as s:
+            assert [v.status for v in s.videos()] == ["ok"] * 3
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
