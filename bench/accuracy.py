@@ -125,8 +125,8 @@ def main() -> None:
     p.add_argument("--distill-epochs", type=int, help="tiny distillation epochs (default 1)")
     p.add_argument("--finetune-epochs", type=int, help="trimmed-clip fine-tuning epochs (2; quick 1)")
     p.add_argument("--clips-per-video", type=int, help="distil/fine-tune steps per video per epoch (2)")
-    p.add_argument("--train-epochs", type=int, help="skimming epochs per run (default 30, quick 2)")
-    p.add_argument("--train-batch", type=int, default=16, help="skimming batch size (small corpus)")
+    p.add_argument("--train-epochs", type=int, help="skimming epochs per run (default 15, quick 2)")
+    p.add_argument("--train-batch", type=int, default=8, help="skimming batch size (small corpus)")
     p.add_argument("--lr", type=float, default=1e-2, help="skimming learning rate")
     p.add_argument("--seeds", type=int, help="seeds per variant (default 3, quick 1)")
     p.add_argument("--variants", help="comma-separated subset of the variants (default all)")
@@ -145,7 +145,7 @@ def main() -> None:
     finetune_epochs = args.finetune_epochs or (1 if quick else 2)
     clips = args.clips_per_video or 2
     loader_workers = "0" if quick else "2"  # DataLoader processes of distill/finetune
-    train_epochs = args.train_epochs or (2 if quick else 30)
+    train_epochs = args.train_epochs or (2 if quick else 15)
     seeds = list(range(args.seeds or (1 if quick else 3)))
     names = list(VARIANTS) if not args.variants else [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in names if v not in VARIANTS]
@@ -250,6 +250,7 @@ def main() -> None:
             runs.setdefault(name, []).append(
                 {"seed": seed, "train_s": seconds, "train_accuracy": last["train_accuracy"], **result}
             )
+            (work / "runs.json").write_text(json.dumps(runs, indent=1))  # partial results survive a kill
             log(f"  accuracy {result['accuracy']:.3f}, mAP {result['map']:.3f}, evidence "
                 f"{fmt(result['evidence_precision'], 3)}, {seconds:.0f} s")  # fmt: skip
     stages["train+score"] = time.perf_counter() - t_train
