@@ -322,7 +322,13 @@ def echo_evaluation(result: dict) -> None:
 def query_cmd(
     store, video_ids, model_path, top_k, all_videos, inference: InferenceConfig, batch_size, device, as_json
 ) -> None:
-    """Top labels and the chosen moments of VIDEO_IDS (or --all) in STORE."""
+    """Top labels and the chosen moments of VIDEO_IDS (or --all) in STORE.
+
+    The model's first recurrent step looks at the mean of all steps; each of the other T - 1 (T: --stop-after
+    or the checkpoint's --steps) picks one step per indexing modality, so a video gets at most (T - 1) x
+    modalities moments, fewer where picks coincide. Moments are listed once, in time order, with the
+    modalities that picked them.
+    """
     from skim.query import query
 
     if bool(video_ids) == all_videos:
@@ -344,7 +350,7 @@ def query_cmd(
         return
     for a in answers:
         top = ", ".join(f"{t['label']} {t['prob']:.2f}" for t in a["top"])
-        times = " ".join(f"{m['start_s']:.1f}s" for m in a["moments"])
+        times = " ".join(f"{m['start_s']:.1f}s ({'+'.join(m['modalities'])})" for m in a["moments"])
         click.echo(f"{a['video_id']}: {top}\n  moments: {times or '-'}")
 
 

@@ -14,7 +14,7 @@ from the manifest and falls back to the store index's split.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +39,68 @@ def step_seconds(store: FeatureStore) -> float:
     return float(store.attrs.get("step_s", STEP_S))
 
 
-def label_names(store: FeatureStore, labels: Mapping[str, CorpusEntry] | None) -> list[str]:
-    """Sorted class names over every ``ok`` video of the store that has a label (all splits).
+def check_label_coverage(
+    store: FeatureStore,
+    labels: Mapping[str, CorpusEntry],
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, int]:
+    """How many of the store's ``ok`` videos a labels manifest covers; refuse one that covers none.
+
+    Videos the manifest does not list keep the store index's own label and split, so a manifest of another
+    corpus (or with other ids) would otherwise train on the store's labels without a word.
+
+    Args:
+        store: An open feature store.
+        labels: Manifest entries by video id.
+        log: Receives a ``warning:`` line when the manifest covers only part of the store, or lists videos
+            the store does not have.
+
+    Returns:
+        ``{"store_videos", "manifest_videos", "matched"}`` counts.
 
     Raises:
-        ValueError: Fewer than two classes are labelled.
+        ConfigError: No manifest id is an ``ok`` video of the store.
     """
+    cols = store.index_columns()
+    ok = [v for v, s in zip(cols["video_id"].tolist(), cols["status"].tolist(), strict=True) if s == "ok"]
+    matched = [v for v in ok if v in labels]
+    where = getattr(store, "path", "the store")
+    if not matched:
+        raise ConfigError(
+            f"the labels manifest names none of the {len(ok)} ok videos of {where} (manifest ids like "
+            f"{next(iter(labels), '-')!r}, store ids like {ok[0] if ok else '-'!r}); it belongs to another "
+            "corpus or its ids differ: compare with `l2l store ls`"
+        )
+    unlisted = [v for v in ok if v not in labels]
+    extra = [v for v in labels if v not in set(ok)]
+    if log is not None and unlisted:
+        log(
+            f"warning: the labels manifest covers {len(matched)} of the {len(ok)} ok videos of {where}; "
+            f"the other {len(unlisted)} (e.g. {unlisted[0]!r}) keep the store's own labels"
+        )
+    if log is not None and extra:
+        log(
+            f"warning: {len(extra)} video(s) of the labels manifest are not ok in {where} (e.g. {extra[0]!r})"
+        )
+    return {"store_videos": len(ok), "manifest_videos": len(labels), "matched": len(matched)}
+
+
+def label_names(
+    store: FeatureStore,
+    labels: Mapping[str, CorpusEntry] | None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Sorted class names over every ``ok`` video of the store that has a label (all splits).
+
+    With a manifest, first :func:`check_label_coverage` (which refuses a manifest that matches nothing).
+
+    Raises:
+        ConfigError: The manifest matches no video, or fewer than two classes are labelled.
+    """
+    if labels is not None:
+        check_label_coverage(store, labels, log=log)
     cols = store.index_columns()
     names = set()
     for vid, status, label in zip(
@@ -74,6 +130,12 @@ class VideoEntry:
     label: int
     path: str
     rec_first_row: int = -1  # first row in the recognition store, when one is used
+
+
+def classes_without_videos(dataset: SkimDataset, names: Sequence[str]) -> list[str]:
+    """Class names no video of ``dataset`` carries (e.g. a class present only in the test split)."""
+    present = {e.label for e in dataset.entries}
+    return [n for i, n in enumerate(names) if i not in present]
 
 
 class SkimDataset(Dataset):

@@ -54,12 +54,13 @@ from indexing.corpus import default_moments_path, read_labels, read_segments
 from indexing.errors import CheckpointError, ConfigError
 
 from .checkpoint import SkimCheckpoint, load_checkpoint
-from .data import SkimDataset, step_seconds
+from .data import SkimDataset, check_label_coverage, step_seconds
 from .infer import distinct_steps, iter_outputs, open_stores, uniform_positions
 from .model import RECOGNITION_PREFIX, SkimModel, fusion_mlp
 from .train import resolve_device
 
 METHODS = ("skim", "uniform", "random", "dense")
+MIN_EVAL_VIDEOS = 30  # fewer test videos than this and evaluate warns that its numbers mean little
 FEATURE_COMPONENTS = {"image": ("image",), "audio": ("audio",), "fused": ("image", "audio", "fusion")}
 # indexing.flops.measured_gflops("paper") on torch 2.11 (2 x multiply-adds per step), so evaluating never
 # has to build the networks just to count them.
@@ -384,6 +385,8 @@ def evaluate(
     store, rec_store = open_stores(store_path, ckpt, recognition_store)
     _check_dim(store, ckpt)
     manifest = read_labels(labels) if labels is not None else None
+    if manifest is not None:
+        check_label_coverage(store, manifest, log=note)
     moments_path = Path(moments) if moments is not None else default_moments_path(labels)
     gt = read_segments(moments_path) if moments_path is not None else None
     step_s = step_seconds(store)
@@ -404,6 +407,18 @@ def evaluate(
     )
     y = np.asarray(test.labels)
     probs = np.stack(test.probs)  # (V, C)
+    present = sorted({int(c) for c in y})
+    map_defined = len(present) >= 2  # with one class every ranking is perfect: mAP would say 1.0 for nothing
+    if not map_defined:
+        notes.append(
+            f"warning: split {config.split!r} holds only class {names[present[0]]!r}: mAP is undefined "
+            "(null); evaluate on a split with several classes"
+        )
+    if len(y) < MIN_EVAL_VIDEOS:
+        notes.append(
+            f"warning: only {len(y)} videos in split {config.split!r} ({len(present)} of {len(names)} "
+            f"classes): accuracy moves in steps of {1 / len(y):.2f}; differences this small mean little"
+        )
     n = np.asarray(test.steps, dtype=np.float64)  # (V,)
 
     costs, cost_source = step_costs(store.attrs)
@@ -437,7 +452,7 @@ def evaluate(
     methods: dict[str, dict[str, Any]] = {
         "skim": {
             "accuracy": accuracy(probs, y),
-            "map": mean_average_precision(probs, y),
+            "map": mean_average_precision(probs, y) if map_defined else None,
             "gflops_per_video": gflops["skim"],
             "steps_used": float(np.mean(test.steps_used)),
             "evidence_precision": evidence("skim"),
@@ -490,7 +505,7 @@ def evaluate(
         for m, p in base_probs.items():
             methods[m] = {
                 "accuracy": accuracy(p, y),
-                "map": mean_average_precision(p, y),
+                "map": mean_average_precision(p, y) if map_defined else None,
                 "gflops_per_video": gflops[m],
                 "steps_used": used[m],
                 "evidence_precision": evidence(m),
@@ -528,6 +543,7 @@ def evaluate(
         "videos": len(test.video_ids),
         "split": config.split,
         "classes": len(names),
+        "classes_present": len(present),
         "model": ckpt.name,
         "inference": {
             k: getattr(cfg, k) for k in ("next_input", "stop_after", "exit_threshold", "subsample")

@@ -61,29 +61,46 @@ def open_stores(
 
 
 def moments_of(
-    chosen: np.ndarray, weights: np.ndarray, time_s: np.ndarray, step_s: float
-) -> list[dict[str, float | int]]:
-    """The chosen moments of one video in selection order, a step chosen by two queries at once merged.
+    chosen: np.ndarray,
+    weights: np.ndarray,
+    time_s: np.ndarray,
+    step_s: float,
+    modalities: Sequence[str],
+) -> list[dict[str, Any]]:
+    """The moments one video's queries chose, one per distinct step, in time order.
+
+    Each of the ``S`` recurrent steps picks one step per query (``K`` indexing modalities); a step picked
+    by several queries or at several recurrent steps is one moment that lists them.
 
     Args:
         chosen: ``(S, K)`` chosen step per selection and query, -1 for none.
         weights: ``(S, K)`` attention weight ``beta * alpha`` of each choice.
         time_s: ``(N,)`` step start times.
         step_s: Step length in seconds.
+        modalities: ``K`` names of the queries' indexing features (``SkimConfig.index_features``).
 
     Returns:
-        ``[{"step", "start_s", "end_s", "weight"}]``.
+        ``[{"step", "start_s", "end_s", "weight", "modalities", "selection"}]`` sorted by ``step``:
+        ``weight`` sums the choices' weights, ``modalities`` names the queries that chose the step (in
+        query order), ``selection`` is the first recurrent step (0-based) that chose it.
     """
-    out: list[dict[str, float | int]] = []
+    found: dict[int, dict[str, Any]] = {}
     for s in range(chosen.shape[0]):
-        merged: dict[int, float] = {}
-        for j, w in zip(chosen[s].tolist(), weights[s].tolist(), strict=True):
-            if j >= 0:
-                merged[j] = merged.get(j, 0.0) + float(w)
-        for j, w in merged.items():
+        for k, (j, w) in enumerate(zip(chosen[s].tolist(), weights[s].tolist(), strict=True)):
+            if j < 0:
+                continue
             start = float(time_s[j])
-            out.append({"step": int(j), "start_s": start, "end_s": start + step_s, "weight": w})
-    return out
+            m = found.setdefault(
+                j,
+                {"step": int(j), "start_s": start, "end_s": start + step_s, "weight": 0.0, "modalities": [],
+                 "selection": s},
+            )  # fmt: skip
+            m["weight"] += float(w)
+            if modalities[k] not in m["modalities"]:
+                m["modalities"].append(modalities[k])
+    for m in found.values():
+        m["modalities"].sort(key=list(modalities).index)
+    return [found[j] for j in sorted(found)]
 
 
 def uniform_positions(n: int, k: int) -> np.ndarray:

@@ -50,12 +50,16 @@ def query(
             ``step_s`` per video (used by :func:`explain`).
 
     Returns:
-        ``[{"video_id", "top": [{"label", "prob"}], "moments": [{"step", "start_s", "end_s", "weight"}]}]``
-        in the order of ``video_ids`` (store order for all).
+        ``[{"video_id", "top": [{"label", "prob"}], "moments": [...]}]`` in the order of ``video_ids``
+        (store order for all). The first of the model's T recurrent steps takes the mean of all steps, each
+        later one picks one step per indexing modality; ``moments`` lists every picked step once, in time
+        order, as
+        ``{"step", "start_s", "end_s", "weight", "modalities", "selection"}`` (see
+        :func:`skim.infer.moments_of`).
 
     Raises:
-        KeyError: An unknown video id.
-        ValueError: A video that is not ``ok``, ``top_k < 1``, or a missing recognition store.
+        ConfigError: An unknown or not-``ok`` video id, ``top_k < 1``, or a missing recognition store.
+        CheckpointError: The model does not fit the store's features.
     """
     if top_k < 1:
         raise ConfigError(f"top_k={top_k} must be >= 1")
@@ -87,7 +91,7 @@ def query(
             answer: dict[str, Any] = {
                 "video_id": vid,
                 "top": top_labels(probs[i], ckpt.labels, top_k),
-                "moments": moments_of(chosen[i], weights[i], time_s[i], step_s),
+                "moments": moments_of(chosen[i], weights[i], time_s[i], step_s, ckpt.config.index_features),
             }
             if details:
                 n = int(mask[i].sum())

@@ -27,6 +27,7 @@ from .data import (
     CropBatchSampler,
     LengthBatchSampler,
     SkimDataset,
+    classes_without_videos,
     label_names,
     make_loader,
     to_device,
@@ -227,7 +228,7 @@ def _train(
     store = open_store(store_path)
     rec_store = open_store(recognition_store) if recognition_store is not None else None
     manifest = read_labels(labels) if labels is not None else None
-    names = label_names(store, manifest)
+    names = label_names(store, manifest, log=note)
     options = dict(model_options or {})
     options.setdefault("dim", store.dim)
     if rec_store is not None:
@@ -236,6 +237,10 @@ def _train(
     if config.init == "students":
         probe = model_config(model_name, num_classes=len(names), **options)
         start = students_start(rec_store if probe.recognition_store else store, probe, names, students)
+        note(
+            f"Psi and the classifier start from the students {start.record['path']} (Psi frozen, classifier "
+            f"at {config.classifier_lr_scale:g}x the lr); --init scratch trains both from scratch"
+        )
         for key, value in start.options.items():
             if options.setdefault(key, value) != value:
                 raise ConfigError(
@@ -257,6 +262,12 @@ def _train(
         raise ConfigError(
             f"no labelled ok videos in split {config.train_split!r} of {store_path} "
             f"(skipped: {train_ds.skipped}); check the manifest's split column or pass --train-split"
+        )
+    untrained = classes_without_videos(train_ds, names)
+    if untrained:
+        note(
+            f"warning: {len(untrained)} class(es) have no video in split {config.train_split!r}: "
+            f"{', '.join(untrained[:10])}; the model can never learn them (move videos to that split)"
         )
     val_ds, validated_on = _validation_set(store, skim_config, config, data_kw, note)
 
@@ -360,6 +371,7 @@ def _train(
         "plot": str(plot_path) if history else None,
         "model": model_name,
         "labels": names,
+        "classes_without_training_videos": untrained,
         "train_videos": len(train_ds),
         "val_videos": len(val_ds) if val_ds is not None else 0,
         "validated_on": validated_on,

@@ -247,13 +247,16 @@ def test_query_json_schema_and_errors(trained, corpus):
         probs = [t["prob"] for t in a["top"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
         steps = [m["step"] for m in a["moments"]]
-        assert len(steps) == len(set(steps)) >= 9
+        assert steps == sorted(set(steps)) and len(steps) >= 9  # each step once, in time order
         for m in a["moments"]:
-            assert set(m) == {"step", "start_s", "end_s", "weight"}
-            assert m["end_s"] - m["start_s"] == pytest.approx(16 / 30) and 0 < m["weight"] <= 1
-        # the first moment the model picks is planted evidence
+            assert set(m) == {"step", "start_s", "end_s", "weight", "modalities", "selection"}
+            assert m["end_s"] - m["start_s"] == pytest.approx(16 / 30) and 0 < m["weight"] <= 2
+            assert m["modalities"] and set(m["modalities"]) <= {"image", "audio"} and 0 <= m["selection"] < 10
+        # the first input is the mean, then every recurrent step picks once per query: T - 1 = 9 per modality
+        assert all(sum(mod in m["modalities"] for m in a["moments"]) == 9 for mod in ("image", "audio"))
+        # the first moment the image query picks is planted evidence
         start, end = moments[a["video_id"]][0]
-        first = a["moments"][0]
+        first = next(m for m in a["moments"] if m["selection"] == 0 and "image" in m["modalities"])
         assert start <= first["start_s"] + 8 / 30 <= end
     everything = run("query", store, "--all", "--model", model, "--top-k", "1")
     assert len(everything) == SPEC.videos
@@ -271,8 +274,9 @@ def test_show_draws_png_and_notes_missing_video(trained, corpus, tmp_path):
     )  # fmt: skip
     assert png.stat().st_size > 1000
     assert shown["frames"] is False and "gone" in shown["note"]  # synthetic paths do not exist
-    distinct = list(dict.fromkeys(m["step"] for m in shown["moments"]))
-    assert shown["shown_steps"] == distinct[:12] and len(shown["uniform_steps"]) == len(shown["shown_steps"])
+    by_pick = sorted(shown["moments"], key=lambda m: m["selection"])  # stable: time order within a pick
+    assert set(shown["shown_steps"]) <= {m["step"] for m in by_pick} and len(shown["shown_steps"]) <= 12
+    assert len(shown["uniform_steps"]) == len(shown["shown_steps"])
     steps = shown["uniform_steps"]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
 
@@ -359,3 +363,56 @@ def test_show_decodes_frames_at_chosen_and_uniform_steps(trained, tmp_path):
     )  # fmt: skip
     assert len(shown["shown_steps"]) == 5 and shown["frames"] is True and shown["note"] is None
     assert png.stat().st_size > 1000
+
+
+# ---- answers that would be silently wrong ------------------------------------------------------------------
+
+
+def _relabelled(corpus, tmp_path, edit) -> Path:
+    """The planted labels manifest with ``edit(video_id, label, split) -> row or None`` applied per row."""
+    header, *rows = corpus["labels"].read_text().splitlines()
+    out = [header]
+    for row in rows:
+        vid, path, label, split = row.split(",")
+        new = edit(vid, label, split)
+        if new is not None:
+            out.append(",".join((new[0], path, new[1], new[2])))
+    target = tmp_path / "labels.csv"
+    target.write_text("\n".join(out) + "\n")
+    return target
+
+
+def test_train_refuses_labels_of_another_corpus_and_says_how_many_matched(corpus, tmp_path):
+    args = ["train", str(corpus["store"]), "--out", str(tmp_path / "m.pt"), "--epochs", "1", *SMALL_MODEL]
+    other = _relabelled(corpus, tmp_path, lambda v, lab, s: ("other-" + v, lab, s))
+    refused = CliRunner().invoke(main, [*args, "--labels", str(other), *FAST_TRAIN])
+    assert refused.exit_code == 2 and "names none of the 80 ok videos" in refused.stderr, refused.output
+    assert not (tmp_path / "m.pt").exists()
+    half = _relabelled(corpus, tmp_path, lambda v, lab, s: (v, lab, s) if int(v[3:]) % 2 else None)
+    result = CliRunner().invoke(main, [*args, "--labels", str(half), *FAST_TRAIN, "--json"])
+    assert result.exit_code == 0, result.output
+    assert "covers 40 of the 80 ok videos" in result.stderr and "keep the store's own labels" in result.stderr
+
+
+def test_a_class_without_training_videos_is_warned_about_and_reported(corpus, tmp_path):
+    moved = _relabelled(corpus, tmp_path, lambda v, lab, s: (v, lab, "test" if lab == "class3" else s))
+    args = ["train", str(corpus["store"]), "--labels", str(moved), "--out", str(tmp_path / "m.pt")]
+    result = CliRunner().invoke(main, [*args, "--epochs", "1", *SMALL_MODEL, *FAST_TRAIN, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["classes_without_training_videos"] == ["class3"]
+    assert "1 class(es) have no video in split 'train': class3" in result.stderr
+
+
+def test_evaluate_reports_map_only_where_it_means_something(trained, corpus, tmp_path):
+    one_class = _relabelled(corpus, tmp_path, lambda v, lab, s: (v, lab, s if lab == "class0" else "train"))
+    fast = ["--curve-steps", "1", "--subsample-factors", "1", "--baseline-steps", "1"]
+    args = ["evaluate", str(corpus["store"]), "--model", str(trained["model"]), "--labels", str(one_class)]
+    result = CliRunner().invoke(main, [*args, *fast, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["videos"] == 4 and report["classes_present"] == 1 and report["classes"] == 4
+    assert all(m["map"] is None for m in report["methods"].values())
+    assert "holds only class 'class0': mAP is undefined" in result.stderr
+    assert "only 4 videos in split 'test'" in result.stderr
+    table = CliRunner().invoke(main, [*args, *fast])
+    assert table.exit_code == 0 and "skim" in table.stdout and " - " in table.stdout  # mAP shown as "-"
