@@ -54,6 +54,14 @@ def _skim_train_const(name: str):
 _inference_options = inference_options(next_inputs=_skim_const("NEXT_INPUTS"), exit_on=_skim_const("EXIT_ON"))
 
 
+def _allow_other_students_option(fn):
+    return click.option(
+        "--allow-other-students",
+        is_flag=True,
+        help="Use a store made by other students than the model's training store (features differ).",
+    )(fn)
+
+
 def _model_option(fn):
     return click.option(
         "--model",
@@ -231,6 +239,7 @@ def train_cmd(
     type=click.Path(exists=True, dir_okay=False),
     help="Ground-truth segments (default: moments.json beside the manifest if present).",
 )
+@_allow_other_students_option
 @_inference_options
 @click.option("--batch-size", type=int, help="Videos per evaluation batch (default 64).")
 @click.option("--baseline-steps", type=int, help="Optimiser steps of each baseline head (default 400).")
@@ -247,6 +256,7 @@ def evaluate_cmd(
     split,
     train_split,
     moments,
+    allow_other_students,
     inference: InferenceConfig,
     batch_size,
     baseline_steps,
@@ -284,6 +294,7 @@ def evaluate_cmd(
             plot=plot,
             progress=not as_json,
             log=warnings_only if as_json else None,
+            allow_other_students=allow_other_students,
         )
     if as_json:
         echo_json(result)
@@ -315,12 +326,22 @@ def echo_evaluation(result: dict) -> None:
 @_model_option
 @click.option("--top-k", default=5, show_default=True, help="Labels per video.")
 @click.option("--all", "all_videos", is_flag=True, help="Every ok video of the store.")
+@_allow_other_students_option
 @_inference_options
 @click.option("--batch-size", default=64, show_default=True, help="Videos per model batch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @json_option("the answers")
 def query_cmd(
-    store, video_ids, model_path, top_k, all_videos, inference: InferenceConfig, batch_size, device, as_json
+    store,
+    video_ids,
+    model_path,
+    top_k,
+    all_videos,
+    allow_other_students,
+    inference: InferenceConfig,
+    batch_size,
+    device,
+    as_json,
 ) -> None:
     """Top labels and the chosen moments of VIDEO_IDS (or --all) in STORE.
 
@@ -344,6 +365,7 @@ def query_cmd(
             recognition_store=inference.recognition_store,
             inference=inference.overrides(),
             progress=not as_json,
+            allow_other_students=allow_other_students,
         )
     if as_json:
         echo_json(answers)
@@ -367,6 +389,7 @@ def query_cmd(
 @click.option(
     "--max-frames", default=12, show_default=True, help="Chosen frames drawn (all are on the timeline)."
 )
+@_allow_other_students_option
 @_inference_options
 @json_option("what was drawn")
 @click.pass_context
@@ -378,6 +401,7 @@ def show_cmd(
     out,
     moments,
     max_frames,
+    allow_other_students,
     inference: InferenceConfig,
     as_json,
 ) -> None:
@@ -394,6 +418,7 @@ def show_cmd(
             max_frames=max_frames,
             recognition_store=inference.recognition_store,
             inference=inference.overrides(),
+            allow_other_students=allow_other_students,
         )
         segments = read_segments(moments).get(video_id, []) if moments else []
         drawn = draw_moments(ex, out, read_frames=ctx.meta.get(FRAME_READER), segments=segments)

@@ -353,6 +353,7 @@ def evaluate(
     plot: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    allow_other_students: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint and the baselines on one split of a store.
 
@@ -368,6 +369,7 @@ def evaluate(
         plot: Write the trade-off curves PNG here.
         progress: Show progress bars.
         log: Where notes go (default: ``tqdm.write``).
+        allow_other_students: Evaluate on a store made by other students than the model's training store.
 
     Returns:
         ``{"methods": {method: {"accuracy", "map", "gflops_per_video", "steps_used", "evidence_precision"}},
@@ -382,7 +384,9 @@ def evaluate(
     device = resolve_device(config.device)
     ckpt = load_checkpoint(model_path, device=str(device), **dict(inference or {}))
     model, cfg, names = ckpt.model, ckpt.config, ckpt.labels
-    store, rec_store = open_stores(store_path, ckpt, recognition_store)
+    store, rec_store = open_stores(
+        store_path, ckpt, recognition_store, allow_other_students=allow_other_students
+    )
     _check_dim(store, ckpt)
     manifest = read_labels(labels) if labels is not None else None
     if manifest is not None:

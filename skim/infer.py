@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from indexing.errors import ConfigError
+from indexing.errors import CheckpointError, ConfigError
 from indexing.stores import FeatureStore, open_store
 
 from .checkpoint import SkimCheckpoint
@@ -42,14 +42,31 @@ def iter_outputs(
 
 
 def open_stores(
-    store_path: str | Path, ckpt: SkimCheckpoint, recognition_store: str | Path | None
+    store_path: str | Path,
+    ckpt: SkimCheckpoint,
+    recognition_store: str | Path | None,
+    *,
+    allow_other_students: bool = False,
 ) -> tuple[FeatureStore, FeatureStore | None]:
     """The indexing store and, for models that need one, the recognition store (default: the checkpoint's).
 
+    Features from other students live in another space: a model trained on one store's features answers
+    confidently, and wrongly, on another's. The checkpoint records the sha256 of the students that made its
+    training store; a store (indexing or recognition) made by other students is refused.
+
+    Args:
+        store_path: The indexing store.
+        ckpt: The loaded skimming checkpoint.
+        recognition_store: Second store for models that need one (default: the one the checkpoint records).
+        allow_other_students: Use stores made by other students anyway.
+
     Raises:
-        ValueError: The model needs a recognition store and none is given or recorded.
+        ConfigError: The model needs a recognition store and none is given or recorded.
+        CheckpointError: A store's students differ from the checkpoint's (unless allowed).
     """
     store = open_store(store_path)
+    if not allow_other_students:
+        _check_students(store, ckpt, "store")
     if not ckpt.config.recognition_store:
         return store, None
     path = recognition_store or ckpt.meta.get("features", {}).get("recognition_store")
@@ -58,6 +75,24 @@ def open_stores(
             "this model reads recognition features from a second store; pass --recognition-store"
         )
     return store, open_store(path)
+
+
+def _students_sha(models: Any) -> str | None:
+    students = models.get("students") if isinstance(models, Mapping) else None
+    return students.get("sha256") if isinstance(students, Mapping) else None
+
+
+def _check_students(store: FeatureStore, ckpt: SkimCheckpoint, role: str) -> None:
+    trained_on = ckpt.meta.get("store") or {}
+    want = _students_sha(trained_on.get("models"))
+    have = _students_sha(store.attrs.get("models"))
+    if want and have and want != have:
+        where = getattr(store, "path", "")
+        raise CheckpointError(
+            f"{role} {where} holds features of students {have[:12]}, but the model was trained on features "
+            f"of students {want[:12]} (store {trained_on.get('path', '?')}): its answers there would be "
+            "meaningless. Extract this corpus with the same students, or pass --allow-other-students"
+        )
 
 
 def moments_of(

@@ -33,6 +33,7 @@ def query(
     inference: Mapping[str, Any] | None = None,
     progress: bool = False,
     details: bool = False,
+    allow_other_students: bool = False,
 ) -> list[dict[str, Any]]:
     """Top-k labels and chosen moments of videos.
 
@@ -48,6 +49,7 @@ def query(
         progress: Show a progress bar.
         details: Also return ``attention`` (``(N,)`` list), ``steps``, ``steps_used``, ``path`` and
             ``step_s`` per video (used by :func:`explain`).
+        allow_other_students: Answer on a store made by other students than the model's training store.
 
     Returns:
         ``[{"video_id", "top": [{"label", "prob"}], "moments": [...]}]`` in the order of ``video_ids``
@@ -59,13 +61,15 @@ def query(
 
     Raises:
         ConfigError: An unknown or not-``ok`` video id, ``top_k < 1``, or a missing recognition store.
-        CheckpointError: The model does not fit the store's features.
+        CheckpointError: The model does not fit the store's features, or they come from other students.
     """
     if top_k < 1:
         raise ConfigError(f"top_k={top_k} must be >= 1")
     dev = resolve_device(device)
     ckpt = load_checkpoint(model_path, device=str(dev), **dict(inference or {}))
-    store, rec_store = open_stores(store_path, ckpt, recognition_store)
+    store, rec_store = open_stores(
+        store_path, ckpt, recognition_store, allow_other_students=allow_other_students
+    )
     if store.dim != ckpt.config.dim:
         raise CheckpointError(f"store features are {store.dim}-d but the model expects {ckpt.config.dim}-d")
     step_s = step_seconds(store)

@@ -14,6 +14,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,7 @@ def write_planted_store(
     *,
     store_format: str = "zarr",
     video_root: str | Path = "/nonexistent",
+    models: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write a planted-signal store plus ``labels.csv`` and ``moments.json`` beside it.
 
@@ -71,6 +73,8 @@ def write_planted_store(
         spec: Corpus shape.
         store_format: Registered store backend.
         video_root: Directory the index's (made-up) source paths point into; no video is written.
+        models: Recorded as the store's ``models`` attribute, as extraction records the students
+            (``{"students": {"sha256": ...}}``); None records none.
 
     Returns:
         ``{"store": path, "labels": csv path, "moments": json path}``.
@@ -115,6 +119,8 @@ def write_planted_store(
         "synthetic": {"kind": "planted", **spec.__dict__},
         "gflops_per_step": {"image": 0.97, "audio": 1.22, "fusion": 0.003, "teacher_clip": 81.0},
     }
+    if models is not None:  # what extraction records about the models that made the features
+        attrs["models"] = models
     store = get_store(store_format).create(
         path,
         index=records,

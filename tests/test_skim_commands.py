@@ -416,3 +416,27 @@ def test_evaluate_reports_map_only_where_it_means_something(trained, corpus, tmp
     assert "only 4 videos in split 'test'" in result.stderr
     table = CliRunner().invoke(main, [*args, *fast])
     assert table.exit_code == 0 and "skim" in table.stdout and " - " in table.stdout  # mAP shown as "-"
+
+
+def test_a_store_of_other_students_is_refused_unless_allowed(tmp_path):
+    """The checkpoint records the students behind its training store; features of others are another space."""
+    spec = PlantedSpec(videos=24, classes=2, dim=16, min_steps=12, max_steps=20, chunk_rows=64)
+    ours = write_planted_store(tmp_path / "ours", spec, models={"students": {"sha256": "a" * 64}})
+    theirs = write_planted_store(tmp_path / "theirs", spec, models={"students": {"sha256": "b" * 64}})
+    model = tmp_path / "m.pt"
+    run("train", str(ours["store"]), "--out", str(model), "--epochs", "1", "--hidden", "16", "--embed", "16",
+        *FAST_TRAIN)  # fmt: skip
+    assert run("query", str(ours["store"]), "--all", "--model", str(model))  # its own store answers
+    fast = ["--curve-steps", "1", "--subsample-factors", "1", "--baseline-steps", "1"]
+    for args in (
+        ["query", "--all"],
+        ["evaluate", *fast],
+        ["show", "vid00000", "--out", str(tmp_path / "x.png")],
+    ):
+        cmd = [args[0], str(theirs["store"]), *args[1:], "--model", str(model)]
+        refused = CliRunner().invoke(main, cmd)
+        assert refused.exit_code == 2, refused.output
+        assert "students bbbbbbbbbbbb" in refused.stderr and "students aaaaaaaaaaaa" in refused.stderr
+        assert "--allow-other-students" in refused.stderr
+        allowed = CliRunner().invoke(main, [*cmd, "--allow-other-students", "--json"])
+        assert allowed.exit_code == 0, allowed.output
