@@ -607,7 +607,7 @@ def run_extraction(
     log = log or (lambda line: print(line, file=sys.stderr))
     t0 = time.perf_counter()
     store_path = Path(store_path)
-    entries = read_corpus(corpus) if isinstance(corpus, (str, Path)) else list(corpus)
+    entries = read_corpus(corpus, log=log) if isinstance(corpus, (str, Path)) else list(corpus)
     digest = corpus_digest(entries)
     exists = store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir()))
     if resume is True and not exists:

@@ -148,3 +148,30 @@ def test_labels_manifest_without_paths_and_derived_ids_are_said(tmp_path):
     assert [e.video_id for e in read_corpus(derived, log=notes.append)] == ["clips/a", "clips/b"]
     assert notes == [f"{derived}: 2 video id(s) derived from paths (no video_id column), e.g. 'clips/a'"]
     assert list(read_labels(derived)) == ["clips/a", "clips/b"]  # the same ids extraction gives
+
+
+def test_extract_says_which_ids_it_derived_and_refuses_an_empty_manifest(tmp_path, make_video):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    make_video(tmp_path / "clips" / "a.mp4", 0.6)
+    (tmp_path / "m.csv").write_text("path,label\nclips/a.mp4,cat\n")
+    args = [
+        "extract",
+        str(tmp_path / "m.csv"),
+        str(tmp_path / "s"),
+        "--students",
+        "random:0:tiny",
+        "--workers",
+        "0",
+    ]
+    planned = CliRunner().invoke(
+        main, [*args, "--max-tasks", "0", "--no-progress"]
+    )  # plan, write nothing else
+    assert planned.exit_code == 3, planned.output
+    assert "1 video id(s) derived from paths (no video_id column), e.g. 'clips/a'" in planned.stderr
+    (tmp_path / "empty.csv").write_text("video_id,path,label,split\n")
+    args[1:3] = [str(tmp_path / "empty.csv"), str(tmp_path / "e")]
+    empty = CliRunner().invoke(main, args)
+    assert empty.exit_code == 2 and "no rows" in empty.stderr and not (tmp_path / "e").exists()
