@@ -7,7 +7,6 @@ registries are imported at module level, so ``l2l --help`` stays instant; ``cli.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -308,16 +307,34 @@ def store_info_cmd(store: str, as_json: bool) -> None:
     click.echo(
         f"videos    {info['videos']}: {info['ok']} ok, {info['failed']} failed, {info['pending']} pending"
     )
+    tasks = f"tasks     {info['tasks_done']} of {info['tasks']} done"
+    if not info["complete"]:
+        tasks += f"; incomplete: rerun `l2l extract` with the same arguments to finish {store}"
+    click.echo(tasks)
     click.echo(f"steps     {info['steps']} in {info['rows']} rows")
     click.echo(f"size      {info['bytes'] / 1e6:.1f} MB ({info['bytes'] / rows:.0f} bytes/row)")
     click.echo(f"integrity format {info['format_version']}, checksums: {info['checksums']}")
     models = info["models"]
     for name, model in models.items() if isinstance(models, dict) else enumerate(models):
-        click.echo(f"model     {name}: {json.dumps(model)}")
+        click.echo(f"model     {name}: {_describe_model(model)}")
     if info["failures"]:
         click.echo(f"failures  ({len(info['failures'])})")
         for failure in info["failures"]:
             click.echo(f"  {failure['video_id']}  {failure['path']}  {failure['reason']}")
+
+
+def _describe_model(model: Any) -> str:
+    """One line for a model recorded in a store's attrs: its plain fields, sha256s shortened."""
+    if not isinstance(model, dict):
+        return str(model)
+    parts = []
+    for key, value in model.items():
+        if isinstance(value, dict | list):
+            continue  # nested details: `l2l store info --json` has them
+        if isinstance(value, str) and "sha256" in key:
+            value = value[:12]
+        parts.append(f"{key} {value}")
+    return ", ".join(parts) or "-"
 
 
 @store_group.command("ls")
@@ -333,11 +350,15 @@ def store_ls_cmd(store: str, as_json: bool) -> None:
         echo_json(videos)
         return
     width = max([len("video_id")] + [len(v["video_id"]) for v in videos])
-    click.echo(f"{'video_id':<{width}}  status   steps  duration_s    fps  audio  label  path")
+    label_width = max([len("label")] + [len(v["label"] or "-") for v in videos])
+    click.echo(
+        f"{'video_id':<{width}}  status   steps  duration_s     fps  audio  {'label':<{label_width}}  path"
+    )
     for v in videos:
         click.echo(
             f"{v['video_id']:<{width}}  {v['status']:<7}  {v['steps']:>5}  {v['duration_s']:>10.2f}  "
-            f"{v['fps']:>5.2f}  {'yes' if v['has_audio'] else 'no':<5}  {v['label'] or '-'}  {v['path']}"
+            f"{v['fps']:>6.2f}  {'yes' if v['has_audio'] else 'no':<5}  {v['label'] or '-':<{label_width}}  "
+            f"{v['path']}"
         )
 
 
@@ -349,17 +370,28 @@ def store_ls_cmd(store: str, as_json: bool) -> None:
 def store_check_cmd(store: str, quick: bool, no_progress: bool, as_json: bool) -> None:
     """Check STORE: index, task markers, every recorded file and (without --quick) every byte and row.
 
-    Exits 1 listing the problems if any; `l2l store repair STORE` fixes them.
+    Exits 1 listing the problems if any (`l2l store repair STORE` fixes them); exits 3 when nothing is
+    damaged but the extraction is unfinished (rerun `l2l extract` with the same arguments).
     """
-    from indexing.stores.tools import check_store
+    from indexing.stores.tools import check_store, store_info
 
     with user_errors():
         problems = check_store(store, quick=quick, progress=not no_progress and not as_json)
+        info = store_info(store)
+    complete = info["complete"]
     if as_json:
         echo_json(
-            {"store": store, "quick": quick, "ok": not problems, "problems": [p.to_dict() for p in problems]}
+            {
+                "store": store,
+                "quick": quick,
+                "ok": not problems and complete,
+                "complete": complete,
+                "tasks": info["tasks"],
+                "tasks_done": info["tasks_done"],
+                "problems": [p.to_dict() for p in problems],
+            }
         )
-    elif not problems:
+    elif not problems and complete:
         click.echo(f"{store}: ok")
     for problem in [] if as_json else problems:
         click.echo(f"{problem.kind:<10} {problem.message}")
@@ -368,6 +400,11 @@ def store_check_cmd(store: str, quick: bool, no_progress: bool, as_json: bool) -
             f"{store}: {len(problems)} problem(s); repair with `l2l store repair {store}`", fg="red", err=True
         )
         sys.exit(1)
+    if not complete:
+        raise IncompleteError(
+            f"{store}: no damage found, but incomplete: {info['tasks_done']} of {info['tasks']} tasks done; "
+            "rerun `l2l extract` with the same arguments to finish"
+        )
 
 
 @store_group.command("repair")

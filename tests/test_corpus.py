@@ -171,6 +171,13 @@ def test_extract_says_which_ids_it_derived_and_refuses_an_empty_manifest(tmp_pat
     )  # plan, write nothing else
     assert planned.exit_code == 3, planned.output
     assert "1 video id(s) derived from paths (no video_id column), e.g. 'clips/a'" in planned.stderr
+    # The interrupted store says so: statuses stay pending until the run that finishes it.
+    info = json.loads(CliRunner().invoke(main, ["store", "info", str(tmp_path / "s"), "--json"]).stdout)
+    assert (info["tasks"], info["tasks_done"], info["complete"], info["pending"]) == (1, 0, False, 1)
+    human = CliRunner().invoke(main, ["store", "info", str(tmp_path / "s")]).stdout
+    assert "tasks     0 of 1 done; incomplete: rerun `l2l extract`" in human and "{" not in human
+    check = CliRunner().invoke(main, ["store", "check", str(tmp_path / "s"), "--no-progress"])
+    assert check.exit_code == 3 and "no damage found, but incomplete: 0 of 1 tasks done" in check.stderr
     (tmp_path / "empty.csv").write_text("video_id,path,label,split\n")
     args[1:3] = [str(tmp_path / "empty.csv"), str(tmp_path / "e")]
     empty = CliRunner().invoke(main, args)

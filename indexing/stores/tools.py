@@ -45,7 +45,9 @@ def store_info(path: str | Path) -> dict[str, Any]:
         ``format`` (backend name), ``videos``/``ok``/``failed``/``pending`` (counts), ``steps`` (rows owned
         by ok videos), ``failures`` (``[{video_id, path, reason}]``), ``models`` (from the attrs),
         ``bytes`` (on disk), ``rows``, ``chunk_rows``, ``dtype``, ``format_version`` and ``checksums`` (how
-        reads are verified; a format-1 store says it has none).
+        reads are verified; a format-1 store says it has none). ``tasks``/``tasks_done`` count the planned
+        tasks and those finished; ``complete`` is false until every task is done and no video is pending
+        (an interrupted extraction: statuses stay ``pending`` until the run that finishes it).
 
     Raises:
         ConfigError: ``path`` is not a feature store.
@@ -55,12 +57,18 @@ def store_info(path: str | Path) -> dict[str, Any]:
         status = cols["status"]
         ok = status == "ok"
         failed = np.flatnonzero(status == "failed")
+        tasks, done = store.tasks(), set(store.done_ranges())
+        tasks_done = sum(1 for t in tasks if t in done)
+        pending = int((status == "pending").sum())
         return {
             "format": store.name,
             "videos": int(len(status)),
             "ok": int(ok.sum()),
             "failed": int(len(failed)),
-            "pending": int((status == "pending").sum()),
+            "pending": pending,
+            "tasks": len(tasks),
+            "tasks_done": tasks_done,
+            "complete": tasks_done == len(tasks) and not pending,
             "steps": int(cols["steps"][ok].sum()),
             "failures": [
                 {
