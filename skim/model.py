@@ -51,6 +51,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from indexing.errors import CheckpointError, ConfigError
 from indexing.stores import FEATURES
 
 NEXT_INPUTS = ("soft", "hard")  # next LSTM input at inference: attention-weighted mixture or argmax steps
@@ -124,55 +125,55 @@ class SkimConfig:
         object.__setattr__(self, "index_features", tuple(self.index_features))
         object.__setattr__(self, "recognition_features", tuple(self.recognition_features))
         if self.num_classes < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"num_classes={self.num_classes}: need at least 2 classes in the labels manifest"
             )
         for role, names in (("index", self.index_features), ("recognition", self.recognition_features)):
             unknown = [n for n in names if n not in FEATURES]
             if unknown:
-                raise ValueError(f"{role} features {unknown} unknown; choose from {', '.join(FEATURES)}")
+                raise ConfigError(f"{role} features {unknown} unknown; choose from {', '.join(FEATURES)}")
             if len(set(names)) != len(names):
-                raise ValueError(f"{role} features {list(names)} repeat a name; list each feature once")
+                raise ConfigError(f"{role} features {list(names)} repeat a name; list each feature once")
         if not self.index_features:
-            raise ValueError("index_features is empty; give at least one of " + ", ".join(FEATURES))
+            raise ConfigError("index_features is empty; give at least one of " + ", ".join(FEATURES))
         if self.recognition_store and not self.recognition_features:
-            raise ValueError(
+            raise ConfigError(
                 "recognition_store=True needs recognition_features (which features to read there)"
             )
         if self.num_steps < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"num_steps={self.num_steps}: need >= 2, since the first input is the mean and only later "
                 "steps use (and train) the indexing; use stop_after=1 to evaluate a single step"
             )
         if min(self.dim, self.hidden, self.embed) < 1:
-            raise ValueError(f"dim/hidden/embed must be positive, got {self.dim}/{self.hidden}/{self.embed}")
+            raise ConfigError(f"dim/hidden/embed must be positive, got {self.dim}/{self.hidden}/{self.embed}")
         if self.step_head_weight < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"step_head_weight={self.step_head_weight} is negative; use 0 to disable the head"
             )
         if self.next_input not in NEXT_INPUTS:
-            raise ValueError(f"next_input={self.next_input!r}; choose from {', '.join(NEXT_INPUTS)}")
+            raise ConfigError(f"next_input={self.next_input!r}; choose from {', '.join(NEXT_INPUTS)}")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.num_steps:
-            raise ValueError(f"stop_after={self.stop_after} must be in [1, num_steps={self.num_steps}]")
+            raise ConfigError(f"stop_after={self.stop_after} must be in [1, num_steps={self.num_steps}]")
         if self.exit_threshold is not None and not 0 < self.exit_threshold <= 1:
-            raise ValueError(f"exit_threshold={self.exit_threshold} must be a probability in (0, 1]")
+            raise ConfigError(f"exit_threshold={self.exit_threshold} must be a probability in (0, 1]")
         if self.exit_on not in EXIT_ON:
-            raise ValueError(f"exit_on={self.exit_on!r}; choose from {', '.join(EXIT_ON)}")
+            raise ConfigError(f"exit_on={self.exit_on!r}; choose from {', '.join(EXIT_ON)}")
         if self.exit_on == "step_head" and self.exit_threshold is not None and self.step_head_weight == 0:
-            raise ValueError("exit_on='step_head' needs a trained per-step head: set step_head_weight > 0")
+            raise ConfigError("exit_on='step_head' needs a trained per-step head: set step_head_weight > 0")
         if self.subsample < 1:
-            raise ValueError(f"subsample={self.subsample} must be >= 1 (1 keeps every step)")
+            raise ConfigError(f"subsample={self.subsample} must be >= 1 (1 keeps every step)")
         for name, value, choices in (
             ("mask", self.mask, MASKS),
             ("query_bn", self.query_bn, QUERY_BN),
             ("weight_init", self.weight_init, WEIGHT_INITS),
         ):
             if value not in choices:
-                raise ValueError(f"{name}={value!r}; choose from {', '.join(choices)}")
+                raise ConfigError(f"{name}={value!r}; choose from {', '.join(choices)}")
         if self.psi_hidden is not None and self.psi_hidden < 1:
-            raise ValueError(f"psi_hidden={self.psi_hidden} must be positive (or None for hidden)")
+            raise ConfigError(f"psi_hidden={self.psi_hidden} must be positive (or None for hidden)")
         if not 0 < self.bn_momentum <= 1:
-            raise ValueError(f"bn_momentum={self.bn_momentum} must be in (0, 1]")
+            raise ConfigError(f"bn_momentum={self.bn_momentum} must be in (0, 1]")
 
     @property
     def index_keys(self) -> tuple[str, ...]:
@@ -209,14 +210,16 @@ class SkimConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown SkimConfig fields {unknown}; this checkpoint is from another version")
+            raise CheckpointError(
+                f"unknown SkimConfig fields {unknown}; this checkpoint is from another version"
+            )
         return cls(**{**LEGACY_DEFAULTS, **d})
 
     def with_inference(self, **overrides: Any) -> SkimConfig:
         """A copy with inference-only fields changed (``None`` values keep the current setting)."""
         bad = sorted(set(overrides) - set(INFERENCE_FIELDS))
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"{bad} change the model's parameters; only {', '.join(INFERENCE_FIELDS)} may vary"
             )
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -241,7 +244,7 @@ def available_models() -> list[str]:
 def model_config(name: str, **overrides: Any) -> SkimConfig:
     """The config of registered model ``name`` with ``overrides``; ``ValueError`` for unknown names."""
     if name not in _MODELS:
-        raise ValueError(f"Unknown skimming model {name!r}; available: {', '.join(available_models())}")
+        raise ConfigError(f"Unknown skimming model {name!r}; available: {', '.join(available_models())}")
     return _MODELS[name](**overrides)
 
 
