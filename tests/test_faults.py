@@ -842,7 +842,7 @@ def test_cli_check_json_quick_and_repair(clean, tmp_path):
     assert runner.invoke(main, ["store", "check", str(store)]).stdout.strip() == f"{store}: ok"
     _assert_same_store(clean["zarr"], store)
     info = runner.invoke(main, ["store", "info", str(store)])
-    assert "checksums: crc32c" in info.output
+    assert "checksums: zstd-xxh64" in info.output
 
 
 # ---- 9. writers killed at random points: no chunk passes its checksum with wrong content ----------------

@@ -336,11 +336,11 @@ class TestStoreContract(StoreHelpers):
         info = store_info(tmp_path / "s")
         assert set(info) == {
             "format", "videos", "ok", "failed", "pending", "steps", "failures", "models", "bytes", "rows",
-            "chunk_rows", "dtype", "format_version", "checksums",
+            "chunk_rows", "dtype", "format_version", "checksums", "tasks", "tasks_done", "complete",
         }  # fmt: skip
         assert (info["format_version"], info["checksums"]) == (
             2,
-            {"zarr": "crc32c", "hdf5": "fletcher32"}[self.fmt],
+            {"zarr": "zstd-xxh64", "hdf5": "fletcher32"}[self.fmt],
         )
         counts = [
             info[k] for k in ("format", "videos", "ok", "failed", "pending", "steps", "rows", "chunk_rows")
@@ -554,7 +554,7 @@ def test_format_1_stores_still_open_and_export_adds_checksums(tmp_path: Path) ->
         info = store_info(new)
         assert (info["format_version"], info["checksums"]) == (
             2,
-            {"zarr": "crc32c", "hdf5": "fletcher32"}[fmt],
+            {"zarr": "zstd-xxh64", "hdf5": "fletcher32"}[fmt],
         )
         assert check_store(new) == []
         with open_store(new) as store:

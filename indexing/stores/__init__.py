@@ -23,6 +23,7 @@ This module is the interface. Backends live in ``zarr_store.py`` and ``hdf5_stor
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import gzip
 import json
@@ -561,9 +562,15 @@ class FeatureStore(ABC):
         if not self.verified:
             return self._read(name, start, stop)
         out = np.zeros((stop - start, self.dim) if name in FEATURES else (stop - start,), dtype)
+        merged: list[list[int]] = []
         for a, b in self._done_segments(start, stop):
             for path in self.files_of(name, a, b):
                 self._check_file(name, path, a, b)
+            if merged and merged[-1][1] == a:
+                merged[-1][1] = b  # adjacent finished tasks are read in one call (the codecs run in parallel)
+            else:
+                merged.append([a, b])
+        for a, b in merged:
             try:
                 out[a - start : b - start] = self._read(name, a, b)
             except Exception as exc:  # noqa: BLE001 - codecs raise many types; all mean damaged bytes
@@ -831,19 +838,20 @@ def array_path(name: str) -> str:
 
 
 def _intersect(ranges: Sequence[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` cut to the sorted, disjoint ``ranges``."""
+    """``[start, stop)`` cut to the sorted, disjoint ``ranges`` (bisected: a store may have 10^5 tasks)."""
     out = []
-    for a, b in ranges:
-        if a < stop and start < b:
+    i = bisect.bisect_right(ranges, (start, float("inf"))) - 1  # the last range starting at or before start
+    for a, b in ranges[max(i, 0) :]:
+        if a >= stop:
+            break
+        if start < b:
             out.append((max(a, start), min(b, stop)))
     return out
 
 
 def _containing(ranges: Sequence[tuple[int, int]], row: int) -> tuple[int, int] | None:
-    for a, b in ranges:
-        if a <= row < b:
-            return (a, b)
-    return None
+    i = bisect.bisect_right(ranges, (row, float("inf"))) - 1  # the last range starting at or before row
+    return tuple(ranges[i]) if i >= 0 and ranges[i][0] <= row < ranges[i][1] else None
 
 
 def _marker_name(start: int, stop: int) -> str:

@@ -269,18 +269,23 @@ class _Checker:
                     )
         if not store.verified:
             return
-        first, steps, ids = cols["first_row"], cols["steps"], cols["video_id"]
-        for i in np.flatnonzero((cols["status"] == "ok") & (steps > 0)):
-            lo, hi = int(first[i]), int(first[i] + steps[i])
-            covered = sum(min(b, hi) - max(a, lo) for a, b in self.done if a < hi and lo < b)
-            if covered < hi - lo:
-                self.add(
-                    "unwritten",
-                    f"video {ids[i]!r} is ok but {hi - lo - covered} of its rows [{lo}, {hi}) belong to no "
-                    "finished task; `l2l store repair` re-extracts it",
-                    rows=(lo, hi),
-                    video_ids=[str(ids[i])],
-                )
+        first, steps, ids = (
+            cols["first_row"].astype(np.int64),
+            cols["steps"].astype(np.int64),
+            cols["video_id"],
+        )
+        ok = np.flatnonzero((cols["status"] == "ok") & (steps > 0))
+        lo, hi = first[ok], first[ok] + steps[ok]
+        covered = _rows_done_below(self.done, hi) - _rows_done_below(self.done, lo)  # vectorised: 10^6 videos
+        for k in np.flatnonzero(covered < hi - lo):
+            i = ok[k]
+            self.add(
+                "unwritten",
+                f"video {ids[i]!r} is ok but {int(hi[k] - lo[k] - covered[k])} of its rows "
+                f"[{lo[k]}, {hi[k]}) belong to no finished task; `l2l store repair` re-extracts it",
+                rows=(int(lo[k]), int(hi[k])),
+                video_ids=[str(ids[i])],
+            )
 
     def check_files(self) -> set[str]:
         """Recorded files: present, with their recorded size. Returns the paths found bad.
@@ -444,6 +449,19 @@ class _Checker:
                 self.add(
                     "stray_valid", f"{stray} valid rows belong to no video (padding rows must be valid=False)"
                 )
+
+
+def _rows_done_below(done: list[tuple[int, int]], x: np.ndarray) -> np.ndarray:
+    """For each row ``x``, how many rows below it the (sorted, disjoint) ``done`` ranges cover."""
+    if not done:
+        return np.zeros(len(x), np.int64)
+    starts = np.array([a for a, _ in done], np.int64)
+    lengths = np.array([b - a for a, b in done], np.int64)
+    before = np.concatenate([[0], np.cumsum(lengths)])  # rows in the first j ranges
+    k = np.searchsorted(starts, x, side="right")  # ranges starting at or below x
+    last = np.maximum(k - 1, 0)
+    inside = np.clip(x - starts[last], 0, lengths[last])
+    return np.where(k > 0, before[last] + inside, 0)
 
 
 def _rows_of(store: FeatureStore, path: str, a: int, b: int) -> tuple[int, int]:
