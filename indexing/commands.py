@@ -21,7 +21,6 @@ from indexing.options import (
     note,
     set_threads,
     threads_option,
-    user_errors,
     warn,
 )
 
@@ -146,37 +145,36 @@ def distill(
     from indexing.distill import distill as run_distill
     from indexing.models import build_students
 
-    with user_errors():
-        config = DistillConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            kl_weight=kl_weight,
-            device=device,
-            seed=seed,
-        )
-        teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
-        students = build_students(preset, seed=seed, init_resnet18=init_resnet18)
-        loaders = _loaders(
-            manifest,
-            with_clips=True,
-            clips_per_video=clips_per_video,
-            train_split=train_split,
-            val_split=val_split,
-            seed=seed,
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-        )
-        extra = {
-            "teacher": teacher_meta,
-            "teacher_sha256": teacher_meta["sha256"],
-            "preset": preset,
-            "init_resnet18": init_resnet18,
-            "data": loaders.data,
-        }
-        history = run_distill(students, teacher, loaders.train, loaders.val, config, out, extra=extra)
+    config = DistillConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        kl_weight=kl_weight,
+        device=device,
+        seed=seed,
+    )
+    teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
+    students = build_students(preset, seed=seed, init_resnet18=init_resnet18)
+    loaders = _loaders(
+        manifest,
+        with_clips=True,
+        clips_per_video=clips_per_video,
+        train_split=train_split,
+        val_split=val_split,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+    )
+    extra = {
+        "teacher": teacher_meta,
+        "teacher_sha256": teacher_meta["sha256"],
+        "preset": preset,
+        "init_resnet18": init_resnet18,
+        "data": loaders.data,
+    }
+    history = run_distill(students, teacher, loaders.train, loaders.val, config, out, extra=extra)
     _report_history(history, out, "val_l1", as_json)
 
 
@@ -231,39 +229,38 @@ def finetune(
 
     if Path(out).resolve() == Path(students_path).resolve():
         raise ConfigError("--out must differ from --students (the distilled checkpoint is kept)")
-    with user_errors():
-        config = FinetuneConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            freeze_students=freeze_students,
-            device=device,
-            seed=seed,
-        )
-        students, meta = load_students(students_path, device=device)
-        loaders = _loaders(
-            manifest,
-            with_clips=False,
-            clips_per_video=clips_per_video,
-            train_split=train_split,
-            val_split=val_split,
-            seed=seed,
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-            require_labels=True,
-            moments=moments,
-        )
-        extra = {
-            "parent": students_path,
-            "parent_sha256": meta["sha256"],
-            "teacher_sha256": meta["teacher_sha256"],
-            "data": loaders.data,
-        }
-        history = run_finetune(
-            students, loaders.train, loaders.val, config, out, classes=loaders.classes, extra=extra
-        )
+    config = FinetuneConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        freeze_students=freeze_students,
+        device=device,
+        seed=seed,
+    )
+    students, meta = load_students(students_path, device=device)
+    loaders = _loaders(
+        manifest,
+        with_clips=False,
+        clips_per_video=clips_per_video,
+        train_split=train_split,
+        val_split=val_split,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        require_labels=True,
+        moments=moments,
+    )
+    extra = {
+        "parent": students_path,
+        "parent_sha256": meta["sha256"],
+        "teacher_sha256": meta["teacher_sha256"],
+        "data": loaders.data,
+    }
+    history = run_finetune(
+        students, loaders.train, loaders.val, config, out, classes=loaders.classes, extra=extra
+    )
     _report_history(history, out, "val_accuracy", as_json)
 
 
@@ -318,22 +315,21 @@ def distill_report_cmd(
     from indexing.models import load_students
     from pipeline.clips import report_loader
 
-    with user_errors():
-        teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
-        students, meta = load_students(students_path, device=device)
-        if meta["teacher_sha256"] not in (None, teacher_meta["sha256"]):
-            warn("these students were distilled from another teacher")
-        loader = report_loader(
-            manifest,
-            split=split,
-            clips_per_video=clips_per_video,
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-        )
-        report = distill_report(
-            students, teacher, loader, device=device, audio_baseline=audio_baseline, top_k=top_k
-        )
+    teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
+    students, meta = load_students(students_path, device=device)
+    if meta["teacher_sha256"] not in (None, teacher_meta["sha256"]):
+        warn("these students were distilled from another teacher")
+    loader = report_loader(
+        manifest,
+        split=split,
+        clips_per_video=clips_per_video,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+    )
+    report = distill_report(
+        students, teacher, loader, device=device, audio_baseline=audio_baseline, top_k=top_k
+    )
     if as_json:
         echo_json(report)
         return

@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,25 +234,3 @@ def inference_options(
     return config_options(
         InferenceConfig, param="inference", choices={"next_input": next_inputs, "exit_on": exit_on}
     )
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the standard errors a library still raises for user mistakes into the project's error tree.
-
-    A stop-gap while libraries move to :mod:`indexing.errors`: ``ValueError``/``KeyError``/
-    ``FileNotFoundError`` -> :class:`ConfigError`, ``ConnectionError``/``TimeoutError`` ->
-    :class:`ClusterError`. :class:`L2LError` passes through unchanged.
-    """
-    from indexing.errors import ClusterError, L2LError
-
-    try:
-        yield
-    except L2LError:
-        raise
-    except (ConnectionError, TimeoutError) as err:
-        raise ClusterError(str(err)) from err
-    except KeyError as err:
-        raise ConfigError(str(err.args[0]) if err.args else str(err)) from err
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from err

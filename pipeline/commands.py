@@ -20,7 +20,6 @@ from indexing.options import (
     json_option,
     no_progress_option,
     note,
-    user_errors,
 )
 from indexing.stores import available_stores  # backends import zarr/h5py lazily
 from pipeline.cluster import ClusterConfig  # stdlib-only at import
@@ -83,25 +82,24 @@ def synth(
     """Write a labelled synthetic audio-visual corpus to OUT (videos/, manifest.csv, moments.json)."""
     from pipeline.synth import SynthConfig, synthesize
 
-    with user_errors():
-        config = SynthConfig(
-            videos=videos,
-            classes=classes,
-            seed=seed,
-            min_s=min_s,
-            max_s=max_s,
-            width=width,
-            height=height,
-            test_fraction=test_fraction,
-            min_segments=segments[0],
-            max_segments=segments[1],
-            min_segment_s=segment_s[0],
-            max_segment_s=segment_s[1],
-            faint_opacity=faint_opacity,
-            faint_loudness=faint_loudness,
-            mp4_only=mp4_only,
-        )
-        summary = synthesize(out, config, jobs=jobs, overwrite=overwrite, progress=not as_json)
+    config = SynthConfig(
+        videos=videos,
+        classes=classes,
+        seed=seed,
+        min_s=min_s,
+        max_s=max_s,
+        width=width,
+        height=height,
+        test_fraction=test_fraction,
+        min_segments=segments[0],
+        max_segments=segments[1],
+        min_segment_s=segment_s[0],
+        max_segment_s=segment_s[1],
+        faint_opacity=faint_opacity,
+        faint_loudness=faint_loudness,
+        mp4_only=mp4_only,
+    )
+    summary = synthesize(out, config, jobs=jobs, overwrite=overwrite, progress=not as_json)
     if as_json:
         echo_json(summary)
         return
@@ -150,21 +148,20 @@ def prepare(
     from pipeline.recipes import PrepareConfig
     from pipeline.recipes import prepare as run_recipe
 
-    with user_errors():
-        config = PrepareConfig(
-            dataset=dataset,
-            root=root,
-            out=out,
-            annotations=annotations,
-            split_id=split_id,
-            test_fraction=test_fraction,
-            seed=seed,
-            per_class_train=per_class_train,
-            per_class_test=per_class_test,
-            min_s=min_s,
-            max_s=max_s,
-        )
-        report = run_recipe(config)
+    config = PrepareConfig(
+        dataset=dataset,
+        root=root,
+        out=out,
+        annotations=annotations,
+        split_id=split_id,
+        test_fraction=test_fraction,
+        seed=seed,
+        per_class_train=per_class_train,
+        per_class_test=per_class_test,
+        min_s=min_s,
+        max_s=max_s,
+    )
+    report = run_recipe(config)
     if as_json:
         echo_json(report.to_json())
     else:
@@ -232,29 +229,28 @@ def extract(
     if max_tasks is not None and max_tasks < 0:
         raise ConfigError(f"--max-tasks must be >= 0, got {max_tasks}")
     try:
-        with user_errors():
-            config = ExtractConfig(
-                students=students,
-                store=fmt,
-                dtype=dtype,
-                chunk_rows=chunk_rows,
-                task_steps=task_steps,
-                batch_steps=batch_steps,
-                device=device,
-                torch_threads=torch_threads,
+        config = ExtractConfig(
+            students=students,
+            store=fmt,
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            task_steps=task_steps,
+            batch_steps=batch_steps,
+            device=device,
+            torch_threads=torch_threads,
+        )
+        client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=torch_threads)
+        with open_client(client_config, announce=note) if not serial else nullcontext() as client:
+            report = run_extraction(
+                corpus,
+                store,
+                config,
+                client=client,
+                resume=True if resume else None,
+                max_tasks=max_tasks,
+                progress=not no_progress,
+                log=note,
             )
-            client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=torch_threads)
-            with open_client(client_config, announce=note) if not serial else nullcontext() as client:
-                report = run_extraction(
-                    corpus,
-                    store,
-                    config,
-                    client=client,
-                    resume=True if resume else None,
-                    max_tasks=max_tasks,
-                    progress=not no_progress,
-                    log=note,
-                )
     except L2LError:  # ClusterError is an OSError too: keep its own message and code
         raise
     except OSError as err:  # a full disk, a path that cannot be a directory: the cause, not a traceback
@@ -297,8 +293,7 @@ def store_info_cmd(store: str, as_json: bool) -> None:
     """Summarise STORE: videos by status, steps, size, models and failures."""
     from indexing.stores.tools import store_info
 
-    with user_errors():
-        info = store_info(store)
+    info = store_info(store)
     if as_json:
         echo_json(info)
         return
@@ -344,8 +339,7 @@ def store_ls_cmd(store: str, as_json: bool) -> None:
     """List the videos of STORE with status, steps, duration, fps, audio and label."""
     from indexing.stores.tools import store_ls
 
-    with user_errors():
-        videos = store_ls(store)
+    videos = store_ls(store)
     if as_json:
         echo_json(videos)
         return
@@ -375,9 +369,8 @@ def store_check_cmd(store: str, quick: bool, no_progress: bool, as_json: bool) -
     """
     from indexing.stores.tools import check_store, store_info
 
-    with user_errors():
-        problems = check_store(store, quick=quick, progress=not no_progress and not as_json)
-        info = store_info(store)
+    problems = check_store(store, quick=quick, progress=not no_progress and not as_json)
+    info = store_info(store) if not problems else {"complete": False, "tasks": None, "tasks_done": None}
     complete = info["complete"]
     if as_json:
         echo_json(
@@ -424,11 +417,10 @@ def store_repair_cmd(store: str, cluster_options: dict[str, Any], no_progress: b
     from pipeline.extract import repair_store
 
     serial = cluster_options.get("workers") == 0
-    with user_errors():
-        threads = 1
-        client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=threads)
-        with open_client(client_config, announce=note) if not serial else nullcontext() as client:
-            report = repair_store(store, client=client, progress=not no_progress, log=note)
+    threads = 1
+    client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=threads)
+    with open_client(client_config, announce=note) if not serial else nullcontext() as client:
+        report = repair_store(store, client=client, progress=not no_progress, log=note)
     if as_json:
         echo_json(report.to_json())
     else:
@@ -457,8 +449,7 @@ def store_export_cmd(
     """
     from indexing.stores.tools import export_store
 
-    with user_errors():
-        export_store(store, out, fmt, compression=compression, overwrite=overwrite, progress=not no_progress)
+    export_store(store, out, fmt, compression=compression, overwrite=overwrite, progress=not no_progress)
     click.echo(f"wrote {out} ({fmt})")
 
 

@@ -20,7 +20,6 @@ from indexing.options import (
     given,
     inference_options,
     json_option,
-    user_errors,
     warnings_only,
 )
 
@@ -175,43 +174,42 @@ def train_cmd(
         embed=embed,
         **inference.overrides(),
     )
-    with user_errors():
-        config = TrainConfig(
-            **given(
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                momentum=momentum,
-                nesterov=False if no_nesterov else None,
-                weight_decay=weight_decay,
-                milestones=csv_ints(milestones),
-                crop_min=crop_min,
-                crop_max=crop_max,
-                train_split=train_split,
-                val_split=val_split,
-                seed=seed,
-                num_workers=num_workers,
-                in_memory=in_memory,
-                device=device,
-                threads=threads,
-                init=init,
-            )
+    config = TrainConfig(
+        **given(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            nesterov=False if no_nesterov else None,
+            weight_decay=weight_decay,
+            milestones=csv_ints(milestones),
+            crop_min=crop_min,
+            crop_max=crop_max,
+            train_split=train_split,
+            val_split=val_split,
+            seed=seed,
+            num_workers=num_workers,
+            in_memory=in_memory,
+            device=device,
+            threads=threads,
+            init=init,
         )
-        summary = train(
-            store,
-            out,
-            labels=labels,
-            model_name=model_name,
-            model_options=model_options,
-            config=config,
-            recognition_store=inference.recognition_store,
-            students=students,
-            resume=resume,
-            overwrite=overwrite,
-            plot=plot,
-            progress=not as_json,
-            log=warnings_only if as_json else None,
-        )
+    )
+    summary = train(
+        store,
+        out,
+        labels=labels,
+        model_name=model_name,
+        model_options=model_options,
+        config=config,
+        recognition_store=inference.recognition_store,
+        students=students,
+        resume=resume,
+        overwrite=overwrite,
+        plot=plot,
+        progress=not as_json,
+        log=warnings_only if as_json else None,
+    )
     if as_json:
         echo_json(summary)
         return
@@ -270,32 +268,31 @@ def evaluate_cmd(
     """Compare skimming with uniform, random and dense baselines on STORE's features."""
     from skim.evaluate import EvalConfig, evaluate
 
-    with user_errors():
-        config = EvalConfig(
-            **given(
-                split=split,
-                train_split=train_split,
-                batch_size=batch_size,
-                baseline_steps=baseline_steps,
-                curve_steps=csv_ints(curve_steps),
-                subsample_factors=csv_ints(subsample_factors),
-                seed=seed,
-                device=device,
-            )
+    config = EvalConfig(
+        **given(
+            split=split,
+            train_split=train_split,
+            batch_size=batch_size,
+            baseline_steps=baseline_steps,
+            curve_steps=csv_ints(curve_steps),
+            subsample_factors=csv_ints(subsample_factors),
+            seed=seed,
+            device=device,
         )
-        result = evaluate(
-            store,
-            model_path,
-            labels=labels,
-            moments=moments,
-            config=config,
-            recognition_store=inference.recognition_store,
-            inference=inference.overrides(),
-            plot=plot,
-            progress=not as_json,
-            log=warnings_only if as_json else None,
-            allow_other_students=allow_other_students,
-        )
+    )
+    result = evaluate(
+        store,
+        model_path,
+        labels=labels,
+        moments=moments,
+        config=config,
+        recognition_store=inference.recognition_store,
+        inference=inference.overrides(),
+        plot=plot,
+        progress=not as_json,
+        log=warnings_only if as_json else None,
+        allow_other_students=allow_other_students,
+    )
     if as_json:
         echo_json(result)
         return
@@ -354,19 +351,18 @@ def query_cmd(
 
     if bool(video_ids) == all_videos:
         raise ConfigError("give VIDEO_ID(s) or --all (not both)")
-    with user_errors():
-        answers = query(
-            store,
-            model_path,
-            list(video_ids) if video_ids else None,
-            top_k=top_k,
-            batch_size=batch_size,
-            device=device,
-            recognition_store=inference.recognition_store,
-            inference=inference.overrides(),
-            progress=not as_json,
-            allow_other_students=allow_other_students,
-        )
+    answers = query(
+        store,
+        model_path,
+        list(video_ids) if video_ids else None,
+        top_k=top_k,
+        batch_size=batch_size,
+        device=device,
+        recognition_store=inference.recognition_store,
+        inference=inference.overrides(),
+        progress=not as_json,
+        allow_other_students=allow_other_students,
+    )
     if as_json:
         echo_json(answers)
         return
@@ -410,18 +406,17 @@ def show_cmd(
     from skim.plot import draw_moments
     from skim.query import explain
 
-    with user_errors():
-        ex = explain(
-            store,
-            model_path,
-            video_id,
-            max_frames=max_frames,
-            recognition_store=inference.recognition_store,
-            inference=inference.overrides(),
-            allow_other_students=allow_other_students,
-        )
-        segments = read_segments(moments).get(video_id, []) if moments else []
-        drawn = draw_moments(ex, out, read_frames=ctx.meta.get(FRAME_READER), segments=segments)
+    ex = explain(
+        store,
+        model_path,
+        video_id,
+        max_frames=max_frames,
+        recognition_store=inference.recognition_store,
+        inference=inference.overrides(),
+        allow_other_students=allow_other_students,
+    )
+    segments = read_segments(moments).get(video_id, []) if moments else []
+    drawn = draw_moments(ex, out, read_frames=ctx.meta.get(FRAME_READER), segments=segments)
     if as_json:
         echo_json(drawn)
         return
