@@ -12,7 +12,13 @@
    features delivered. Files were just written, so this reads from the page cache (decode and per-file
    costs, not the disk).
 
-Run from the repository root: ``.venv/bin/python bench/store.py [--quick]``.
+4. **Integrity** (format 2): write and read throughput with and without checksums (zarr crc32c, HDF5
+   fletcher32), both formats; reads also without any verification (the raw backend read, what a format-1
+   store did); then ``l2l store check`` full and ``--quick`` on that store and on a store indexing 10^6
+   videos (1 step each, 16-d features, ~490 tasks with extraction-like marker results).
+   ``--integrity-only`` runs just this part and writes ``store_integrity.{json,md}``.
+
+Run from the repository root: ``.venv/bin/python bench/store.py [--quick] [--integrity-only]``.
 """
 
 from __future__ import annotations
@@ -161,6 +167,7 @@ def measure_size(work: Path, feats: dict[str, np.ndarray], *, chunk_rows: int) -
         block = {k: (v.astype(dtype) if k in feats else v) for k, v in arrays.items()}
         t0 = time.perf_counter()
         store.write_rows(0, rows, block)
+        store.mark_done(0, rows)
         write_s = time.perf_counter() - t0
         store.close()
         per_feature = feature_bytes(path, fmt_name)
@@ -259,6 +266,7 @@ def big_store(work: Path, fmt_name: str, videos: int, steps: int) -> tuple[Path,
         n: rng.standard_normal((stop - start, DIM)).astype(np.float16) for n in ("image", "audio", "fused")
     }
     store.write_rows(start, stop, block | {"valid": np.ones(stop - start, bool)})
+    store.mark_done(start, stop)
     store.close()
     seconds = time.perf_counter() - t0
     with open_store(path) as check:
@@ -341,6 +349,7 @@ def build_read_layouts(
             attrs={"step_s": STEP_S},
         )
         store.write_rows(0, rows, {n: blocks[n].astype(dtype) for n in blocks} | row_arrays(rows, lengths))
+        store.mark_done(0, rows)
         store.close()
         layouts[label] = {"kind": "store", "path": path, "bytes": folder_bytes(path)}
     npy = fresh(work / "read-npy")
@@ -436,6 +445,296 @@ def measure_reads(
     return out
 
 
+# ---- 4. integrity -------------------------------------------------------------------------------------
+
+
+def sparse_features(rows: int, seed: int) -> dict[str, np.ndarray]:
+    """float16 rows shaped like the students' for a compressor: post-ReLU image/audio (about half zeros,
+    correlated over steps) and signed fused rows. Used where real features are not needed."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in ("image", "audio", "fused"):
+        walk = (
+            np.cumsum(rng.standard_normal((rows, DIM), dtype=np.float32) * 0.3, axis=0) % 6 - 3
+        )  # (rows, 512)
+        x = walk + rng.standard_normal((rows, DIM), dtype=np.float32) * 0.5
+        out[name] = (np.maximum(x, 0) if name != "fused" else x).astype(np.float16)
+    return out
+
+
+def measure_checksums(work: Path, *, rows: int, task_rows: int, repeats: int) -> list[dict[str, Any]]:
+    """Write / read MB/s of the three feature arrays, with and without checksums, both formats."""
+    from indexing.stores import VideoRecord, get_store, open_store
+
+    feats = sparse_features(rows, 3)
+    payload = sum(a.nbytes for a in feats.values())  # float16 feature bytes
+    tasks = [(a, min(a + task_rows, rows)) for a in range(0, rows, task_rows)]
+    index = [VideoRecord(f"t{i}", f"/t{i}.mp4", a, b - a, status="ok") for i, (a, b) in enumerate(tasks)]
+    extra = {
+        "valid": np.ones(rows, bool),
+        "audio_valid": np.ones(rows, bool),
+        "time_s": np.arange(rows) * STEP_S,
+    }
+    out = []
+    for fmt_name in ("zarr", "hdf5"):
+        for checksums in (True, False):
+            best_w, best_first, best_warm, best_raw = (float("inf"),) * 4
+            for _ in range(repeats):
+                path = fresh(work / f"integrity-{fmt_name}-{checksums}")
+                t0 = time.perf_counter()
+                store = get_store(fmt_name).create(
+                    path, index=index, rows=rows, chunk_rows=1024, tasks=tasks, checksums=checksums
+                )
+                for a, b in tasks:  # one write_rows + mark_done (which records the files) per task
+                    store.write_rows(a, b, {k: v[a:b] for k, v in (feats | extra).items()})
+                    store.mark_done(a, b)
+                store.close()
+                best_w = min(best_w, time.perf_counter() - t0)
+                with open_store(path) as store:
+                    t0 = time.perf_counter()
+                    for name in feats:  # the first read of each file also checks it against its record
+                        store.read_rows(name, 0, rows)
+                    best_first = min(best_first, time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    for name in feats:
+                        store.read_rows(name, 0, rows)
+                    best_warm = min(best_warm, time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    for name in feats:
+                        store._read(name, 0, rows)  # no markers, no sizes, no records: a format-1 read
+                    best_raw = min(best_raw, time.perf_counter() - t0)
+            row = {
+                "format": fmt_name,
+                "checksums": store_checksums(path),
+                "rows": rows,
+                "write_mb_per_s": payload / best_w / 1e6,
+                "read_first_mb_per_s": payload / best_first / 1e6,
+                "read_warm_mb_per_s": payload / best_warm / 1e6,
+                "read_raw_mb_per_s": payload / best_raw / 1e6,
+                "bytes_on_disk": folder_bytes(path),
+            }
+            out.append(row)
+            log(
+                f"  {fmt_name} checksums={row['checksums']}: write {row['write_mb_per_s']:.0f} MB/s, read "
+                f"{row['read_first_mb_per_s']:.0f} (first) / {row['read_warm_mb_per_s']:.0f} MB/s, raw "
+                f"{row['read_raw_mb_per_s']:.0f} MB/s"
+            )
+    return out
+
+
+def measure_codecs(work: Path, *, rows: int, repeats: int) -> list[dict[str, Any]]:
+    """The choice the issue asks for: zstd's own frame checksum against the crc32c codec (plain zarr arrays
+    of sparse float16 rows, 1024-row chunks): write and read MB/s."""
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    data = sparse_features(rows, 4)["image"]  # (rows, 512) float16
+    variants = {
+        "zstd 3 (no checksum)": [ZstdCodec(level=3)],
+        "zstd 3 + zstd frame checksum (chosen)": [ZstdCodec(level=3, checksum=True)],
+        "zstd 3 + crc32c codec": [ZstdCodec(level=3), Crc32cCodec()],
+        "none": [],
+        "none + crc32c codec (chosen)": [Crc32cCodec()],
+    }
+    out = []
+    for label, codecs in variants.items():
+        best_w = best_r = float("inf")
+        for _ in range(repeats):
+            path = fresh(work / "codec")
+            arr = zarr.create_array(
+                str(path),
+                shape=data.shape,
+                chunks=(1024, DIM),
+                dtype="float16",
+                compressors=codecs,
+                fill_value=0,
+            )
+            t0 = time.perf_counter()
+            arr[:] = data
+            best_w = min(best_w, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            back = arr[:]
+            best_r = min(best_r, time.perf_counter() - t0)
+            if not np.array_equal(back, data):
+                raise RuntimeError(f"{label}: data did not round-trip")
+        out.append(
+            {
+                "codecs": label,
+                "write_mb_per_s": data.nbytes / best_w / 1e6,
+                "read_mb_per_s": data.nbytes / best_r / 1e6,
+            }
+        )
+        log(
+            f"  {label}: write {out[-1]['write_mb_per_s']:.0f} MB/s, read {out[-1]['read_mb_per_s']:.0f} MB/s"
+        )
+    return out
+
+
+def measure_slice_reads(work: Path, *, rows: int, videos: int) -> list[dict[str, Any]]:
+    """Random whole-video reads (100-500 rows; image + audio + valid) through the verified read path and
+    through the raw backend read, from the checksummed stores of :func:`measure_checksums`: videos/s."""
+    from indexing.stores import open_store
+
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(100, 501, videos)
+    starts = rng.integers(0, rows - 500, videos)
+    out = []
+    for fmt_name in ("zarr", "hdf5"):
+        speeds = {}
+        for mode in ("verified", "raw", "verified (files checked)"):
+            with open_store(work / f"integrity-{fmt_name}-True") as store:
+                if mode == "verified (files checked)":
+                    store.read_rows("valid", 0, rows)  # every file's record checked once: later reads skip it
+                read = store._read if mode == "raw" else store.read_rows
+                t0 = time.perf_counter()
+                for a, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+                    for name in ("image", "audio", "valid"):
+                        read(name, a, a + n)
+                speeds[mode] = videos / (time.perf_counter() - t0)
+        out.append({"format": fmt_name, **{f"videos_per_s_{k.split()[0]}{'_warm' if '(' in k else ''}": v
+                                           for k, v in speeds.items()}})  # fmt: skip
+        log(f"  {fmt_name} random video reads: " + ", ".join(f"{k} {v:.0f}/s" for k, v in speeds.items()))
+    return out
+
+
+def store_checksums(path: Path) -> str:
+    from indexing.stores import open_store
+
+    with open_store(path) as store:
+        return store.checksums
+
+
+def million_index_store(work: Path, videos: int) -> Path:
+    """A zarr store indexing ``videos`` videos of 1 step (16-d features), written in 2048-row tasks whose
+    markers carry extraction-like per-video results; reused when it exists."""
+    from indexing.stores import VideoRecord, get_store
+
+    path = work / f"check-{videos}"
+    stamp = path / "bench-spec.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == {"videos": videos}:
+        return path
+    log(f"  creating a store indexing {videos:,} videos for store check ...")
+    task_rows = 2048
+    tasks = [(a, min(a + task_rows, videos)) for a in range(0, videos, task_rows)]
+    index = [
+        VideoRecord(f"v{i:07d}", f"/data/v{i:07d}.mp4", i, 1, STEP_S, 30.0, True, "ok", label=f"c{i % 10}")
+        for i in range(videos)
+    ]
+    store = get_store("zarr").create(
+        fresh(path), index=index, rows=videos, chunk_rows=1024, dim=16, tasks=tasks
+    )
+    rng = np.random.default_rng(0)
+    for a, b in tasks:
+        n = b - a
+        rows = {k: rng.standard_normal((n, 16)).astype(np.float16) for k in ("image", "audio", "fused")}
+        rows |= {"valid": np.ones(n, bool), "audio_valid": np.ones(n, bool), "time_s": np.zeros(n)}
+        store.write_rows(a, b, rows)
+        result = {
+            "videos": [{"pos": i, "video_id": f"v{i:07d}", "status": "ok", "steps": 1} for i in range(a, b)]
+        }
+        store.mark_done(a, b, result=result)
+    store.close()
+    stamp.write_text(json.dumps({"videos": videos}))
+    return path
+
+
+def measure_check(paths: dict[str, Path]) -> list[dict[str, Any]]:
+    """Seconds of `l2l store check` (library call, fresh process each) full and --quick."""
+    out = []
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for label, path in paths.items():
+        for quick in (True, False):
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHECK_PROBE, str(path), "1" if quick else "0"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=3600,
+            )
+            if proc.returncode:
+                raise RuntimeError(f"check probe failed: {proc.stderr[-2000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            out.append(
+                {"store": label, "mode": "quick" if quick else "full", **res, "bytes": folder_bytes(path)}
+            )
+            log(
+                f"  {label} {'--quick' if quick else 'full'}: {res['seconds']:.2f} s, "
+                f"{res['problems']} problems"
+            )
+    return out
+
+
+_CHECK_PROBE = """
+import json, sys, time
+from indexing.stores import open_store
+from indexing.stores.tools import check_store
+t0 = time.perf_counter()
+problems = check_store(sys.argv[1], quick=sys.argv[2] == "1")
+seconds = time.perf_counter() - t0
+with open_store(sys.argv[1]) as s:
+    videos, rows, tasks = len(s.index_columns()["video_id"]), s.rows, len(s.tasks())
+out = {"seconds": seconds, "problems": len(problems), "videos": videos, "rows": rows, "tasks": tasks}
+print(json.dumps(out))
+"""
+
+
+def integrity(work: Path, *, quick: bool, index_videos: int) -> tuple[dict[str, Any], str, str]:
+    """Section 4: data, text and markdown."""
+    rows = 16_384 if quick else 131_072
+    log(f"4. integrity: checksums on {rows:,} rows per format, store check")
+    sums = measure_checksums(work, rows=rows, task_rows=2048, repeats=1 if quick else 3)
+    codecs = measure_codecs(work, rows=rows, repeats=1 if quick else 3)
+    slices = measure_slice_reads(work, rows=rows, videos=200 if quick else 1000)
+    big = million_index_store(work, index_videos)
+    checks = measure_check({f"bench store ({rows:,} rows, zarr)": work / "integrity-zarr-True",
+                            f"{index_videos:,}-video index store": big})  # fmt: skip
+    c_rows = [
+        [r["format"], r["checksums"], fmt(r["write_mb_per_s"], 0), fmt(r["read_first_mb_per_s"], 0),
+         fmt(r["read_warm_mb_per_s"], 0), fmt(r["read_raw_mb_per_s"], 0), fmt(r["bytes_on_disk"] / 1e6, 1)]
+        for r in sums
+    ]  # fmt: skip
+    c_text, c_md = table(
+        [
+            "format",
+            "checksums",
+            "write MB/s",
+            "read MB/s (first)",
+            "read MB/s (again)",
+            "raw read MB/s",
+            "MB",
+        ],
+        c_rows,
+    )
+    z_text, z_md = table(
+        ["zarr codecs", "write MB/s", "read MB/s"],
+        [[z["codecs"], fmt(z["write_mb_per_s"], 0), fmt(z["read_mb_per_s"], 0)] for z in codecs],
+    )
+    v_text, v_md = table(
+        ["format", "videos/s verified (first touch)", "videos/s verified (files checked)", "videos/s raw"],
+        [[v["format"], fmt(v["videos_per_s_verified"], 0), fmt(v["videos_per_s_verified_warm"], 0),
+          fmt(v["videos_per_s_raw"], 0)] for v in slices],
+    )  # fmt: skip
+    k_rows = [
+        [k["store"], k["mode"], k["videos"], k["rows"], k["tasks"], fmt(k["seconds"], 2), k["problems"]]
+        for k in checks
+    ]
+    k_text, k_md = table(["store", "check", "videos", "rows", "tasks", "seconds", "problems"], k_rows)
+    head = (
+        f"write/read MB/s of float16 features ({rows:,} rows x 3 arrays x 512, 2048-row tasks; best of runs)"
+    )
+    z_head = f"one array, {rows:,} x 512 float16 rows, 1024-row chunks, plain zarr"
+    text = f"Zarr checksum codecs ({z_head})\n\n{z_text}\n\nChecksums: {head}\n\n{c_text}"
+    text += f"\n\nRandom video reads (100-500 rows; image + audio + valid)\n\n{v_text}"
+    text += f"\n\nstore check\n\n{k_text}"
+    md = (
+        f"**Zarr checksum codecs** ({z_head})\n\n{z_md}\n\n**Checksums**: {head}\n\n{c_md}\n\n"
+        f"**Random whole-video reads** (100-500 rows; image + audio + valid; videos/s; the verified path "
+        f"checks each file against its task's record once per open store)\n\n{v_md}\n\n"
+        f"**store check** (fresh process)\n\n{k_md}"
+    )
+    return {"codecs": codecs, "checksums": sums, "video_reads": slices, "check": checks}, text, md
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 
@@ -449,7 +748,19 @@ def main() -> None:
     )
     p.add_argument("--batch", type=int, default=256, help="videos per training batch")
     p.add_argument("--batches", type=int, help="batches read per layout (4; quick 2)")
+    p.add_argument("--integrity-only", action="store_true", help="run only part 4 (checksums, store check)")
     args = p.parse_args()
+    if args.integrity_only:
+        work = args.work / NAME
+        info = machine()
+        t0 = time.perf_counter()
+        data, text, md = integrity(work, quick=args.quick, index_videos=args.index_videos or 1_000_000)
+        print(f"\nFeature store integrity ({machine_line(info)})\n\n{text}")
+        data |= {"benchmark": f"{NAME}_integrity", "quick": args.quick, "machine": info,
+                 "wall_s": time.perf_counter() - t0}  # fmt: skip
+        j, m = write_results(f"{NAME}_integrity", args.out, data, f"{md}\n\n({machine_line(info)})")
+        log(f"wrote {j} and {m}")
+        return
 
     from pipeline.synth import SynthConfig
 
