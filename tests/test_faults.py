@@ -971,3 +971,37 @@ def test_commands_refuse_damaged_rows_with_exit_4(clean, tmp_path):
         rf"features/fused/c/1/0 is missing; .*l2l store repair {re.escape(str(store))}",
         result.output,
     ), result.output
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_readers_during_a_write_see_whole_tasks_or_fill(tmp_path, fmt, procs):
+    """A reader polling the store while a writer process fills it sees each task complete or not at all."""
+    from indexing.stores import VideoRecord, get_store
+
+    rows, dim = KILL_TASKS[-1][1], 512
+    index = [
+        VideoRecord(f"v{i}", f"/v{i}.mp4", a, b - a, status="pending") for i, (a, b) in enumerate(KILL_TASKS)
+    ]
+    store = tmp_path / "store"
+    get_store(fmt).create(
+        store, index=index, rows=rows, chunk_rows=256, dim=dim, dtype="float32", tasks=KILL_TASKS
+    ).close()
+    want = _expected(dim, "float32")
+    proc = procs.start([sys.executable, "-c", _WRITER, str(store)], "writer")
+    reads = partial = 0
+    with open_store(store) as reader:
+        while True:
+            finished = proc.poll() is not None
+            got = reader.read_rows("fused", 0, rows)
+            reads += 1
+            for a, b in KILL_TASKS:
+                if got[a:b].any():
+                    np.testing.assert_array_equal(got[a:b], want["fused"][a:b])  # whole and right ...
+                    partial += 0 < len(reader.done_ranges()) < len(KILL_TASKS)
+                else:
+                    assert not got[a:b].any()  # ... or not there yet
+            if finished:
+                break
+    assert proc.returncode == 0, _tail(proc)
+    assert reads >= 3 and partial >= 1  # some reads happened while the store was partly written
+    np.testing.assert_array_equal(got, want["fused"])
