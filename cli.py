@@ -62,16 +62,39 @@ for _module in (pipeline_commands, indexing_commands, skim_commands):
 @click.option("--classes", default=4, show_default=True, help="Synthetic classes.")
 @click.option("--workers", default=2, show_default=True, help="Local Dask worker processes for extraction.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the corpus and every training run.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the summary as JSON (stage output goes to stderr)."
+)
 @click.pass_context
-def demo(ctx: click.Context, out: str, videos: int, classes: int, workers: int, seed: int) -> None:
+def demo(
+    ctx: click.Context, out: str, videos: int, classes: int, workers: int, seed: int, as_json: bool
+) -> None:
     """Run the whole system on a generated corpus: synth, distill, finetune, extract, train, evaluate, show.
 
     Every stage is resumable, so rerunning the command after an interruption continues where it stopped.
     """
-    import time
+    import contextlib
     from pathlib import Path
 
-    root = Path(out)
+    from indexing.options import echo_json
+
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        summary = _demo(ctx, Path(out), videos=videos, classes=classes, workers=workers, seed=seed)
+    if as_json:
+        echo_json(summary)
+        return
+    click.secho("\n== summary ==", bold=True)
+    skim_commands.echo_evaluation(summary["evaluation"])
+    click.echo("\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items()))
+    click.echo(f"total {summary['seconds'] / 60:.1f} min. Files in {out}/:")
+    for path, what in summary["files"].values():
+        click.echo(f"  {Path(path).relative_to(out).as_posix():20} {what}")
+
+
+def _demo(ctx: click.Context, root, *, videos: int, classes: int, workers: int, seed: int) -> dict:
+    """The demo's stages; returns what the summary shows (``--json``: the same, as JSON)."""
+    import time
+
     corpus, manifest = root / "corpus", root / "corpus" / "manifest.csv"
     students, students_ft = root / "students.pt", root / "students-ft.pt"
     store, skim_model = root / "features.zarr", root / "skim.pt"
@@ -90,7 +113,7 @@ def demo(ctx: click.Context, out: str, videos: int, classes: int, workers: int, 
                     err=True,
                 )
                 sys.exit(err.code)
-        timings[name] = time.perf_counter() - start
+        timings[name.split(":")[0]] = round(time.perf_counter() - start, 1)
 
     started = time.perf_counter()
     if not manifest.exists():
@@ -170,7 +193,7 @@ def demo(ctx: click.Context, out: str, videos: int, classes: int, workers: int, 
         plot=str(root / "tradeoff.png"),
     )
     (root / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
-    timings["evaluate"] = time.perf_counter() - start
+    timings["evaluate"] = round(time.perf_counter() - start, 1)
 
     from pipeline.corpus import read_corpus
 
@@ -193,21 +216,22 @@ def demo(ctx: click.Context, out: str, videos: int, classes: int, workers: int, 
         moments=str(corpus / "moments.json"),
     )
 
-    total = time.perf_counter() - started
-    click.secho("\n== summary ==", bold=True)
-    skim_commands.echo_evaluation(result)
-    click.echo("\nstage times: " + ", ".join(f"{k.split(':')[0]} {v:.0f}s" for k, v in timings.items()))
-    click.echo(f"total {total / 60:.1f} min. Files in {root}/:")
-    for name, what in [
-        ("corpus/manifest.csv", "the generated corpus (videos/, moments.json)"),
-        ("students-ft.pt", "fine-tuned ImgAud2Vid students"),
-        ("features.zarr", "the feature store (l2l store info)"),
-        ("skim.pt", "the skimming model (+ training curve .png)"),
-        ("evaluation.json", "accuracy, mAP, GFLOPs, evidence precision per method"),
-        ("tradeoff.png", "accuracy vs steps used and vs sub-sampling"),
-        ("moments.png", f"chosen moments of {video_id}"),
-    ]:
-        click.echo(f"  {name:20} {what}")
+    files = {
+        "corpus": (corpus / "manifest.csv", "the generated corpus (videos/, moments.json)"),
+        "students": (students_ft, "fine-tuned ImgAud2Vid students"),
+        "store": (store, "the feature store (l2l store info)"),
+        "model": (skim_model, "the skimming model (+ training curve .png)"),
+        "evaluation": (root / "evaluation.json", "accuracy, mAP, GFLOPs, evidence precision per method"),
+        "tradeoff": (root / "tradeoff.png", "accuracy vs steps used and vs sub-sampling"),
+        "moments": (root / "moments.png", f"chosen moments of {video_id}"),
+    }
+    return {
+        "out": str(root),
+        "seconds": round(time.perf_counter() - started, 1),
+        "stage_seconds": timings,
+        "evaluation": result,
+        "files": {k: (str(path), what) for k, (path, what) in files.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def synth(
     base = summary["uniform_baseline"]
     click.echo(
         f"wrote {summary['videos']} videos ({summary['hours']} h; {summary['containers']}) to {out} "
-        f"in {summary['wall_s']} s\n"
+        f"in {summary['seconds']} s\n"
         f"splits {summary['splits']}, modalities {summary['modalities']}\n"
         f"uniform T={base['steps']} baseline can reach at most {base['ceiling_accuracy']:.1%} "
         f"({base['ceiling_accuracy_audio']:.1%} counting audio-window overlap); chance {base['chance']:.1%}"
@@ -268,7 +268,7 @@ def extract(
     for f in report.failed:
         click.echo(f"failed    {f['video_id']}  {f['path']}  {f['reason']}", err=True)
     for e in report.task_errors:
-        click.echo(f"task      {e['task']} rows {e['rows']}: {e['error']}", err=True)
+        click.echo(f"task      {e['task']} rows {e['rows']}: {e['reason']}", err=True)
     if not report.complete:
         raise IncompleteError(
             f"incomplete: {report.tasks_left} task(s) left; rerun the same command to resume {store}"
@@ -440,17 +440,34 @@ def store_repair_cmd(store: str, cluster_options: dict[str, Any], no_progress: b
 @click.option("--compression", default="default", show_default=True, help="Target codec (backend's names).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @no_progress_option
+@json_option("what was written")
 def store_export_cmd(
-    store: str, out: str, fmt: str, compression: str, overwrite: bool, no_progress: bool
+    store: str, out: str, fmt: str, compression: str, overwrite: bool, no_progress: bool, as_json: bool
 ) -> None:
     """Copy STORE into a new store OUT (same index, attrs and rows), with checksums on every byte.
 
     Also the way to upgrade a store written before checksums (format 1) to the current format.
     """
+    import time
+
     from indexing.stores.tools import export_store
 
-    export_store(store, out, fmt, compression=compression, overwrite=overwrite, progress=not no_progress)
-    click.echo(f"wrote {out} ({fmt})")
+    started = time.perf_counter()
+    progress = not no_progress and not as_json
+    written = export_store(store, out, fmt, compression=compression, overwrite=overwrite, progress=progress)
+    seconds = round(time.perf_counter() - started, 2)
+    if as_json:
+        echo_json(
+            {
+                "store": store,
+                "out": str(written),
+                "format": fmt,
+                "compression": compression,
+                "seconds": seconds,
+            }
+        )
+    else:
+        click.echo(f"wrote {written} ({fmt}) in {seconds} s")
 
 
 COMMANDS = [synth, prepare, extract, store_group]

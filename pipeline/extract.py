@@ -212,7 +212,11 @@ class ExtractReport:
         return self.steps_run / self.task_seconds if self.task_seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "steps_per_s": round(self.steps_per_s, 2)}
+        """The ``--json`` form, in the CLI's vocabulary: ``failed`` counts, ``failures`` lists."""
+        doc = {**asdict(self), "steps_per_s": round(self.steps_per_s, 2)}
+        doc["failures"] = doc.pop("failed")
+        doc["failed"] = len(self.failed)
+        return doc
 
     def summary(self) -> str:
         lines = [
@@ -726,7 +730,9 @@ def _run_tasks(
         if result is not None:
             results[task.index] = result
         else:
-            errors.append({"task": task.key, "rows": f"[{task.start}, {task.stop})", "error": _describe(err)})
+            errors.append(
+                {"task": task.key, "rows": f"[{task.start}, {task.stop})", "reason": _describe(err)}
+            )
         videos_done += len(task.videos)
         bar.set_postfix_str(f"videos {videos_done}/{videos_total}", refresh=False)
         bar.update(task.steps)
@@ -828,7 +834,11 @@ class RepairReport:
     remaining: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The ``--json`` form, in the CLI's vocabulary: ``failed`` counts, ``failures`` lists."""
+        doc = asdict(self)
+        doc["failures"] = doc.pop("failed")
+        doc["failed"] = len(self.failed)
+        return doc
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}

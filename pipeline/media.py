@@ -779,10 +779,18 @@ def _scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(size, int(round(width * size / height))), size
 
 
+def _torch_before_decord() -> None:
+    """Load torch before decord. With decord loaded first, torch's convolutions crash the process
+    (SIGSEGV; reproduced with torch 2.11 / decord2 3.4: ``import decord, torch`` then a ResNet forward), and
+    every process that decodes steps here also runs the students."""
+    import torch  # noqa: F401
+
+
 class _VideoSource:
     """decord reader scaled for the centre crop, with float64 frame times from the demuxer."""
 
     def __init__(self, path: Path, info: VideoInfo, size: int, num_threads: int):
+        _torch_before_decord()
         import decord
         from decord.video_reader import _CAPI_VideoReaderFree
 

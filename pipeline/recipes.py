@@ -256,8 +256,14 @@ def prepare(config: PrepareConfig) -> PrepareReport:
     missing = [r for r in result.rows if r.path is None]
     if not found:  # an empty manifest would only make an empty store later
         what = f"none of the {len(missing)} listed videos" if missing else "no video"
+        files = [p.relative_to(config.root).as_posix() for p in _video_files(config.root)]
+        there = (
+            f" ({len(files)} video files are there but none fits the recipe, e.g. {files[0]})"
+            if files
+            else ""
+        )
         raise ConfigError(
-            f"{config.dataset}: {what} found under {config.root}; check ROOT (and --annotations); "
+            f"{config.dataset}: {what} found under {config.root}{there}; check ROOT (and --annotations); "
             "nothing was written"
         )
     out.parent.mkdir(parents=True, exist_ok=True)

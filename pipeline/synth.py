@@ -684,7 +684,14 @@ def synthesize(
     }
     _write_text(out_dir / "synth.json", json.dumps(summary, indent=2) + "\n")
     write_manifest(manifest, entries)  # last: a manifest means a complete corpus
-    return summary | {"wall_s": round(wall_s, 2), "out_dir": str(out_dir)}
+    # The report speaks the CLI's vocabulary (classes: a count, labels: names); synth.json keeps its format.
+    report = {
+        **summary,
+        "classes": len(sigs),
+        "labels": [s.name for s in sigs],
+        "class_signatures": summary["classes"],
+    }
+    return report | {"seconds": round(wall_s, 2), "out": str(out_dir)}
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -216,7 +216,7 @@ def train_cmd(
     last = summary["history"][-1] if summary["history"] else {}
     click.echo(
         f"trained {summary['model']} on {summary['train_videos']} videos, {len(summary['labels'])} classes, "
-        f"{summary['epochs']} epochs -> {summary['out']} (curves: {summary['plot']})"
+        f"{summary['epochs']} epochs -> {summary['out']} (curves: {summary['curve']})"
     )
     if last.get("val_accuracy") is not None:
         click.echo(f"{summary['validated_on']} accuracy {last['val_accuracy']:.3f}")

@@ -547,6 +547,7 @@ def evaluate(
         "videos": len(test.video_ids),
         "split": config.split,
         "classes": len(names),
+        "labels": list(names),
         "classes_present": len(present),
         "model": ckpt.name,
         "inference": {

@@ -368,8 +368,9 @@ def _train(
     )
     return {
         "out": str(out),
-        "plot": str(plot_path) if history else None,
+        "curve": str(plot_path) if history else None,
         "model": model_name,
+        "classes": len(names),
         "labels": names,
         "classes_without_training_videos": untrained,
         "train_videos": len(train_ds),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch  # first: a test module that imports decord before torch makes torch's convs crash
 
 
 def write_moving_video(
@@ -54,7 +55,6 @@ def make_video() -> Callable[..., Path]:
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """torch on one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures(...)``)."""
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -286,7 +286,11 @@ def test_cli_lists_failures_and_exits_nonzero(corpus, tmp_path):
     result = CliRunner().invoke(main, args + ["--json"])
     assert result.exit_code == 1
     report = json.loads(result.stdout)
-    assert report["tasks_skipped"] == 3 and report["complete"] and len(report["failed"]) == 2
+    assert (
+        report["tasks_skipped"] == 3
+        and report["complete"]
+        and report["failed"] == len(report["failures"]) == 2
+    )
     result = CliRunner().invoke(main, args + ["--chunk-rows", "8"])
     assert result.exit_code == 2 and "new store path" in result.stderr
 

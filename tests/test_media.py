@@ -414,3 +414,20 @@ def test_video_info_roundtrip(files):
     assert VideoInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
     assert info.audio_duration_s == pytest.approx(2.5, abs=0.05) and info.fps == pytest.approx(30)
     assert (info.width, info.height, info.video_codec, info.audio_codec) == (64, 48, "h264", "aac")
+
+
+def test_decoding_first_then_running_a_model_does_not_crash(files):
+    """decord loaded before torch makes torch's convolutions crash (SIGSEGV); reading steps loads torch
+    first."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.media import read_steps
+assert "torch" not in sys.modules
+read_steps({str(files["fps30"])!r}, [0])
+from indexing.flops import students_gflops
+from indexing.models import build_students
+print(students_gflops(build_students("tiny", seed=0))["students"] > 0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]

@@ -196,7 +196,7 @@ def test_train_writes_self_describing_checkpoint_and_curves(trained):
     extra = ckpt["extra"]
     assert extra["features"]["index"] == ["image", "audio"] and extra["store"]["dim"] == SPEC.dim
     assert ckpt["config"]["nesterov"] is True and ckpt["config"]["momentum"] == 0.9
-    assert Path(summary["plot"]).stat().st_size > 1000
+    assert Path(summary["curve"]).stat().st_size > 1000
 
 
 def test_skim_beats_uniform_on_planted_evidence(trained, corpus, tmp_path):
