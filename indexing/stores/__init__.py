@@ -5,20 +5,31 @@ chunked along rows; ``valid``, ``audio_valid`` (bool) and ``time_s`` (float64) a
 index maps each video to its row range. Tasks own chunk-aligned row ranges, so parallel writers never
 share a chunk, and a retried task simply rewrites its own rows.
 
-Every store is a directory. Beside the backend's own files it may hold:
+Every store is a directory. Beside the backend's own files it holds:
 
 - ``write.lock``: the writer lock (:meth:`FeatureStore.lock`), JSON with the holder's pid and host.
-- ``done/{start:012d}-{stop:012d}``: one empty-ish file per finished task (:meth:`FeatureStore.mark_done`),
-  written after that task's rows are on disk, so a resumed run skips exactly the finished tasks.
+- ``done/{start:012d}-{stop:012d}``: one JSON marker per finished task (:meth:`FeatureStore.mark_done`),
+  written (temp file, then rename) after that task's files are on disk. It keeps the task's ``result``
+  (what it learnt, e.g. per-video status) and, from format 2 on, ``files``: every file the task wrote
+  with its size and crc32, so a missing, truncated, swapped or copied file is found by position.
+- ``index.planned.json.gz``: the index as :meth:`FeatureStore.create` wrote it (gzip's CRC guards it),
+  from which ``l2l store repair`` rebuilds a damaged index together with the markers.
+
+Format 2 reads (:meth:`FeatureStore.read_rows`) see a task's rows only once its marker exists (fill
+before), check that each file holding them exists with the recorded size (and, once per open store, the
+recorded crc32) and decode them through the chunk checksums; damage raises
+:class:`~indexing.errors.StoreError` naming the store, array, rows, videos and the repair command, never
+zeros. Format-1 stores (written before checksums) read as before; ``l2l store export`` upgrades them.
 
 The per-video index is columnar (one array per :class:`VideoRecord` field, see :data:`INDEX_COLUMNS`), so
 a store indexing 10^6 videos opens in about a second and never holds 10^6 groups or attributes.
 
 Readers (``skim``, ``l2l store``) only need :func:`open_store` and the read methods below; the
 extraction stage (``pipeline``) also uses ``create`` / ``write_rows`` / ``set_index`` / ``lock`` /
-``mark_done`` / ``done_ranges``.
+``mark_done`` / ``done_results``. ``tools.py`` holds info, ls, check and export.
 
-This module is the interface. Backends live in ``zarr_store.py`` and ``hdf5_store.py``.
+This module is the interface and the registry: backends (``zarr_store.py``, ``hdf5_store.py``, or another
+package's) register under the ``l2l.stores`` entry point group.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ HDF5 allows one writer per file, so parallel tasks never write the same file. A 
                               written under a temporary name, fsynced, then renamed (atomic)
 
 Plain ``h5py.File("STORE/store.h5")["features/fused"][a:b]`` reads rows across parts (part paths in the
-VDS are relative to ``store.h5``, so the directory can move). Rows whose part file does not exist yet
-read as the fill value: zeros, ``False``.
+VDS are relative to ``store.h5``, so the directory can move). To plain h5py, rows whose part file does
+not exist read as the fill value (zeros, ``False``); the l2l reader raises for a finished task's missing
+part instead (see Integrity below).
 
 When ``store.h5`` is (re)built: at ``create`` it maps every planned task (``tasks=``; the plan is known up
 front and VDS may point at files that do not exist yet), so a store being extracted is readable at any
