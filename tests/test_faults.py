@@ -674,6 +674,17 @@ def _damage(store: Path, fmt: str, kind: str) -> list[str]:
         lock = {"pid": int(dead.stdout), "host": socket.gethostname(), "token": "t", "since": 0.0}
         (store / "write.lock").write_text(json.dumps(lock))
         return ["stale_lock"]
+    if kind == "unwritten":  # task [4, 12)'s marker goes: the index still says its video s1 is ok
+        (store / "done" / "000000000004-000000000012").unlink()
+        return ["unwritten"]
+    if kind == "marker":  # the index disagrees with what task [4, 12) recorded
+        from dataclasses import replace
+
+        with open_store(store, "r+") as s:
+            s.set_index(
+                [replace(r, status="failed", error="x") if r.video_id == "s1" else r for r in s.videos()]
+            )
+        return ["marker", "failed_with_rows"]
     if fmt == "zarr":
         chunk = store / "features" / "image" / "c"
         if kind == "delete":
@@ -748,17 +759,9 @@ def _read_everything(store: Path) -> None:
 
 
 DAMAGE_KINDS = [
-    "delete",
-    "truncate",
-    "flip",
-    "swap",
-    "copy",
-    "zero",
-    "remove_part",
-    "extra",
-    "index",
-    "stale_lock",
-]
+    "delete", "truncate", "flip", "swap", "copy", "zero", "remove_part", "extra", "index", "stale_lock",
+    "unwritten", "marker",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", DAMAGE_KINDS)
@@ -772,18 +775,23 @@ def test_damage_is_found_refused_and_repaired_bitwise(clean, tmp_path, fmt, kind
     found = check_store(store)
     assert [p.kind for p in found] == want, [p.message for p in found]
     # Quick sees presence and sizes only: a flipped or zeroed byte no, a moved chunk as a wrong size.
-    quick = {"flip": [], "zero": [], "copy": ["truncated"], "swap": ["truncated", "truncated"]}.get(
-        kind, want
-    )
+    quick = {
+        "flip": [],
+        "zero": [],
+        "copy": ["truncated"],
+        "swap": ["truncated", "truncated"],
+        "marker": ["marker"],
+    }
+    quick = quick.get(kind, want)
     assert [p.kind for p in check_store(store, quick=True)] == quick
-    if kind in ("extra", "stale_lock"):
+    if kind in ("extra", "stale_lock", "marker"):
         _read_everything(store)  # not data damage: reads are unaffected
     else:
         with pytest.raises(StoreError, match=rf"{re.escape(str(store))}.*l2l store repair"):
             _read_everything(store)
     report = repair_store(store, log=lambda _: None)
     assert report.remaining == [] and report.task_errors == [] and report.failed == []
-    if kind in ("extra", "stale_lock", "index"):
+    if kind in ("extra", "stale_lock", "index", "marker"):
         assert report.tasks_rerun == []  # nothing else is touched
     else:
         assert sorted(map(tuple, report.tasks_rerun)) == sorted({tuple(p.task) for p in found})

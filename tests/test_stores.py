@@ -152,7 +152,9 @@ class TestStoreContract(StoreHelpers):
                 store.write_rows(0, 8, {"feature": np.zeros((8, DIM))})
             store.write_rows(24, 28, task_arrays(data, 24, 28))  # the store's end is a valid stop
         with open_store(tmp_path / "s") as store:
-            assert not store.read_rows("valid", 0, 24).any()
+            assert not store.read_rows("valid", 19, 24).any()  # padding of a task not marked done: fill
+            with pytest.raises(StoreError, match=r"rows \[0, 5\) \(videos 'a'\).*no finished task wrote"):
+                store.read_rows("valid", 0, 24)  # the index says video a is ok: fill would be a wrong answer
 
     def test_idempotent_rewrite(self, tmp_path: Path) -> None:
         data = self.filled(tmp_path / "s")
@@ -180,7 +182,7 @@ class TestStoreContract(StoreHelpers):
             self.create(tmp_path / "s")
         self.create(tmp_path / "s", overwrite=True).close()
         with open_store(tmp_path / "s") as store:
-            assert not store.read_rows("valid", 0, ROWS).any()
+            assert store.done_ranges() == [] and not store.read_rows("valid", 19, 24).any()
 
     def test_index_unicode_failed_and_replace(self, tmp_path: Path) -> None:
         self.filled(tmp_path / "s")

@@ -574,7 +574,10 @@ class FeatureStore(ABC):
             return self._read(name, start, stop)
         out = np.zeros((stop - start, self.dim) if name in FEATURES else (stop - start,), dtype)
         merged: list[list[int]] = []
-        for a, b in self._done_segments(start, stop):
+        segments = self._done_segments(start, stop)
+        if sum(b - a for a, b in segments) < stop - start:
+            self._check_unfinished_rows(name, start, stop, segments)
+        for a, b in segments:
             for path in self.files_of(name, a, b):
                 self._check_file(name, path, a, b)
             if merged and merged[-1][1] == a:
@@ -622,6 +625,28 @@ class FeatureStore(ABC):
         hit = np.flatnonzero((steps > 0) & (first < stop) & (first + steps > start))
         hit = hit[np.argsort(first[hit], kind="stable")]
         return cols["video_id"][hit].tolist()
+
+    def _check_unfinished_rows(
+        self, name: str, start: int, stop: int, segments: Sequence[tuple[int, int]]
+    ) -> None:
+        """Rows no finished task covers read as fill, unless the index says a video owning them is ``ok``:
+        then its task's marker is gone (or its task is being repaired) and fill would be a wrong answer."""
+        try:
+            cols = self.index_columns()
+        except StoreError:
+            return  # reading rows does not need the index; its damage is reported where it is read
+        first, steps = cols["first_row"], cols["steps"]
+        owns = (cols["status"] == "ok") & (steps > 0) & (first < stop) & (first + steps > start)
+        for i in np.flatnonzero(owns):
+            lo, hi = max(int(first[i]), start), min(int(first[i] + steps[i]), stop)
+            if sum(min(b, hi) - max(a, lo) for a, b in segments if a < hi and lo < b) < hi - lo:
+                raise self.damage_error(
+                    name,
+                    lo,
+                    hi,
+                    "the index says the video is ok but no finished task wrote these rows "
+                    "(a done marker is missing, or a repair is running)",
+                )
 
     def _done_segments(self, start: int, stop: int) -> list[tuple[int, int]]:
         """Parts of ``[start, stop)`` covered by done markers (the listing is refreshed when not covered)."""
