@@ -135,7 +135,8 @@ def config_options(
     Args:
         cls: A dataclass whose fields carry ``flag``/``help`` metadata (see :func:`cli_field`).
         param: Name of the command parameter that receives the built value.
-        build: Turns the dict of options given (None values dropped) into that value; default ``cls(**d)``.
+        build: Turns the dict of options the user changed (None and default values dropped) into that
+            value; default ``cls(**d)``.
             Errors a config raises for a bad value reach the user as :class:`ConfigError`.
         choices: Per field name, a loader of the allowed names (overrides the metadata's ``choices``).
 
@@ -143,6 +144,7 @@ def config_options(
         A decorator for a click command callback.
     """
     specs = [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
+    defaults = {f.name: None if f.default is dataclasses.MISSING else f.default for f in specs}
     choices = dict(choices or {})
 
     def make_option(f: dataclasses.Field) -> Callable:
@@ -150,13 +152,17 @@ def config_options(
         load = choices.get(f.name, f.metadata.get("choices"))
         if load is not None:
             kwargs["type"] = RegistryChoice(load)
-        kwargs["default"] = None  # not given: the dataclass default applies
+        default = None if f.default is dataclasses.MISSING else f.default
+        kwargs["default"] = default
+        kwargs.setdefault("show_default", default is not None)
         return click.option(f.metadata["flag"], f.name, **kwargs)
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = given(**{f.name: kwargs.pop(f.name, None) for f in specs})
+            # The options the user changed: a value equal to the field's default is the default.
+            values = {f.name: kwargs.pop(f.name, None) for f in specs}
+            values = {k: v for k, v in given(**values).items() if v != defaults[k]}
             if build is not None:
                 kwargs[param] = build(values)
             else:

@@ -217,7 +217,7 @@ class ClusterConfig:
     dashboard_address: str | None = cli_field(
         ":8787",
         flag="--dashboard-address",
-        help="Dashboard of a scheduler started here (default :8787; none: off).",
+        help="Dashboard of a scheduler started here (none: off).",
     )
     lifetime: str | None = cli_field(
         flag="--worker-lifetime", help="Restart each worker after this long, e.g. 1h (default: never)."
@@ -228,10 +228,10 @@ class ClusterConfig:
     lifetime_restart: bool = cli_field(
         True,
         flag="--worker-lifetime-restart/--no-worker-lifetime-restart",
-        help="Restart a worker whose lifetime ended (default) or let it exit.",
+        help="Restart a worker whose lifetime ended, or let it exit.",
     )
     connect_timeout_s: float = cli_field(
-        60.0, flag="--connect-timeout-s", type=float, help="Seconds to wait for a scheduler (default 60)."
+        60.0, flag="--connect-timeout-s", type=float, help="Seconds to wait for a scheduler."
     )
 
     def __post_init__(self) -> None:

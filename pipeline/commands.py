@@ -23,7 +23,7 @@ from indexing.options import (
 )
 from indexing.stores import available_stores  # backends import zarr/h5py lazily
 from pipeline.cluster import ClusterConfig  # stdlib-only at import
-from pipeline.recipes import available_recipes  # stdlib-only at import
+from pipeline.recipes import PrepareConfig, available_recipes  # click and stdlib only at import
 
 # ==== corpus: synth, prepare =======================================================================
 
@@ -117,51 +117,18 @@ def synth(
 @click.argument("dataset", type=click.Choice(available_recipes()))
 @click.argument("root", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
-@click.option("--annotations", type=click.Path(), help="Annotation file or folder (default: ROOT).")
-@click.option("--split-id", default=1, show_default=True, help="ucf101: official split 1, 2 or 3.")
-@click.option("--test-fraction", default=0.2, show_default=True, help="folder: held-out fraction per class.")
-@click.option("--seed", default=0, show_default=True, help="folder, sports1m: seed of the per-class choice.")
-@click.option("--per-class-train", default=30, show_default=True, help="sports1m: train videos per class.")
-@click.option("--per-class-test", default=10, show_default=True, help="sports1m: test videos per class.")
-@click.option("--min-s", default=120.0, show_default=True, help="sports1m: shortest video, seconds.")
-@click.option("--max-s", default=300.0, show_default=True, help="sports1m: longest video, seconds.")
+@config_options(PrepareConfig, param="recipe_options", build=dict)
 @json_option("the report")
-def prepare(
-    dataset,
-    root,
-    out,
-    annotations,
-    split_id,
-    test_fraction,
-    seed,
-    per_class_train,
-    per_class_test,
-    min_s,
-    max_s,
-    as_json,
-) -> None:
+def prepare(dataset: str, root: str, out: str, recipe_options: dict[str, Any], as_json: bool) -> None:
     """Build a manifest for DATASET from its annotation files and the videos under ROOT.
 
     Only rows with a video file are written; listed-but-missing videos go to missing.csv beside the
-    manifest, and the report lists them with unlisted files, unknown labels and excluded rows.
+    manifest, and the report lists them with unlisted files, unknown labels and excluded rows. Options
+    name the recipes they apply to; the others ignore them.
     """
-    from pipeline.recipes import PrepareConfig
     from pipeline.recipes import prepare as run_recipe
 
-    config = PrepareConfig(
-        dataset=dataset,
-        root=root,
-        out=out,
-        annotations=annotations,
-        split_id=split_id,
-        test_fraction=test_fraction,
-        seed=seed,
-        per_class_train=per_class_train,
-        per_class_test=per_class_test,
-        min_s=min_s,
-        max_s=max_s,
-    )
-    report = run_recipe(config)
+    report = run_recipe(PrepareConfig(dataset=dataset, root=root, out=out, **recipe_options))
     if as_json:
         echo_json(report.to_json())
     else:

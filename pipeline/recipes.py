@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import click
+
 from indexing.errors import ConfigError
+from indexing.options import cli_field
 from pipeline.corpus import VIDEO_SUFFIXES, CorpusEntry, write_manifest
 
 # The 31 Kinetics-Sounds classes used by Listen to Look (Gao et al., CVPR 2020), Kinetics spelling.
@@ -69,14 +72,25 @@ class PrepareConfig:
     dataset: str
     root: Path
     out: Path
-    annotations: Path | None = None
-    split_id: int = 1
-    test_fraction: float = 0.2
-    seed: int = 0
-    per_class_train: int = 30  # Mini-Sports1M: 30 train / 10 test videos per class, 2 to 5 minutes long
-    per_class_test: int = 10
-    min_s: float = 120.0
-    max_s: float = 300.0
+    # Each option below is also the `l2l prepare` option named by its flag (indexing.options.config_options):
+    # a recipe's own option is one field here.
+    annotations: Path | None = cli_field(
+        flag="--annotations", type=click.Path(), help="Annotation file or folder (default: ROOT)."
+    )
+    split_id: int = cli_field(1, flag="--split-id", type=int, help="ucf101: official split 1, 2 or 3.")
+    test_fraction: float = cli_field(
+        0.2, flag="--test-fraction", type=float, help="folder: held-out fraction per class."
+    )
+    seed: int = cli_field(0, flag="--seed", type=int, help="folder, sports1m: seed of the per-class choice.")
+    # Mini-Sports1M: 30 train / 10 test videos per class, 2 to 5 minutes long
+    per_class_train: int = cli_field(
+        30, flag="--per-class-train", type=int, help="sports1m: train videos per class."
+    )
+    per_class_test: int = cli_field(
+        10, flag="--per-class-test", type=int, help="sports1m: test videos per class."
+    )
+    min_s: float = cli_field(120.0, flag="--min-s", type=float, help="sports1m: shortest video, seconds.")
+    max_s: float = cli_field(300.0, flag="--max-s", type=float, help="sports1m: longest video, seconds.")
 
     def __post_init__(self) -> None:
         if self.dataset not in _RECIPES:

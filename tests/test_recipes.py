@@ -47,6 +47,17 @@ def test_registry_lists_the_papers_datasets_and_the_cli_offers_every_recipe():
     assert list(dataset.type.choices) == available_recipes()
 
 
+def test_every_recipe_option_is_a_prepare_option():
+    """A recipe's own option is one PrepareConfig field; `l2l prepare` offers it with its default."""
+    import dataclasses
+
+    fields = {f.metadata["flag"]: f for f in dataclasses.fields(PrepareConfig) if "flag" in f.metadata}
+    options = {p.opts[0]: p for p in main.commands["prepare"].params if p.opts and p.opts[0] in fields}
+    assert set(options) == set(fields) and len(fields) >= 8
+    for flag, option in options.items():
+        assert option.help and option.default == fields[flag].default, flag
+
+
 @pytest.mark.parametrize("name", available_recipes())
 def test_every_recipe_refuses_a_folder_without_videos(name, tmp_path):
     """No annotations or videos under ROOT: a clear error and no manifest (it would make an empty store)."""
