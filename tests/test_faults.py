@@ -1013,3 +1013,24 @@ def test_readers_during_a_write_see_whole_tasks_or_fill(tmp_path, fmt, procs):
     assert proc.returncode == 0, _tail(proc)
     assert reads >= 3 and partial >= 1  # some reads happened while the store was partly written
     np.testing.assert_array_equal(got, want["fused"])
+
+
+def test_skim_loader_refuses_a_damaged_store(tmp_path):
+    """The training / evaluation / query loader reads through the store API: damage raises, never zeros."""
+    from skim.data import SkimDataset
+    from skim.synthetic import PlantedSpec, write_planted_store
+
+    spec = PlantedSpec(videos=6, classes=2, min_steps=20, max_steps=30, dim=16, chunk_rows=32)
+    store = write_planted_store(tmp_path / "store", spec)["store"]
+    (store / "features" / "audio" / "c" / "1" / "0").unlink()  # rows [32, 64)
+    with open_store(store) as s:
+        ds = SkimDataset(s, ("image", "audio"), require_label=False)
+        hit = [i for i, e in enumerate(ds.entries) if e.first_row < 64 and e.first_row + e.steps > 32]
+        ds[next(i for i in range(len(ds.entries)) if i not in hit)]  # a video elsewhere still reads
+        vid = ds.entries[hit[0]].video_id
+        with pytest.raises(
+            StoreError, match=rf"features/audio rows \[\d+, \d+\) \(videos '{vid}'\).*store repair"
+        ):
+            ds[hit[0]]
+        with pytest.raises(StoreError, match="features/audio/c/1/0 is missing"):
+            SkimDataset(s, ("image", "audio"), require_label=False, in_memory=True)
