@@ -131,6 +131,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, help="seeds per variant (default 3, quick 1)")
     p.add_argument("--variants", help="comma-separated subset of the variants (default all)")
     p.add_argument("--workers", type=int, help="extraction worker processes (default 2; quick 0 = serial)")
+    p.add_argument(
+        "--tag", default="", help="name of this process's runs file (runs-TAG.json), to split seeds"
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse runs of the same settings from the work folder's runs*.json",
+    )
+    p.add_argument("--threads", type=int, help="torch threads per skimming run (default torch's)")
     args = p.parse_args()
 
     quick = args.quick
@@ -229,13 +238,31 @@ def main() -> None:
         "crop_max": 200,
         "val_split": "none",  # no validation pass per epoch: the test split is scored once at the end
         "in_memory": True,
-        "threads": torch.get_num_threads(),
+        "threads": args.threads or torch.get_num_threads(),
     }
     runs: dict[str, list[dict[str, Any]]] = {}
+    settings = {"spec": spec, "base": {k: v for k, v in base.items() if k != "threads"}}
+    previous: dict[tuple[str, int], dict[str, Any]] = {}
+    if args.reuse:  # runs written by earlier or parallel invocations with the same settings
+        for f in sorted(work.glob("runs*.json")):
+            found = json.loads(f.read_text())
+            if found.get("settings") != json.loads(json.dumps(settings)):
+                continue
+            for name, rs in found["runs"].items():
+                for r in rs:
+                    if VARIANTS.get(name) is not None and r.get("variant") == json.loads(
+                        json.dumps(VARIANTS[name])
+                    ):
+                        previous[(name, r["seed"])] = r
+    runs_file = work / f"runs{'-' + args.tag if args.tag else ''}.json"
     t_train = time.perf_counter()
     for name in names:
         options, overrides = VARIANTS[name]
         for seed in seeds:
+            if (name, seed) in previous:
+                runs.setdefault(name, []).append(previous[(name, seed)])
+                log(f"reuse {name!r} seed {seed}: accuracy {previous[(name, seed)]['accuracy']:.3f}")
+                continue
             ckpt = work / "runs" / f"{name.split(' (')[0].replace(' ', '_').replace('+', '')}-seed{seed}.pt"
             log(f"train {name!r} seed {seed} ({train_epochs} epochs, batch {args.train_batch}) ...")
             t0 = time.perf_counter()
@@ -248,9 +275,11 @@ def main() -> None:
             result = score(store, ckpt, manifest, moments)
             last = summary["history"][-1]
             runs.setdefault(name, []).append(
-                {"seed": seed, "train_s": seconds, "train_accuracy": last["train_accuracy"], **result}
-            )
-            (work / "runs.json").write_text(json.dumps(runs, indent=1))  # partial results survive a kill
+                {"seed": seed, "train_s": seconds, "train_accuracy": last["train_accuracy"], **result,
+                 "variant": VARIANTS[name], "load_avg_1m": os.getloadavg()[0]}
+            )  # fmt: skip
+            # Partial results survive a kill and can be reused (--reuse).
+            runs_file.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1, default=str))
             log(f"  accuracy {result['accuracy']:.3f}, mAP {result['map']:.3f}, evidence "
                 f"{fmt(result['evidence_precision'], 3)}, {seconds:.0f} s")  # fmt: skip
     stages["train+score"] = time.perf_counter() - t_train
@@ -340,6 +369,7 @@ def main() -> None:
             "variants": {n: {"model_options": VARIANTS[n][0], "train": VARIANTS[n][1]} for n in names},
         },
         "runs": runs,
+        "reused": sorted(f"{n} seed {sd}" for n, sd in previous),
         "summary": summary_rows,
         "best": best,
         "reference": reference,

@@ -288,7 +288,10 @@ def test_reference_init_and_torch_init():
     for name, m in ref.named_modules():
         if isinstance(m, nn.Linear) and m.weight.numel() > 4000:  # enough samples to estimate the std
             w = m.weight.detach()
-            assert abs(float(w.std()) - 0.02) < 0.002 and abs(float(w.mean())) < 0.002, name
+            if name.startswith(("psi", "classifier")):  # from the students, or PyTorch's default
+                assert abs(float(w.std()) - 0.02) > 0.005, name
+            else:
+                assert abs(float(w.std()) - 0.02) < 0.002 and abs(float(w.mean())) < 0.002, name
     assert float(ref.lstm.bias_ih.detach().abs().sum()) == 0.0 == float(ref.lstm.bias_hh.detach().abs().sum())
     assert float(old.lstm.bias_ih.detach().abs().sum()) > 0
     assert (
