@@ -61,8 +61,18 @@ def json_option(what: str = "the result") -> Callable:
 
 
 def no_progress_option(fn: Callable) -> Callable:
-    """``--no-progress``: no progress bars (they go to stderr)."""
-    return click.option("--no-progress", is_flag=True, help="No progress bars.")(fn)
+    """``--no-progress``: no progress bars (they go to stderr; none either when stderr is no terminal)."""
+    return click.option(
+        "--no-progress", is_flag=True, help="No progress bars (none either when stderr is not a terminal)."
+    )(fn)
+
+
+def show_progress(no_progress: bool, as_json: bool = False) -> bool:
+    """Progress bars are for a person at a terminal: not with ``--no-progress`` or ``--json``, and not when
+    stderr is a file or a pipe (a batch job's log)."""
+    import sys
+
+    return not no_progress and not as_json and sys.stderr.isatty()
 
 
 def threads_option(fn: Callable) -> Callable:

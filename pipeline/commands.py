@@ -20,6 +20,7 @@ from indexing.options import (
     json_option,
     no_progress_option,
     note,
+    show_progress,
 )
 from indexing.stores import available_stores  # backends import zarr/h5py lazily
 from pipeline.cluster import ClusterConfig  # stdlib-only at import
@@ -59,6 +60,7 @@ from pipeline.recipes import PrepareConfig, available_recipes  # click and stdli
 @click.option("--mp4-only", is_flag=True, help="Only H.264/AAC mp4 at 30 fps with 16 kHz mono audio.")
 @click.option("--jobs", default=1, show_default=True, help="Videos encoded in parallel (same bytes).")
 @click.option("--overwrite", is_flag=True, help="Replace a corpus already in OUT.")
+@no_progress_option
 @json_option("the summary")
 def synth(
     out,
@@ -77,6 +79,7 @@ def synth(
     mp4_only,
     jobs,
     overwrite,
+    no_progress,
     as_json,
 ) -> None:
     """Write a labelled synthetic audio-visual corpus to OUT (videos/, manifest.csv, moments.json)."""
@@ -99,7 +102,8 @@ def synth(
         faint_loudness=faint_loudness,
         mp4_only=mp4_only,
     )
-    summary = synthesize(out, config, jobs=jobs, overwrite=overwrite, progress=not as_json)
+    progress = show_progress(no_progress, as_json)
+    summary = synthesize(out, config, jobs=jobs, overwrite=overwrite, progress=progress)
     if as_json:
         echo_json(summary)
         return
@@ -149,11 +153,24 @@ def _cluster_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.argument("corpus", type=str)
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--students", required=True, help="Students checkpoint, or random:SEED[:PRESET].")
-@click.option("--format", "fmt", type=click.Choice(available_stores()), default="zarr", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=RegistryChoice(available_stores),
+    default="zarr",
+    show_default=True,
+    help="Store backend to create.",
+)
 @config_options(ClusterConfig, param="cluster_options", build=_cluster_options)
 @click.option("--torch-threads", default=1, show_default=True, help="torch threads per task.")
 @click.option("--resume", is_flag=True, help="Require an existing store and complete it.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Stored feature precision.",
+)
 @click.option("--chunk-rows", default=1024, show_default=True, help="Rows per store chunk.")
 @click.option("--task-steps", type=int, help="Target steps per task (default 2 x chunk rows).")
 @click.option("--batch-steps", default=64, show_default=True, help="Steps per forward pass.")
@@ -215,7 +232,7 @@ def extract(
                 client=client,
                 resume=True if resume else None,
                 max_tasks=max_tasks,
-                progress=not no_progress,
+                progress=show_progress(no_progress),
                 log=note,
             )
     except L2LError:  # ClusterError is an OSError too: keep its own message and code
@@ -336,7 +353,7 @@ def store_check_cmd(store: str, quick: bool, no_progress: bool, as_json: bool) -
     """
     from indexing.stores.tools import check_store, store_info
 
-    problems = check_store(store, quick=quick, progress=not no_progress and not as_json)
+    problems = check_store(store, quick=quick, progress=show_progress(no_progress, as_json))
     info = store_info(store) if not problems else {"complete": False, "tasks": None, "tasks_done": None}
     complete = info["complete"]
     if as_json:
@@ -387,7 +404,7 @@ def store_repair_cmd(store: str, cluster_options: dict[str, Any], no_progress: b
     threads = 1
     client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=threads)
     with open_client(client_config, announce=note) if not serial else nullcontext() as client:
-        report = repair_store(store, client=client, progress=not no_progress, log=note)
+        report = repair_store(store, client=client, progress=show_progress(no_progress, as_json), log=note)
     if as_json:
         echo_json(report.to_json())
     else:
@@ -420,7 +437,7 @@ def store_export_cmd(
     from indexing.stores.tools import export_store
 
     started = time.perf_counter()
-    progress = not no_progress and not as_json
+    progress = show_progress(no_progress, as_json)
     written = export_store(store, out, fmt, compression=compression, overwrite=overwrite, progress=progress)
     seconds = round(time.perf_counter() - started, 2)
     if as_json:

@@ -20,6 +20,8 @@ from indexing.options import (
     given,
     inference_options,
     json_option,
+    no_progress_option,
+    show_progress,
     warnings_only,
 )
 
@@ -124,6 +126,7 @@ def _model_option(fn):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Training-curve PNG (default: OUT with .png).")
 @click.option("--resume", is_flag=True, help="Continue training OUT from its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT instead of refusing.")
+@no_progress_option
 @json_option("the training summary")
 def train_cmd(
     store,
@@ -159,6 +162,7 @@ def train_cmd(
     plot,
     resume,
     overwrite,
+    no_progress,
     as_json,
 ) -> None:
     """Train a skimming model on the features in STORE (paper recipe by default)."""
@@ -207,7 +211,7 @@ def train_cmd(
         resume=resume,
         overwrite=overwrite,
         plot=plot,
-        progress=not as_json,
+        progress=show_progress(no_progress, as_json),
         log=warnings_only if as_json else None,
     )
     if as_json:
@@ -246,6 +250,7 @@ def train_cmd(
 @click.option("--seed", type=int, help="Seed of the baselines (default 0).")
 @click.option("--device", help="cpu, cuda or auto (default cpu).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the trade-off curves PNG here.")
+@no_progress_option
 @json_option("the results")
 def evaluate_cmd(
     store,
@@ -263,6 +268,7 @@ def evaluate_cmd(
     seed,
     device,
     plot,
+    no_progress,
     as_json,
 ) -> None:
     """Compare skimming with uniform, random and dense baselines on STORE's features."""
@@ -289,7 +295,7 @@ def evaluate_cmd(
         recognition_store=inference.recognition_store,
         inference=inference.overrides(),
         plot=plot,
-        progress=not as_json,
+        progress=show_progress(no_progress, as_json),
         log=warnings_only if as_json else None,
         allow_other_students=allow_other_students,
     )
@@ -327,6 +333,7 @@ def echo_evaluation(result: dict) -> None:
 @_inference_options
 @click.option("--batch-size", default=64, show_default=True, help="Videos per model batch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@no_progress_option
 @json_option("the answers")
 def query_cmd(
     store,
@@ -338,6 +345,7 @@ def query_cmd(
     inference: InferenceConfig,
     batch_size,
     device,
+    no_progress,
     as_json,
 ) -> None:
     """Top labels and the chosen moments of VIDEO_IDS (or --all) in STORE.
@@ -360,7 +368,7 @@ def query_cmd(
         device=device,
         recognition_store=inference.recognition_store,
         inference=inference.overrides(),
-        progress=not as_json,
+        progress=show_progress(no_progress, as_json),
         allow_other_students=allow_other_students,
     )
     if as_json:

@@ -313,9 +313,14 @@ def train_head(
     lr: float,
     batch_size: int,
     seed: int,
+    progress: bool = False,
+    desc: str = "baseline head",
 ) -> nn.Module:
     """Train ``Psi`` + Linear on pooled features ``x`` ``(V, F)`` with labels ``y`` ``(V,)`` for ``steps``
-    optimiser steps over shuffled batches (reshuffled each pass); returned in eval mode."""
+    optimiser steps over shuffled batches (reshuffled each pass); returned in eval mode. ``progress``
+    shows a bar of the steps named ``desc``."""
+    from tqdm.auto import tqdm
+
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = nn.Sequential(fusion_mlp(x.shape[1], hidden, embed), nn.Linear(embed, num_classes))
@@ -323,13 +328,15 @@ def train_head(
     xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # (V, F)
     ys = torch.from_numpy(np.asarray(y, dtype=np.int64))  # (V,)
     done = 0
-    while done < steps:
-        for idx in torch.randperm(len(xs), generator=gen).split(batch_size)[: steps - done]:
-            loss = nn.functional.cross_entropy(head(xs[idx]), ys[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
+    with tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not progress) as bar:
+        while done < steps:
+            for idx in torch.randperm(len(xs), generator=gen).split(batch_size)[: steps - done]:
+                loss = nn.functional.cross_entropy(head(xs[idx]), ys[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                done += 1
+                bar.update()
     return head.eval()
 
 
@@ -490,8 +497,11 @@ def evaluate(
             "seed": config.seed,
         }
 
-        def fit_predict(x_train: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray) -> np.ndarray:
-            return _predict(train_head(x_train, y_fit, len(names), **head_kw), x_test)
+        def fit_predict(x_train: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, desc: str) -> np.ndarray:
+            head = train_head(
+                x_train, y_fit, len(names), **head_kw, progress=progress, desc=f"baseline {desc}"
+            )
+            return _predict(head, x_test)
 
         random_x = np.concatenate([np.stack(train.pooled[f"random:{d}"]) for d in range(config.random_draws)])
         random_y = np.tile(y_train, config.random_draws)
@@ -500,9 +510,12 @@ def evaluate(
                 np.stack(train.pooled[f"uniform:{budget}"]),
                 y_train,
                 np.stack(test.pooled[f"uniform:{budget}"]),
+                "uniform",
             ),
-            "random": fit_predict(random_x, random_y, np.stack(test.pooled["random"])),
-            "dense": fit_predict(np.stack(train.pooled["dense"]), y_train, np.stack(test.pooled["dense"])),
+            "random": fit_predict(random_x, random_y, np.stack(test.pooled["random"]), "random"),
+            "dense": fit_predict(
+                np.stack(train.pooled["dense"]), y_train, np.stack(test.pooled["dense"]), "dense"
+            ),
         }
         used = {"uniform": float(np.minimum(n, budget).mean()), "random": float(np.minimum(n, budget).mean())}
         used["dense"] = float(n.mean())
@@ -519,7 +532,10 @@ def evaluate(
                 uniform_curve.append(methods["uniform"]["accuracy"])
             else:
                 p = fit_predict(
-                    np.stack(train.pooled[f"uniform:{k}"]), y_train, np.stack(test.pooled[f"uniform:{k}"])
+                    np.stack(train.pooled[f"uniform:{k}"]),
+                    y_train,
+                    np.stack(test.pooled[f"uniform:{k}"]),
+                    f"uniform T={k}",
                 )
                 uniform_curve.append(accuracy(p, y))
         baselines["head"] = "Psi (Linear R*D->hidden, ReLU, Linear hidden->embed) + Linear embed->C, AdamW"

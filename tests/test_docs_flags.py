@@ -112,3 +112,19 @@ def test_documented_flag_exists(where, words, flags):
     assert command is not None, f"{where}: `{name}` is not an l2l command"
     missing = _unknown(words, flags)
     assert not missing, f"{where}: `{name}` has no option {', '.join(missing)}"
+
+
+def _options():
+    def walk(group, prefix=()):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from walk(command, (*prefix, name))
+            else:
+                yield " ".join(("l2l", *prefix, name)), command
+
+    return [(name, p) for name, command in walk(main) for p in command.params if isinstance(p, click.Option)]
+
+
+def test_every_option_says_what_it_does():
+    missing = [f"{name} {p.opts[0]}" for name, p in _options() if not p.help]
+    assert not missing, missing
