@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,6 +222,23 @@ def test_dask_local_cluster_matches_serial(corpus, reference, client, tmp_path, 
     _assert_same(reference[fmt], tmp_path / "store")
     with open_store(reference[fmt]) as a, open_store(tmp_path / "store") as b:
         assert a.videos() == b.videos()
+
+
+@pytest.mark.parametrize("fmt", available_stores())
+def test_repair_on_a_dask_cluster_restores_the_serial_store(reference, client, tmp_path, fmt):
+    from indexing.stores.tools import check_store
+    from pipeline.extract import repair_store
+
+    store = tmp_path / "store"
+    shutil.copytree(reference[fmt], store)
+    with open_store(store) as s:
+        files = [p for name in ARRAYS for p in s.files_of(name, *s.done_ranges()[0])]
+    for path in files:
+        (store / path).unlink(missing_ok=True)  # every file of the first task
+    assert {p.kind for p in check_store(store)} == {"missing"}
+    report = repair_store(store, client=client, log=lambda _: None)
+    assert report.remaining == [] and len(report.tasks_rerun) == 1
+    _assert_same(reference[fmt], store)
 
 
 def test_resume_after_partial_run_recomputes_only_unfinished_tasks(corpus, reference, tmp_path):
