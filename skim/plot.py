@@ -91,7 +91,8 @@ def moments_figure(
         video_id: Shown in the title.
         chosen_steps: Chosen steps whose frames are drawn, in selection order.
         uniform_steps: As many uniformly spaced steps, for comparison.
-        attention: ``(N,)`` total attention weight per step over all selections.
+        attention: ``(N,)`` attention weight per step in ``[0, 1]`` (drawn on a fixed 0-1 scale, so
+            figures compare), e.g. the largest weight the step got at any pick.
         marked_steps: Every chosen step, marked on the timeline (default: ``chosen_steps``).
         step_s: Step length in seconds.
         chosen_frames: ``(len(chosen_steps), H, W, 3)`` uint8, or None when the video could not be decoded.
@@ -132,7 +133,7 @@ def moments_figure(
         ax.axvline(s * step_s + step_s / 2, color="tab:red", lw=0.8, label="chosen" if i == 0 else None)
     for i, s in enumerate(uniform_steps):
         ax.axvline(s * step_s + step_s / 2, color="gray", lw=0.8, ls=":", label="uniform" if i == 0 else None)
-    ax.set(xlabel="time (s)", ylabel="attention", xlim=(0, max(len(attention), 1) * step_s))
+    ax.set(xlabel="time (s)", ylabel="attention", xlim=(0, max(len(attention), 1) * step_s), ylim=(0, 1.05))
     ax.legend(loc="upper right", fontsize=8)
     heading = f"{video_id}  {title}".strip()
     if note:
@@ -194,6 +195,9 @@ def draw_moments(
         except (L2LError, IndexError, OSError) as err:
             note = f"frames skipped: cannot decode {source}: {err}"
     top = ex["top"][0]
+    title = f"{top['label']} ({top['prob']:.2f})"
+    if ex.get("label"):
+        title += f", true: {ex['label']}"
     fig = moments_figure(
         video_id=ex["video_id"],
         chosen_steps=chosen,
@@ -204,12 +208,13 @@ def draw_moments(
         chosen_frames=chosen_frames,
         uniform_frames=uniform_frames,
         segments=segments,
-        title=f"{top['label']} ({top['prob']:.2f})",
+        title=title,
         note=note,
     )
     save_figure(fig, out)
     return {
         "video_id": ex["video_id"],
+        "label": ex.get("label"),
         "out": str(out),
         "top": ex["top"],
         "moments": ex["moments"],

@@ -47,8 +47,9 @@ def query(
         recognition_store: Second store for models that need one (default: the checkpoint's).
         inference: Inference-only overrides (``next_input``, ``stop_after``, ``exit_threshold``, ...).
         progress: Show a progress bar.
-        details: Also return ``attention`` (``(N,)`` list), ``steps``, ``steps_used``, ``path`` and
-            ``step_s`` per video (used by :func:`explain`).
+        details: Also return ``attention`` (``(N,)`` list: the largest attention weight each step got at
+            any pick), ``label`` (the store's label of the video, None when unknown), ``steps``,
+            ``steps_used``, ``path`` and ``step_s`` per video (used by :func:`explain`).
         allow_other_students: Answer on a store made by other students than the model's training store.
 
     Returns:
@@ -81,6 +82,8 @@ def query(
         require_label=False,
     )
     paths = {e.video_id: e.path for e in dataset.entries}
+    cols = store.index_columns()
+    known = dict(zip(cols["video_id"].tolist(), cols["label"].tolist(), strict=True))  # the store's labels
     answers: dict[str, dict[str, Any]] = {}
     for batch, out in iter_outputs(
         ckpt.model, dataset, batch_size=batch_size, device=dev, progress=progress, desc="query"
@@ -88,7 +91,9 @@ def query(
         probs = out.logits.softmax(1).cpu().numpy()  # (B, C)
         chosen = out.chosen.cpu().numpy()  # (B, S, K)
         weights = out.chosen_weight.cpu().numpy()  # (B, S, K)
-        attention = out.attention.sum(1).cpu().numpy()  # (B, N) total weight per step
+        picks = out.attention  # (B, S, N) soft attention of each pick
+        # (B, N) the largest weight each step got at any pick: a chosen step is the top of its pick
+        attention = (picks.amax(1) if picks.shape[1] else picks.sum(1)).cpu().numpy()
         time_s = batch["time_s"].numpy()  # (B, N)
         mask = batch["mask"].cpu().numpy()
         for i, vid in enumerate(batch["video_ids"]):
@@ -102,6 +107,7 @@ def query(
                 answer.update(
                     {
                         "attention": attention[i, :n].tolist(),
+                        "label": str(known.get(vid) or "") or None,
                         "steps": n,
                         "steps_used": int(out.steps_used[i]),
                         "chosen_steps": distinct_steps(chosen[i]),
@@ -121,7 +127,7 @@ def explain(
     if max_frames < 1:
         raise ConfigError(f"max_frames={max_frames} must be >= 1")
     answer = query(store_path, model_path, [video_id], details=True, **kwargs)[0]
-    answer["shown_steps"] = answer["chosen_steps"][:max_frames]
+    answer["shown_steps"] = sorted(answer["chosen_steps"][:max_frames])  # the first picks, in time order
     k = max(len(answer["shown_steps"]), 1)
     answer["uniform_steps"] = uniform_positions(answer["steps"], k).tolist()
     answer["attention"] = np.asarray(answer["attention"], dtype=np.float64)

@@ -279,6 +279,15 @@ def test_show_draws_png_and_notes_missing_video(trained, corpus, tmp_path):
     assert len(shown["uniform_steps"]) == len(shown["shown_steps"])
     steps = shown["uniform_steps"]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert shown["shown_steps"] == sorted(shown["shown_steps"])  # frames in time order
+    assert shown["label"] == "class0"  # the true label, from the store (vid00004 is planted class 0)
+    from skim.query import explain
+
+    ex = explain(str(corpus["store"]), str(trained["model"]), "vid00004")
+    att, picked = ex["attention"], set(ex["chosen_steps"])
+    assert att.max() <= 1 and min(att[j] for j in picked) > np.mean(
+        [a for j, a in enumerate(att) if j not in picked]
+    )
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
