@@ -16,6 +16,7 @@ import click
 
 from indexing import commands as indexing_commands
 from indexing.errors import L2LError
+from indexing.options import OutputPath
 from pipeline import commands as pipeline_commands
 from skim import commands as skim_commands
 
@@ -57,7 +58,7 @@ for _module in (pipeline_commands, indexing_commands, skim_commands):
 
 
 @main.command()
-@click.argument("out", default="l2l-demo", type=click.Path(file_okay=False))
+@click.argument("out", default="l2l-demo", type=OutputPath(file_okay=False))
 @click.option("--videos", default=96, show_default=True, help="Synthetic videos to generate.")
 @click.option("--classes", default=4, show_default=True, help="Synthetic classes.")
 @click.option("--workers", default=2, show_default=True, help="Local Dask worker processes for extraction.")

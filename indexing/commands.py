@@ -15,6 +15,7 @@ import click
 
 from indexing.errors import ConfigError
 from indexing.options import (
+    OutputPath,
     RegistryChoice,
     echo_json,
     json_option,
@@ -95,7 +96,7 @@ def _report_history(history: list[dict], out: str, val_key: str, as_json: bool) 
     help="Seeded random teacher instead of weights (tiny: tests and demos).",
 )
 @click.option(
-    "--out", required=True, type=click.Path(dir_okay=False), help="Students checkpoint (resumable)."
+    "--out", required=True, type=OutputPath(dir_okay=False), help="Students checkpoint (resumable)."
 )
 @click.option(
     "--preset",
@@ -188,7 +189,7 @@ def distill(
     help="Distilled students checkpoint.",
 )
 @click.option(
-    "--out", required=True, type=click.Path(dir_okay=False), help="Fine-tuned checkpoint (resumable)."
+    "--out", required=True, type=OutputPath(dir_okay=False), help="Fine-tuned checkpoint (resumable)."
 )
 @click.option("--epochs", default=10, show_default=True, help="Training epochs.")
 @click.option("--batch-size", default=16, show_default=True, help="Clips per batch.")

@@ -34,6 +34,21 @@ class RegistryChoice(click.Choice):
         return tuple(self._load())
 
 
+class OutputPath(click.Path):
+    """A path a command writes: its folder must exist (``l2l`` creates no missing folders behind a typo)."""
+
+    def convert(self, value, param, ctx):
+        from pathlib import Path
+
+        value = super().convert(value, param, ctx)
+        parent = Path(value).expanduser().absolute().parent
+        if parent.exists() and not parent.is_dir():
+            self.fail(f"{str(parent)!r} is a file, not a folder; fix the path", param, ctx)
+        if not parent.is_dir():
+            self.fail(f"folder {str(parent)!r} does not exist; create it first or fix the path", param, ctx)
+        return value
+
+
 def echo_json(obj: object) -> None:
     """Print ``obj`` as indented JSON on stdout (paths and other objects as strings)."""
     click.echo(json.dumps(obj, indent=2, default=str))

@@ -13,7 +13,9 @@ from typing import Any
 import click
 
 from indexing.errors import ConfigError, IncompleteError, L2LError
+from indexing.feature_sets import STUDENT_SETS, available_feature_sets  # stdlib and numpy only
 from indexing.options import (
+    OutputPath,
     RegistryChoice,
     config_options,
     echo_json,
@@ -30,7 +32,7 @@ from pipeline.recipes import PrepareConfig, available_recipes  # click and stdli
 
 
 @click.command()
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=OutputPath(file_okay=False))
 @click.option("--videos", default=36, show_default=True, help="Number of videos.")
 @click.option("--classes", default=6, show_default=True, help="Number of classes (2-24), balanced.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
@@ -120,7 +122,7 @@ def synth(
 @click.command()
 @click.argument("dataset", type=click.Choice(available_recipes()))
 @click.argument("root", type=click.Path(file_okay=False, path_type=str))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
+@click.option("--out", required=True, type=OutputPath(dir_okay=False), help="Manifest CSV to write.")
 @config_options(PrepareConfig, param="recipe_options", build=dict)
 @json_option("the report")
 def prepare(dataset: str, root: str, out: str, recipe_options: dict[str, Any], as_json: bool) -> None:
@@ -151,8 +153,26 @@ def _cluster_options(values: dict[str, Any]) -> dict[str, Any]:
 
 @click.command()
 @click.argument("corpus", type=str)
-@click.argument("store", type=click.Path(path_type=str))
-@click.option("--students", required=True, help="Students checkpoint, or random:SEED[:PRESET].")
+@click.argument("store", type=OutputPath(path_type=str), required=False)
+@click.option("--students", help="Students checkpoint, or random:SEED[:PRESET] (not with --add-features).")
+@click.option(
+    "--features",
+    default=",".join(STUDENT_SETS),
+    show_default=True,
+    help=f"Feature sets to extract, comma-separated ({', '.join(available_feature_sets())}); the students' "
+    "image,audio,fused are always among them.",
+)
+@click.option(
+    "--add-features",
+    help="Add these feature sets (e.g. teacher,inputs) to the finished store given as the only argument, "
+    "by the same tasks: l2l extract --add-features teacher STORE.",
+)
+@click.option(
+    "--teacher-weights", type=click.Path(exists=True), help="Teacher state dict (teacher feature set)."
+)
+@click.option(
+    "--teacher-preset", help="Seeded random teacher preset instead of weights (tiny: tests, demos)."
+)
 @click.option(
     "--format",
     "fmt",
@@ -182,6 +202,10 @@ def extract(
     corpus,
     store,
     students,
+    features,
+    add_features,
+    teacher_weights,
+    teacher_preset,
     fmt,
     cluster_options,
     torch_threads,
@@ -212,9 +236,39 @@ def extract(
         raise ConfigError(f"--workers 0 runs serially here, without a cluster; drop it to use {flags}")
     if max_tasks is not None and max_tasks < 0:
         raise ConfigError(f"--max-tasks must be >= 0, got {max_tasks}")
+    if teacher_weights and teacher_preset:
+        raise ConfigError("give one of --teacher-weights PATH or --teacher-preset NAME, not both")
+    teacher = teacher_weights or (f"preset:{teacher_preset}" if teacher_preset else "")
+    if add_features is not None:
+        if store is not None or students:
+            raise ConfigError(
+                "--add-features takes the store only (its corpus and students are recorded in it): "
+                "l2l extract --add-features SETS STORE"
+            )
+        store, corpus = corpus, None
+    elif store is None:
+        raise ConfigError(
+            "missing STORE: l2l extract CORPUS STORE --students ... (or --add-features SETS STORE)"
+        )
+    elif not students:
+        raise ConfigError("missing --students: a checkpoint, or random:SEED[:PRESET] for pipeline tests")
     try:
+        if add_features is not None:
+            return _add_features(
+                store,
+                add_features,
+                teacher,
+                cluster_options,
+                serial,
+                torch_threads,
+                max_tasks,
+                no_progress,
+                as_json,
+            )
         config = ExtractConfig(
             students=students,
+            features=features,
+            teacher=teacher,
             store=fmt,
             dtype=dtype,
             chunk_rows=chunk_rows,
@@ -245,6 +299,33 @@ def extract(
     except KeyboardInterrupt:
         click.secho(f"interrupted; rerun the same command to resume {store}", fg="red", err=True)
         sys.exit(130)
+    _extract_report(report, store, as_json)
+
+
+def _add_features(
+    store, sets, teacher, cluster_options, serial, torch_threads, max_tasks, no_progress, as_json
+) -> None:
+    """``l2l extract --add-features SETS STORE``: the same tasks, cluster options and reports."""
+    from contextlib import nullcontext
+
+    from pipeline.cluster import open_client
+    from pipeline.extract import add_features
+
+    client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=torch_threads)
+    with open_client(client_config, announce=note) if not serial else nullcontext() as client:
+        report = add_features(
+            store,
+            sets,
+            teacher=teacher,
+            client=client,
+            max_tasks=max_tasks,
+            progress=show_progress(no_progress),
+            log=note,
+        )
+    _extract_report(report, store, as_json)
+
+
+def _extract_report(report, store, as_json) -> None:
     if as_json:
         echo_json(report.to_json())
     else:
@@ -296,6 +377,12 @@ def store_info_cmd(store: str, as_json: bool) -> None:
     models = info["models"]
     for name, model in models.items() if isinstance(models, dict) else enumerate(models):
         click.echo(f"model     {name}: {_describe_model(model)}")
+    for name, fs in info.get("feature_sets", {}).items():
+        sha = (fs.get("sha256") or "-")[:12]
+        click.echo(
+            f"features  {name}: {', '.join(fs['arrays'])} by {fs.get('model')} {fs.get('spec') or ''} "
+            f"(weights sha256 {sha}); {fs.get('tasks_done')} of {info['tasks']} tasks"
+        )
     if info["failures"]:
         click.echo(f"failures  ({len(info['failures'])})")
         for failure in info["failures"]:
@@ -417,7 +504,7 @@ def store_repair_cmd(store: str, cluster_options: dict[str, Any], no_progress: b
 
 @store_group.command("export")
 @click.argument("store", type=click.Path(exists=True))
-@click.argument("out", type=click.Path())
+@click.argument("out", type=OutputPath())
 @click.option(
     "--format", "fmt", type=RegistryChoice(available_stores), required=True, help="Target store backend."
 )

@@ -13,6 +13,7 @@ import click
 from indexing.errors import ConfigError
 from indexing.options import (
     InferenceConfig,
+    OutputPath,
     RegistryChoice,
     csv_ints,
     csv_names,
@@ -80,7 +81,7 @@ def _model_option(fn):
     type=click.Path(exists=True, dir_okay=False),
     help="Labels manifest CSV (video_id,path,label,split); default: the store index's labels.",
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (skim.pt).")
+@click.option("--out", required=True, type=OutputPath(dir_okay=False), help="Checkpoint to write (skim.pt).")
 @click.option(
     "--model-name",
     default="imgaud_skim",
@@ -123,7 +124,7 @@ def _model_option(fn):
 @click.option("--in-memory", is_flag=True, default=None, help="Load the store's arrays once.")
 @click.option("--device", help="cpu, cuda or auto (default cpu).")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Training-curve PNG (default: OUT with .png).")
+@click.option("--plot", type=OutputPath(dir_okay=False), help="Training-curve PNG (default: OUT with .png).")
 @click.option("--resume", is_flag=True, help="Continue training OUT from its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT instead of refusing.")
 @no_progress_option
@@ -249,7 +250,7 @@ def train_cmd(
 @click.option("--subsample-factors", help="Factors of the accuracy-vs-sub-sampling curve (default 1,2,4,8).")
 @click.option("--seed", type=int, help="Seed of the baselines (default 0).")
 @click.option("--device", help="cpu, cuda or auto (default cpu).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write the trade-off curves PNG here.")
+@click.option("--plot", type=OutputPath(dir_okay=False), help="Write the trade-off curves PNG here.")
 @no_progress_option
 @json_option("the results")
 def evaluate_cmd(
@@ -384,7 +385,7 @@ def query_cmd(
 @click.argument("store", type=click.Path(exists=True))
 @click.argument("video_id")
 @_model_option
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--out", required=True, type=OutputPath(dir_okay=False), help="PNG to write.")
 @click.option(
     "--moments",
     type=click.Path(exists=True, dir_okay=False),

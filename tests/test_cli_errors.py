@@ -410,3 +410,22 @@ def test_the_installed_entry_point_maps_errors_to_exit_codes(files, tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: ") and files["garbage"] in done.stderr
+
+
+def test_outputs_need_an_existing_folder(tmp_path):
+    """No command creates missing folders behind a typo: every output path is an OutputPath, which refuses."""
+    from indexing.options import OutputPath
+
+    outputs = {
+        (name, p.name): p
+        for name, command in _commands().items()
+        for p in command.params
+        if p.name in {"out", "plot"}
+    }
+    outputs[("extract",), "store"] = next(p for p in main.commands["extract"].params if p.name == "store")
+    assert len(outputs) >= 10
+    for (name, param), p in outputs.items():
+        assert isinstance(p.type, OutputPath), f"l2l {' '.join(name)} {param}"
+    with pytest.raises(click.BadParameter, match="does not exist; create it first"):
+        OutputPath().convert(str(tmp_path / "typo" / "out.csv"), None, None)
+    assert OutputPath().convert(str(tmp_path / "out.csv"), None, None) == str(tmp_path / "out.csv")

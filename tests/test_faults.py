@@ -353,8 +353,8 @@ def test_store_path_under_a_file_is_a_clear_error(corpus, tmp_path):
     args = _extract_args(small, store, "--workers", "0")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
-    assert f"\nerror: {store}: Not a directory; free space or fix the path" in result.stderr, result.stderr
-    assert "rerun the same command" in result.stderr
+    assert f"'{blocker}' is a file, not a folder; fix the path" in result.stderr, result.stderr
+    assert not list(tmp_path.glob("blocker*/**/*")), "refused before writing anything"
     blocker.unlink()  # fix the path
     blocker.mkdir()
     result = CliRunner().invoke(main, args)

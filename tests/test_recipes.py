@@ -446,7 +446,11 @@ def test_sports1m_without_labels_says_what_to_pass(tmp_path):
 
 def test_cli_prepare_json_matches_the_report(tree, tmp_path):
     out = tmp_path / "cli" / "manifest.csv"
-    result = CliRunner().invoke(main, ["prepare", "folder", str(tree), "--out", str(out), "--json"])
+    args = ["prepare", "folder", str(tree), "--out", str(out), "--json"]
+    refused = CliRunner().invoke(main, args)  # no folder is created behind a typo
+    assert refused.exit_code == 2 and "does not exist; create it first" in refused.output
+    out.parent.mkdir()
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert {k: payload[k] for k in ("dataset", "rows", "classes", "unlisted", "out")} == {
