@@ -27,6 +27,7 @@ from .data import (
     CropBatchSampler,
     LengthBatchSampler,
     SkimDataset,
+    block_options,
     classes_without_videos,
     label_names,
     make_loader,
@@ -62,6 +63,11 @@ class TrainConfig:
         seed: Seed of the initial weights and of the batch order and crops.
         num_workers: DataLoader worker processes (0 reads in the training process).
         in_memory: Load the needed arrays of the store once instead of reading per video.
+        shuffle: ``video`` (every batch a uniform sample) or ``block``: shuffle the store's chunks, then the
+            videos inside windows of two batches, so each chunk is decoded about once per epoch (see
+            :class:`skim.data.CropBatchSampler`, which says how random that is).
+        length_buckets: Sort each window of two batches by length before cutting it into batches (less
+            padding; every video's crop keeps the same distribution).
         device: ``cpu``, ``cuda`` or ``auto``.
         threads: torch CPU threads (None leaves torch's default).
         init: ``students`` (paper): ``Psi`` and the classifier start from the fine-tuned students
@@ -87,6 +93,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     in_memory: bool = False
+    shuffle: str = "video"
+    length_buckets: bool = False
     device: str = "cpu"
     threads: int | None = None
     init: str = "students"
@@ -118,6 +126,8 @@ class TrainConfig:
             )
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers} must be >= 0")
+        if self.shuffle not in ("video", "block"):
+            raise ConfigError(f"shuffle={self.shuffle!r}; choose video or block")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device={self.device!r}; use cpu, cuda, cuda:N or auto")
         if self.init not in INITS:
@@ -299,6 +309,7 @@ def _train(
         crop_min=config.crop_min,
         crop_max=config.crop_max,
         seed=config.seed,
+        **block_options(train_ds, config),
     )
     loader = make_loader(train_ds, sampler, num_workers=config.num_workers)
     updates = len(sampler) * config.epochs

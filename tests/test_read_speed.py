@@ -1,0 +1,256 @@
+"""The read side: batch reads equal per-range reads, the decoded-chunk cache never mixes chunks up, damage
+still raises, batched dataset items equal single ones, block shuffling and length buckets visit every video
+once per epoch, reproducibly, with the crop distribution of the plain sampler; same seed, same loss curve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexing.errors import StoreError
+from indexing.stores import open_store
+from indexing.stores.reading import ChunkCache, chunk_cache, chunks_touched, read_many
+from skim.data import CropBatchSampler, LengthBatchSampler, SkimDataset, collate
+from skim.synthetic import PlantedSpec, write_planted_store
+
+SPEC = PlantedSpec(videos=24, classes=3, min_steps=5, max_steps=30, dim=16, chunk_rows=16, seed=4)
+
+
+@pytest.fixture(scope="module", params=["zarr", "hdf5"])
+def planted(request, tmp_path_factory):
+    return write_planted_store(
+        tmp_path_factory.mktemp(f"planted-{request.param}") / "store", SPEC, store_format=request.param
+    )
+
+
+def _ranges(rows: int, rng: np.random.Generator, n: int = 60) -> list[tuple[int, int]]:
+    out = [(0, 0), (rows - 3, rows), (0, rows), (15, 17), (16, 16 + 16)]  # empty, tail, all, 2 chunks, 1
+    for _ in range(n):
+        a = int(rng.integers(0, rows))
+        out.append((a, int(rng.integers(a, min(rows, a + 50) + 1))))
+    return out
+
+
+@pytest.mark.parametrize("name", ["image", "fused", "valid", "time_s"])
+def test_read_many_equals_read_rows_cold_and_from_the_cache(planted, name):
+    store = open_store(planted["store"])
+    ranges = _ranges(store.rows, np.random.default_rng(0))
+    want = [store.read_rows(name, a, b) for a, b in ranges]
+    for _ in range(2):  # the second pass is served from the cache
+        got = read_many(store, name, ranges)
+        assert len(got) == len(want)
+        for g, w, (a, b) in zip(got, want, ranges, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape, (a, b)
+            np.testing.assert_array_equal(g, w)
+    assert chunk_cache(store).hits > 0
+
+
+def test_cache_never_returns_rows_of_another_chunk(planted):
+    store = open_store(planted["store"])
+    # A cache holding two chunks at most: every read of a chunk that was evicted decodes it again; every
+    # read of a held one must be that chunk's rows, whichever order the chunks are asked in.
+    one_chunk = store.read_rows("image", 0, store.chunk_rows).nbytes
+    chunk_cache(store, 2 * one_chunk)
+    rng = np.random.default_rng(1)
+    chunks = -(-store.rows // store.chunk_rows)
+    for c in rng.integers(0, chunks, size=60).tolist():
+        a, b = c * store.chunk_rows, min((c + 1) * store.chunk_rows, store.rows)
+        (got,) = read_many(store, "image", [(a, b)])
+        np.testing.assert_array_equal(got, store.read_rows("image", a, b))
+        assert len(chunk_cache(store)) <= 2
+    # Keys are (array, chunk): the same chunk index of another array is another entry.
+    (img,) = read_many(store, "image", [(0, 4)])
+    (aud,) = read_many(store, "audio", [(0, 4)])
+    assert not np.array_equal(img, aud)
+    # Served arrays are read-only views: writing into one cannot change a later read.
+    with pytest.raises(ValueError):
+        img[0, 0] = 1
+
+
+def test_chunk_cache_is_a_byte_bounded_lru():
+    cache = ChunkCache(max_bytes=3 * 80)
+    for c in range(4):
+        cache.put("image", c, np.full((10,), c, dtype=np.float64))  # 80 bytes each
+    assert len(cache) == 3 and cache.get("image", 0) is None  # the oldest went
+    assert cache.get("image", 1)[0] == 1  # touched: now the newest
+    cache.put("image", 4, np.full((10,), 4.0))
+    assert cache.get("image", 2) is None and cache.get("image", 1)[0] == 1 and cache.bytes == 240
+    cache.put("image", 9, np.zeros(100))  # larger than the whole cache: not kept
+    assert cache.get("image", 9) is None
+
+
+def test_damage_still_raises_through_batch_reads(planted, tmp_path):
+    import shutil
+
+    path = tmp_path / "copy"
+    shutil.copytree(planted["store"], path)
+    store = open_store(path)
+    victim = store.files_of("image", 20, 21)[0]
+    (path / victim).unlink()
+    with pytest.raises(StoreError, match="missing"):
+        read_many(store, "image", [(0, 5), (18, 25)])
+    # A chunk cached before its task lost the done marker is not served afterwards.
+    store = open_store(planted["store"].parent / planted["store"].name, "r+")
+    read_many(store, "image", [(0, 5)])
+    task = store.done_ranges()[0]
+    store.unmark_done(*task)
+    try:
+        with pytest.raises(StoreError, match="no finished task"):
+            read_many(store, "image", [(0, 5)])
+    finally:
+        store.mark_done(*task)
+        store.close()
+
+
+def test_batched_items_equal_single_items(planted):
+    store = open_store(planted["store"])
+    for in_memory in (False, True):
+        ds = SkimDataset(store, ("image", "audio"), require_label=False, in_memory=in_memory)
+        sampler = CropBatchSampler(ds.steps, batch_size=5, crop_min=4, crop_max=20, seed=2)
+        for batch in sampler:
+            single = collate([ds[i] for i in batch])
+            many = collate(ds.__getitems__(batch))
+            for key in ("image", "audio"):
+                assert torch_equal(single["features"][key], many["features"][key])
+            assert torch_equal(single["mask"], many["mask"]) and single["video_ids"] == many["video_ids"]
+            np.testing.assert_array_equal(single["time_s"].numpy(), many["time_s"].numpy())
+        whole = list(range(len(ds)))
+        a, b = collate([ds[i] for i in whole]), collate(ds.__getitems__(whole))
+        assert torch_equal(a["features"]["image"], b["features"]["image"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def _epoch(sampler: CropBatchSampler, epoch: int) -> list[list[tuple[int, int, int]]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+STEPS = np.random.default_rng(7).integers(100, 501, size=203).tolist()
+BLOCKS = (np.cumsum([0] + STEPS[:-1]) // 1024).tolist()
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"blocks": BLOCKS}, {"buckets": True}, {"blocks": BLOCKS, "buckets": True, "window": 2}]
+)
+def test_every_video_once_per_epoch_reproducibly(options):
+    sampler = CropBatchSampler(STEPS, batch_size=16, crop_min=200, crop_max=500, seed=3, **options)
+    e0 = _epoch(sampler, 0)
+    assert len(e0) == len(sampler)
+    assert sorted(i for batch in e0 for i, _, _ in batch) == list(range(len(STEPS)))
+    assert all(len(b) <= 16 for b in e0)
+    again = CropBatchSampler(STEPS, batch_size=16, crop_min=200, crop_max=500, seed=3, **options)
+    assert _epoch(again, 0) == e0  # same seed, same batches
+    assert _epoch(sampler, 1) != e0  # another epoch, another order
+    for batch in e0:  # one crop length per batch, windows inside each video
+        lengths = {b - a for i, a, b in batch if STEPS[i] > b - a}
+        assert len(lengths) <= 1
+        assert all(0 <= a < b <= STEPS[i] for i, a, b in batch)
+
+
+def _decodes(batches, first, cap_chunks: int) -> int:
+    """Chunk decodes of reading ``batches`` grouped by chunk through an LRU of ``cap_chunks`` chunks."""
+    cache, decodes = ChunkCache(max_bytes=cap_chunks), 0
+    for batch in batches:
+        ids = set()
+        for i, a, b in batch:
+            ids.update(range((first[i] + a) // 1024, (first[i] + b - 1) // 1024 + 1))
+        for c in sorted(ids):
+            if cache.get("image", c) is None:
+                decodes += 1
+                cache.put("image", c, np.zeros(1, dtype=np.uint8))
+    return decodes
+
+
+def test_block_shuffling_decodes_fewer_chunks_and_buckets_cut_padding():
+    first = np.cumsum([0] + STEPS[:-1])
+    chunks = -(-sum(STEPS) // 1024)
+
+    def stats(options):
+        sampler = CropBatchSampler(STEPS, batch_size=32, crop_min=200, crop_max=500, seed=0, **options)
+        batches = [b for epoch in range(5) for b in _epoch(sampler, epoch)]
+        padded = sum(max(b - a for _, a, b in batch) * len(batch) for batch in batches)
+        valid = sum(b - a for batch in batches for _, a, b in batch)
+        # the cache a trainer sizes for two batches' chunks (32 videos of ~300 steps: ~10 chunks each)
+        return _decodes(batches, first, 2 * 14), padded / valid
+
+    plain_decodes, plain_pad = stats({})
+    block_decodes, _ = stats({"blocks": BLOCKS, "window": 2})
+    both_decodes, both_pad = stats({"blocks": BLOCKS, "window": 2, "buckets": True})
+    _, bucket_pad = stats({"buckets": True})
+    assert block_decodes < 0.6 * plain_decodes and both_decodes < 0.6 * plain_decodes
+    # about once per chunk and epoch (videos running into the next chunk share it with another block)
+    assert block_decodes <= 1.6 * 5 * chunks, (block_decodes, both_decodes, plain_decodes, 5 * chunks)
+    assert bucket_pad < plain_pad - 0.05 and both_pad < plain_pad - 0.05 and bucket_pad >= 1.0
+
+
+def test_buckets_keep_the_crop_distribution():
+    # Per video, the crop length is min(steps, L) with L uniform in [200, 500] drawn per batch, whatever
+    # the batch's other videos: compare the bucketed sampler's crops of every video with the plain one's.
+    kw = {"batch_size": 8, "crop_min": 200, "crop_max": 500}
+    steps = STEPS[:64]
+    plain = CropBatchSampler(steps, seed=11, **kw)
+    bucketed = CropBatchSampler(steps, seed=11, buckets=True, blocks=BLOCKS[:64], **kw)
+    epochs = 300
+    crops = {"plain": [], "bucketed": []}
+    for key, sampler in (("plain", plain), ("bucketed", bucketed)):
+        per_video = np.zeros((len(steps), epochs))
+        starts = np.zeros((len(steps), epochs))
+        for e in range(epochs):
+            for batch in _epoch(sampler, e):
+                for i, a, b in batch:
+                    per_video[i, e] = b - a
+                    starts[i, e] = a / (steps[i] - (b - a)) if b - a < steps[i] else np.nan
+        crops[key] = (per_video, starts)
+    p, b = crops["plain"][0], crops["bucketed"][0]
+    # Every video: crop never longer than the video, mean crop within sampling error of the plain one.
+    assert (b <= np.asarray(steps)[:, None]).all()
+    expected = np.array([np.mean(np.minimum(n, np.arange(200, 501))) for n in steps])
+    sem = 301 / np.sqrt(12 * epochs)  # standard error of a uniform mean, an upper bound after min()
+    assert np.all(np.abs(p.mean(1) - expected) < 4 * sem)
+    assert np.all(np.abs(b.mean(1) - expected) < 4 * sem)
+    # Crop lengths of long videos are uniform on [200, 500] under both (pooled quartiles).
+    long = np.asarray(steps) >= 500
+    if long.any():
+        q = np.quantile(b[long].ravel(), [0.25, 0.5, 0.75])
+        np.testing.assert_allclose(q, [275, 350, 425], atol=15)
+    # Crop starts are uniform over the possible positions.
+    s = crops["bucketed"][1]
+    s = s[~np.isnan(s)]
+    assert len(s) > 1000 and abs(s.mean() - 0.5) < 0.03
+
+
+def test_windowed_length_batches_cover_every_video_once():
+    first = np.cumsum([0] + STEPS[:-1])
+    plain = LengthBatchSampler(STEPS, batch_size=16)
+    windowed = LengthBatchSampler(STEPS, batch_size=16, first_rows=first, window=64)
+    for sampler in (plain, windowed):
+        assert sorted(i for b in sampler for i in b) == list(range(len(STEPS)))
+    chunks = {
+        name: sum(chunks_touched([(first[i], first[i] + STEPS[i]) for i in b], 1024) for b in s)
+        for name, s in (("plain", plain), ("windowed", windowed))
+    }
+    assert chunks["windowed"] < chunks["plain"]
+
+
+@pytest.mark.parametrize("order", [{}, {"shuffle": "block", "length_buckets": True}])
+def test_same_seed_same_loss_curve_from_the_store_and_from_memory(planted, tmp_path, order):
+    from skim.train import TrainConfig, train
+
+    curves = []
+    for in_memory in (False, True):
+        config = TrainConfig(
+            epochs=3, batch_size=6, crop_min=8, crop_max=20, milestones=(), lr=0.05, val_split="none",
+            init="scratch", in_memory=in_memory, threads=1, **order,
+        )  # fmt: skip
+        summary = train(
+            planted["store"], tmp_path / f"m{in_memory}.pt", labels=planted["labels"],
+            model_options={"hidden": 24, "embed": 16}, config=config, progress=False, log=lambda _: None,
+        )  # fmt: skip
+        curves.append([h["train_loss"] for h in summary["history"]])
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-6)
+    assert len(set(curves[0])) > 1
