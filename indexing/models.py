@@ -623,9 +623,8 @@ def load_students(spec: str | Path, *, device: str | torch.device = "cpu") -> tu
             )
         preset = parts[2] if len(parts) == 3 else "paper"
         students = build_students(preset, seed=int(parts[1]))
-        log.warning(
-            "using RANDOM student weights (%s): features are meaningless, for pipeline tests only", spec
-        )
+        # info, not warning: every worker process loads them, and `l2l extract` says it once itself
+        log.info("using RANDOM student weights (%s): features are meaningless, for pipeline tests only", spec)
         meta = {
             "kind": "students",
             "path": None,

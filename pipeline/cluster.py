@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
@@ -442,19 +443,27 @@ class LocalKind(ClusterKind):
             if config.lifetime
             else {}
         )
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=True,
-            memory_limit=config.memory_limit or "auto",
-            dashboard_address=config.dashboard_address,
-            security=security,
-            protocol="tls://" if security else None,
-            silence_logs=logging.WARNING,
-            env=thread_env,
-            **lifetime,
-        )
+        with warnings.catch_warnings():
+            # A busy dashboard port moves to a free one (the line below says where): not worth a warning.
+            warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=True,
+                memory_limit=config.memory_limit or "auto",
+                dashboard_address=config.dashboard_address,
+                security=security,
+                protocol="tls://" if security else None,
+                silence_logs=logging.WARNING,
+                env=thread_env,
+                **lifetime,
+            )
+        nanny_log = logging.getLogger("distributed.nanny")
+        stack.callback(nanny_log.setLevel, nanny_log.level)  # runs last: restore
         stack.enter_context(cluster)
+        # Runs first on exit: a worker still busy in a decoder is killed after 4 s at shutdown, as intended;
+        # the nanny's warning about it would be the last line after l2l's report.
+        stack.callback(nanny_log.setLevel, logging.ERROR)
         client = Client(cluster, security=security, timeout=config.connect_timeout_s)
         stack.enter_context(client)
         logger.info(

@@ -144,6 +144,26 @@ def prepare(dataset: str, root: str, out: str, recipe_options: dict[str, Any], a
 # ==== extract ======================================================================================
 
 
+def _preflight(store: str, *, corpus: str | None = None) -> None:
+    """Refuse what would fail anyway before any cluster starts: a bad corpus, a path holding something that
+    is not a store, a store another live writer holds (``StoreError``, at once)."""
+    from pathlib import Path
+
+    from indexing.stores import LOCK_NAME, acquire_lock, open_store
+
+    if corpus is not None:
+        from pipeline.corpus import read_corpus
+
+        read_corpus(corpus)  # read again by the run, which reports what it derived
+    path = Path(store)
+    if not (path.is_dir() and any(path.iterdir())):
+        return
+    if corpus is not None:
+        open_store(path).close()  # something else at STORE is refused here, not after the cluster starts
+    with acquire_lock(path / LOCK_NAME):  # a live writer holds it: refused at once (a damaged store too)
+        pass
+
+
 def _cluster_options(values: dict[str, Any]) -> dict[str, Any]:
     """The cluster options given, with ``--dashboard-address none`` meaning no dashboard."""
     if str(values.get("dashboard_address", "")).lower() in ("none", "off"):
@@ -278,6 +298,7 @@ def extract(
             torch_threads=torch_threads,
         )
         client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=torch_threads)
+        _preflight(store, corpus=corpus)
         with open_client(client_config, announce=note) if not serial else nullcontext() as client:
             report = run_extraction(
                 corpus,
@@ -490,6 +511,7 @@ def store_repair_cmd(store: str, cluster_options: dict[str, Any], no_progress: b
     serial = cluster_options.get("workers") == 0
     threads = 1
     client_config = None if serial else ClusterConfig(**cluster_options, torch_threads=threads)
+    _preflight(store)
     with open_client(client_config, announce=note) if not serial else nullcontext() as client:
         report = repair_store(store, client=client, progress=show_progress(no_progress, as_json), log=note)
     if as_json:

@@ -429,3 +429,17 @@ def test_outputs_need_an_existing_folder(tmp_path):
     with pytest.raises(click.BadParameter, match="does not exist; create it first"):
         OutputPath().convert(str(tmp_path / "typo" / "out.csv"), None, None)
     assert OutputPath().convert(str(tmp_path / "out.csv"), None, None) == str(tmp_path / "out.csv")
+
+
+def test_a_locked_store_is_refused_before_any_cluster_starts(files):
+    """Another live writer holds the store: extract and repair say so at once, with no cluster started."""
+    from indexing.stores import open_store
+
+    with open_store(files["store"]) as store, store.lock():  # this process is the live writer
+        for args in (
+            ["extract", files["manifest"], files["store"], "--students", "random:0:tiny", "--workers", "2"],
+            ["store", "repair", files["store"], "--workers", "2"],
+        ):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 4, result.output
+            assert "lock" in result.stderr and "dask" not in result.stderr  # no cluster was announced

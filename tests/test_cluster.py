@@ -562,3 +562,25 @@ def test_extract_on_a_tls_only_scheduler_needs_the_certificates(tmp_path, make_v
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_busy_dashboard_port_is_no_warning_and_shutdown_is_quiet(recwarn):
+    """l2l's own lines are the last word: no Dask warning about a busy port, no nanny noise at shutdown."""
+    import logging
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    nanny = logging.getLogger("distributed.nanny")
+    before = nanny.level
+    try:
+        lines: list[str] = []
+        config = ClusterConfig(workers=1, dashboard_address=f"127.0.0.1:{port}")
+        with open_client(config, announce=lines.append):
+            assert lines and lines[0].startswith("l2l: dask local cluster at")
+    finally:
+        busy.close()
+    assert not [w for w in recwarn if "already in use" in str(w.message)]
+    assert nanny.level == before  # quieted for the shutdown only
