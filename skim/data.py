@@ -22,16 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from indexing.corpus import CorpusEntry, read_labels
+from indexing.corpus import CorpusEntry
 from indexing.errors import ConfigError
 from indexing.grid import STEP_S
 from indexing.stores import FeatureStore
 
 from .model import RECOGNITION_PREFIX
-
-# The labels reader is indexing.corpus.read_labels (one manifest reader for both sides); this name stays
-# for callers not yet moved to it.
-read_manifest = read_labels
 
 
 def step_seconds(store: FeatureStore) -> float:
@@ -551,26 +547,126 @@ def block_options(dataset: SkimDataset, config: Any, *, window: int = 2) -> dict
     store = dataset.store
     out["blocks"] = [e.first_row // store.chunk_rows for e in dataset.entries]
     if dataset._memory is None and dataset.entries:
-        from indexing.stores.reading import chunk_cache
-
-        mean = sum(dataset.steps) / len(dataset.entries)
-        batch = min(int(config.batch_size), len(dataset.entries))
-        # a window's blocks, plus the next chunks the blocks' last videos run into (measured: ~1.4x)
-        chunks = 1.4 * window * batch * mean / store.chunk_rows + 4
-        row_bytes = store.dim * np.dtype(store.dtype).itemsize
-        chunk_cache(store, int(chunks * store.chunk_rows * row_bytes * max(1, len(dataset.keys))))
+        _size_cache(dataset, window * int(config.batch_size))
     return out
 
 
-def make_loader(dataset: SkimDataset, sampler: Sampler, *, num_workers: int = 0) -> DataLoader:
-    """A ``DataLoader`` yielding :func:`collate` batches from ``sampler``'s index lists."""
-    return DataLoader(
+EVAL_WINDOW = 2  # batches of videos (in store order) sorted by length together for evaluation
+
+
+def eval_sampler(dataset: SkimDataset, *, batch_size: int, window: int = EVAL_WINDOW) -> LengthBatchSampler:
+    """Evaluation batches of whole videos for ``dataset``: sorted by length inside windows of ``window``
+    batches of videos in store order (one global sort when the dataset is in memory), with the store's
+    decoded-chunk cache sized to hold a window's chunks, so each chunk is decoded about once.
+    """
+    if dataset._memory is not None or not dataset.entries:
+        return LengthBatchSampler(dataset.steps, batch_size=batch_size)
+    videos = window * batch_size
+    _size_cache(dataset, videos)
+    firsts = [e.first_row for e in dataset.entries]
+    return LengthBatchSampler(dataset.steps, batch_size=batch_size, first_rows=firsts, window=videos)
+
+
+def _size_cache(dataset: SkimDataset, videos: int) -> None:
+    """Size the decoded-chunk cache of the dataset's store(s) to the chunks of ``videos`` videos."""
+    from indexing.stores.reading import chunk_cache
+
+    mean = sum(dataset.steps) / len(dataset.entries)
+    videos = min(videos, len(dataset.entries))
+    for rec, store in ((False, dataset.store), (True, dataset.recognition_store)):
+        keys = [k for k in dataset.keys if dataset._source(k)[0] == rec]
+        if store is None or not keys:
+            continue
+        # a window's chunks, plus the next chunks the last videos run into (measured: ~1.4x)
+        chunks = 1.4 * videos * mean / store.chunk_rows + 4
+        row_bytes = store.dim * np.dtype(store.dtype).itemsize
+        chunk_cache(store, int(chunks * store.chunk_rows * row_bytes * len(keys)))
+
+
+READ_AHEAD = 1  # batches read ahead by a background thread while the model computes (0: read in line)
+
+
+class ReadAhead:
+    """Iterate ``loader`` in a background thread, ``depth`` batches ahead, so reading and collating the next
+    batch (zstd decoding releases the GIL) overlaps the model's compute on this one.
+
+    Batches come in the same order with the same content as iterating ``loader`` directly; an exception
+    raised while reading (e.g. :class:`~indexing.errors.StoreError`) is raised here, at the batch it
+    belongs to. Leaving the loop early stops the thread after at most one more batch.
+    """
+
+    def __init__(self, loader: DataLoader, depth: int = 1) -> None:
+        self.loader = loader
+        self.depth = depth
+        self.batch_sampler = loader.batch_sampler
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        end = object()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for batch in self.loader:
+                    if not put((batch, None)):
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                put((None, exc))
+                return
+            put((end, None))
+
+        thread = threading.Thread(target=work, name="l2l-read-ahead", daemon=True)
+        thread.start()
+        try:
+            while True:
+                batch, exc = q.get()
+                if exc is not None:
+                    raise exc
+                if batch is end:
+                    return
+                yield batch
+        finally:
+            stop.set()
+            thread.join()
+
+
+def make_loader(
+    dataset: SkimDataset, sampler: Sampler, *, num_workers: int = 0, read_ahead: int | None = None
+) -> DataLoader | ReadAhead:
+    """A ``DataLoader`` yielding :func:`collate` batches from ``sampler``'s index lists.
+
+    Args:
+        dataset: The dataset (batches are read with its ``__getitems__``).
+        sampler: A batch sampler.
+        num_workers: Reader processes (0: read in this process).
+        read_ahead: Batches a background thread reads ahead when ``num_workers`` is 0 (default
+            :data:`READ_AHEAD`; 0 reads in line).
+    """
+    loader = DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
+    depth = READ_AHEAD if read_ahead is None else read_ahead
+    return ReadAhead(loader, depth) if depth > 0 and num_workers == 0 else loader
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
