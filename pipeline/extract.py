@@ -43,10 +43,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from indexing.errors import CheckpointError, ConfigError, MediaError, StoreError
+from indexing.feature_sets import STUDENT_SETS, get_feature_set, parse_feature_sets
 from indexing.grid import AUDIO_S, SAMPLE_RATE, STEP_S
 from indexing.stores import (
     FEATURES,
-    ROW_ARRAYS,
+    FeatureStore,
     VideoRecord,
     available_stores,
     get_store,
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
 IMAGE_SIZE = 112
 # Config fields that change which rows exist or what bytes they hold: a resume must match them.
 _RESUME_KEYS = ("store", "dtype", "chunk_rows", "task_steps", "batch_steps", "torch_threads")
+_CONFIG_DEFAULTS = {"features": list(STUDENT_SETS), "teacher": ""}  # of stores written before these fields
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ class ExtractConfig:
         probe_batch: Videos per probe task on the cluster.
         retries: Dask retries of a task whose worker died.
         compression: Store codec (``default`` = the backend's measured default).
+        features: Feature sets to extract (:mod:`indexing.feature_sets`); the students' ``image``,
+            ``audio`` and ``fused`` are always among them.
+        teacher: The teacher of the ``teacher`` set: a torchvision r2plus1d_18 state dict file, or
+            ``preset:NAME`` for a seeded random preset teacher (``preset:tiny`` in tests). Empty otherwise.
 
     Raises:
         ConfigError: A bad value; the message names the value and the fix.
@@ -101,8 +107,24 @@ class ExtractConfig:
     probe_batch: int = 32
     retries: int = 2
     compression: str = "default"
+    features: tuple[str, ...] = STUDENT_SETS
+    teacher: str = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "features", parse_feature_sets(self.features))
+        missing = [s for s in STUDENT_SETS if s not in self.features]
+        all_sets = STUDENT_SETS + tuple(self.features)
+        if missing:
+            raise ConfigError(
+                f"features {','.join(self.features)} lack {','.join(missing)}: every store holds the "
+                f"students' image,audio,fused; pass --features {','.join(parse_feature_sets(all_sets))}"
+            )
+        object.__setattr__(self, "teacher", str(self.teacher or ""))
+        if ("teacher" in self.features) != bool(self.teacher):
+            raise ConfigError(
+                "the teacher feature set needs a teacher and only it takes one: pass --teacher-weights PATH "
+                "or --teacher-preset NAME exactly when --features / --add-features name teacher"
+            )
         if not str(self.students).strip():
             raise ConfigError("students is empty; pass --students CHECKPOINT or --students random:SEED")
         object.__setattr__(self, "students", str(self.students))
@@ -129,7 +151,19 @@ class ExtractConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields, as stored in the store attrs under ``extraction``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["features"] = list(self.features)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExtractConfig:
+        """The config recorded in a store's attrs (fields it lacks take their defaults)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    @property
+    def extra_sets(self) -> tuple[str, ...]:
+        """The feature sets beyond the students' three."""
+        return tuple(s for s in self.features if s not in STUDENT_SETS)
 
 
 @dataclass(frozen=True)
@@ -334,23 +368,62 @@ def cached_students(spec: str, device: str) -> tuple[Any, dict[str, Any]]:
         return _STUDENTS[key]
 
 
-def extract_task(task: Task, *, store_path: str | Path, config: ExtractConfig) -> TaskResult:
-    """Extract one task: decode its videos, run the students, write its rows, mark it done.
+_TEACHERS: dict[tuple, tuple[Any, dict]] = {}
+
+
+def cached_teacher(spec: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """The teacher of ``spec`` (a state dict file or ``preset:NAME``), loaded once per process."""
+    from indexing.models import load_teacher
+
+    path = Path(spec)
+    stamp = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+    key = (spec, device, stamp)
+    with _STUDENTS_LOCK:
+        if key not in _TEACHERS:
+            if spec.startswith("preset:"):
+                _TEACHERS[key] = load_teacher(preset=spec.split(":", 1)[1], device=device)
+            else:
+                if not path.is_file():
+                    raise ConfigError(
+                        f"teacher weights {spec!r} do not exist; give a state dict file or preset:tiny"
+                    )
+                _TEACHERS[key] = load_teacher(spec, device=device)
+        return _TEACHERS[key]
+
+
+def _set_models(sets: Sequence[str], config: ExtractConfig) -> dict[str, Any]:
+    """The model each extra feature set runs (``None`` for sets made from the decoded inputs alone)."""
+    models: dict[str, Any] = {}
+    for name in sets:
+        fs = get_feature_set(name)
+        models[name] = cached_teacher(config.teacher, config.device)[0] if fs.model == "teacher" else None
+    return models
+
+
+def extract_task(
+    task: Task, *, store_path: str | Path, config: ExtractConfig, sets: Sequence[str] | None = None
+) -> TaskResult:
+    """Extract one task: decode its videos, run the models, write its rows, mark it done.
 
     The same function runs serially and on Dask workers. It is idempotent: a retry recomputes and
     rewrites exactly rows ``[task.start, task.stop)`` (padding included) with one ``write_rows`` call.
-    The task's rows are held in memory in the store dtype (about 3 kB per step in float16).
+    The task's rows are held in memory in the store dtype (about 3 kB per step in float16 for the
+    students' sets, 38 kB more with ``inputs``).
 
     Args:
         task: A task of the store's plan.
         store_path: The store directory (created by :func:`run_extraction`).
         config: The extraction config the store was created with.
+        sets: Feature sets to add to this already finished task (``--add-features``): only their arrays are
+            computed and written, then added to the task's done marker; videos the task recorded as failed
+            keep fill rows. ``None``: the whole task, every set of ``config.features``.
 
     Returns:
         The task's result (per-video status, error, has_audio, rows written).
 
     Raises:
-        CheckpointError: The loaded students are not the ones the store was created with.
+        CheckpointError: The loaded students or teacher are not the ones the store was created with.
+        StoreError: Adding sets to a task that is not done, or a video that was ok fails now.
         Exception: Anything other than a ``MediaError`` (which only fails its video) fails the task, so
             the executor can retry it.
     """
@@ -358,28 +431,66 @@ def extract_task(task: Task, *, store_path: str | Path, config: ExtractConfig) -
 
     t0 = time.perf_counter()
     threads = pin_torch_threads(config.torch_threads)
-    students, meta = cached_students(config.students, config.device)
+    adding = sets is not None
+    extra = tuple(sets) if adding else config.extra_sets
+    if adding and set(extra) & set(STUDENT_SETS):
+        raise ConfigError(
+            f"the students' sets {', '.join(STUDENT_SETS)} cannot be added; they are always there"
+        )
+    students, meta = (None, {}) if adding else cached_students(config.students, config.device)
+    models = _set_models(extra, config)
     store = open_store(store_path, "r+")
     try:
+        recorded = store.attrs.get("feature_sets", {})
         want = store.attrs.get("models", {}).get("students", {}).get("sha256")
-        if want and meta.get("sha256") != want:
+        if not adding and want and meta.get("sha256") != want:
             raise CheckpointError(
                 f"students {config.students} have weights sha256 {meta.get('sha256')}, but store "
                 f"{store_path} was created with {want}; the checkpoint changed during extraction"
             )
+        for name in extra:
+            have = _model_meta(name, config).get("sha256")
+            want = recorded.get(name, {}).get("sha256")
+            if want and have != want:
+                raise CheckpointError(
+                    f"feature set {name}: model weights sha256 {have} differ from {want} recorded in "
+                    f"{store_path}; pass the same --teacher-* as when the set was created"
+                )
         n = task.stop - task.start
         dtype = np.dtype(config.dtype)
-        rows: dict[str, np.ndarray] = {name: np.zeros((n, students.num_features), dtype) for name in FEATURES}
-        rows["valid"] = np.zeros(n, bool)
-        rows["audio_valid"] = np.zeros(n, bool)
-        rows["time_s"] = np.zeros(n, np.float64)
+        rows: dict[str, np.ndarray] = {}
+        if not adding:
+            rows = {name: np.zeros((n, students.num_features), dtype) for name in FEATURES}
+            rows["valid"] = np.zeros(n, bool)
+            rows["audio_valid"] = np.zeros(n, bool)
+            rows["time_s"] = np.zeros(n, np.float64)
+        for name in extra:
+            for array, (shape, kind) in get_feature_set(name).arrays.items():
+                rows[array] = np.zeros((n, *shape), dtype if kind == "store" else np.dtype(kind))
+        before = {}
+        if adding:
+            record = store.task_record(task.start, task.stop) or {}
+            before = {v["pos"]: v for v in (record.get("result") or {}).get("videos", [])}
+            if not record or len(before) != len(task.videos):
+                raise StoreError(
+                    f"{store_path}: task rows [{task.start}, {task.stop}) is not finished; complete the "
+                    "extraction (rerun `l2l extract CORPUS STORE`) before adding feature sets"
+                )
         results = []
         for video in task.videos:
             lo = video.first_row - task.start
+            if adding and before[video.pos]["status"] != "ok":
+                results.append(VideoResult(**before[video.pos]))
+                continue
             try:
-                has_audio = _extract_video(video, rows, lo, students, config)
+                has_audio = _extract_video(video, rows, lo, students, config, models)
                 results.append(VideoResult(video.pos, video.video_id, "ok", "", has_audio, video.steps))
             except MediaError as err:
+                if adding:  # the store says ok: fill rows would be a silently wrong answer
+                    raise StoreError(
+                        f"{video.path} was extracted but now fails ({err.reason}); restore the file or "
+                        "extract the corpus into a new store"
+                    ) from err
                 for arr in rows.values():
                     arr[lo : lo + video.steps] = 0  # a failed video leaves no partial rows behind
                 results.append(VideoResult(video.pos, video.video_id, "failed", err.reason, False, 0))
@@ -394,18 +505,31 @@ def extract_task(task: Task, *, store_path: str | Path, config: ExtractConfig) -
             pid=os.getpid(),
             torch_threads=threads,
         )
-        store.mark_done(task.start, task.stop, result=result.to_dict())
+        if adding:
+            store.record_arrays(task.start, task.stop, list(rows))
+        else:
+            store.mark_done(task.start, task.stop, result=result.to_dict())
     finally:
         store.close()
     return result
 
 
 def _extract_video(
-    video: TaskVideo, rows: dict[str, np.ndarray], lo: int, students: Any, config: ExtractConfig
+    video: TaskVideo,
+    rows: dict[str, np.ndarray],
+    lo: int,
+    students: Any,
+    config: ExtractConfig,
+    models: dict[str, Any] | None = None,
 ) -> bool:
-    """Fill rows ``[lo, lo + video.steps)`` of the task buffers; returns has_audio. Raises MediaError."""
+    """Fill rows ``[lo, lo + video.steps)`` of the task buffers; returns has_audio. Raises MediaError.
+
+    ``students`` ``None`` leaves the students' arrays and the row arrays alone (adding sets); ``models``
+    maps each other feature set to fill to its model.
+    """
     from pipeline.media import iter_step_batches, probe_video
 
+    models = models or {}
     info = probe_video(video.path, timeout_s=config.probe_timeout_s)
     if info.num_steps != video.steps:
         raise MediaError(
@@ -416,7 +540,10 @@ def _extract_video(
     # Steps starting after a shorter audio track ends have silence, not audio (t = 0 is the video start).
     audio_end_s = info.audio_start_s - info.start_s + info.audio_duration_s if info.has_audio else 0.0
     done = np.zeros(video.steps, bool)
-    for batch in iter_step_batches(video.path, batch_steps=config.batch_steps, size=IMAGE_SIZE, info=info):
+    clips = any(get_feature_set(name).needs_clips for name in models)
+    for batch in iter_step_batches(
+        video.path, batch_steps=config.batch_steps, size=IMAGE_SIZE, info=info, with_clips=clips
+    ):
         steps = np.asarray(batch.steps, dtype=np.int64)  # (B,)
         if steps.size == 0:
             continue
@@ -424,18 +551,54 @@ def _extract_video(
             raise MediaError(
                 video.path, f"decoder gave step {int(steps.max())} of a {video.steps}-step video"
             )
-        feats = students.embed(batch.frames, batch.audio)  # {name: (B, 512) float32}
         at = lo + steps
-        for name in FEATURES:
-            rows[name][at] = feats[name]
-        time_s = np.asarray(batch.time_s, dtype=np.float64)  # (B,) step starts
-        rows["time_s"][at] = time_s
-        rows["valid"][at] = True
-        rows["audio_valid"][at] = bool(info.has_audio) & ((audio_end_s <= 0) | (time_s < audio_end_s))
+        if students is not None:
+            feats = students.embed(batch.frames, batch.audio)  # {name: (B, 512) float32}
+            for name in FEATURES:
+                rows[name][at] = feats[name]
+            time_s = np.asarray(batch.time_s, dtype=np.float64)  # (B,) step starts
+            rows["time_s"][at] = time_s
+            rows["valid"][at] = True
+            rows["audio_valid"][at] = bool(info.has_audio) & ((audio_end_s <= 0) | (time_s < audio_end_s))
+        for name, model in models.items():
+            out = get_feature_set(name).compute(model, batch.frames, batch.audio, batch.clips)
+            for array, values in out.items():  # (B, *row shape) each
+                rows[array][at] = values
         done[steps] = True
     if not done.all():
         raise MediaError(video.path, f"decoded {int(done.sum())} of {video.steps} steps")
     return bool(info.has_audio)
+
+
+def _model_meta(name: str, config: ExtractConfig) -> dict[str, Any]:
+    """What made feature set ``name`` for its ``feature_sets`` attrs: model spec, weights sha256."""
+    fs = get_feature_set(name)
+    if fs.model == "teacher":
+        meta = cached_teacher(config.teacher, config.device)[1]
+        return {
+            "model": "teacher",
+            "spec": config.teacher,
+            "name": meta.get("name"),
+            "sha256": meta.get("sha256"),
+        }
+    if fs.model == "students":
+        meta = cached_students(config.students, config.device)[1]
+        return {"model": "students", "spec": config.students, "sha256": meta.get("sha256")}
+    return {"model": "none", "spec": "decoded video", "sha256": None}
+
+
+def feature_set_attrs(config: ExtractConfig, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The ``feature_sets`` attrs entries of ``names``: arrays with shape and dtype, and the model."""
+    out = {}
+    for name in names:
+        fs = get_feature_set(name)
+        arrays = list(fs.arrays)
+        shapes = {
+            a: {"shape": list(shape), "dtype": config.dtype if kind == "store" else kind}
+            for a, (shape, kind) in fs.arrays.items()
+        }
+        out[name] = {"arrays": arrays, "shapes": shapes, **_model_meta(name, config)}
+    return out
 
 
 def finished_results(store: Any, plan: Plan) -> dict[int, TaskResult]:
@@ -527,6 +690,7 @@ def store_attrs(
             "log_mel_shape": [1, frontend.MEL_FRAMES, frontend.N_MELS],
         },
         "models": {"students": student_attrs},
+        "feature_sets": feature_set_attrs(config, config.features),
         "gflops_per_step": gflops,
         "extraction": config.to_dict(),
         "plan": plan.summary(),
@@ -554,10 +718,11 @@ def _check_resume(
         raise ConfigError(
             f"{path} was not written by `l2l extract` (no extraction config in its attrs); {fix}"
         )
+    now = config.to_dict()
     diffs = [
-        f"{k}: store {old.get(k)!r}, now {getattr(config, k)!r}"
-        for k in _RESUME_KEYS
-        if old.get(k) != getattr(config, k)
+        f"{k}: store {old.get(k, _CONFIG_DEFAULTS.get(k))!r}, now {now[k]!r}"
+        for k in _RESUME_KEYS + tuple(_CONFIG_DEFAULTS)
+        if old.get(k, _CONFIG_DEFAULTS.get(k)) != now[k]
     ]
     old_sha = attrs.get("models", {}).get("students", {}).get("sha256")
     if old_sha != meta.get("sha256"):
@@ -621,6 +786,11 @@ def run_extraction(
     if resume is False and exists:
         raise ConfigError(f"{store_path} already exists; resume it or choose a new store path")
     students, meta = cached_students(config.students, config.device)  # the serial path reuses this load
+    if config.extra_sets and get_store(config.store).add_arrays is FeatureStore.add_arrays:
+        raise ConfigError(
+            f"{config.store} stores hold the students' image/audio/fused only; use --format zarr for "
+            f"--features {','.join(config.extra_sets)}"
+        )
     if meta.get("random"):
         log(
             f"l2l: WARNING: students {config.students} are RANDOM weights; "
@@ -683,6 +853,8 @@ def run_extraction(
                     f"{store_path}: its index no longer gives the plan it was created with "
                     f"(digest mismatch); the index is damaged: run `l2l store repair {store_path}`"
                 )
+        if config.extra_sets:  # on creation, and again on a resume of a run killed before they existed
+            store.add_arrays(_set_array_names(config.extra_sets), {})
         done = finished_results(store, plan)
         pending = [t for t in plan.tasks if t.index not in done]
         if resumed:
@@ -706,10 +878,134 @@ def run_extraction(
     return report
 
 
+def add_features(
+    store_path: str | Path,
+    sets: str | Sequence[str],
+    *,
+    teacher: str = "",
+    client: Client | None = None,
+    max_tasks: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ExtractReport:
+    """Add feature sets to a finished store over the same rows, by the same tasks (``--add-features``).
+
+    Each of the store's planned tasks decodes its videos again and computes only the new sets' arrays,
+    writes them, then adds their files to the task's done marker (so reads, ``store check`` and ``store
+    repair`` cover them). A task whose marker already lists them is skipped: a rerun resumes, a retried
+    task rewrites its own rows. Rows of a task not yet covered raise on read, never read as zeros.
+
+    Args:
+        store_path: A finished format-2 zarr store written by ``l2l extract``.
+        sets: Feature set names (``"teacher"``, ``"inputs,teacher"``); not the students' three.
+        teacher: The teacher spec (state dict file or ``preset:NAME``) when ``teacher`` is among ``sets``.
+        client: A Dask client (``None``: serially, here).
+        max_tasks: Run at most this many tasks, then stop (a later run continues).
+        progress: Show a progress bar on stderr.
+        log: Where to print status lines (default: stderr).
+
+    Returns:
+        The report (``tasks_run``, ``tasks_skipped``, ``tasks_left``; ``complete`` once all tasks have them).
+
+    Raises:
+        ConfigError: Unknown or students' sets, a missing teacher, a backend that cannot add arrays, or a
+            store not written by ``l2l extract``.
+        StoreError: The store's extraction is unfinished, its index is damaged, or it is locked.
+        CheckpointError: The teacher differs from the one that made the set's rows already in the store.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr))
+    t0 = time.perf_counter()
+    store_path = Path(store_path)
+    sets = parse_feature_sets(sets)
+    if set(sets) & set(STUDENT_SETS):
+        raise ConfigError(
+            f"--add-features {','.join(sets)}: the students' {','.join(STUDENT_SETS)} are in every store "
+            "already; add other sets (e.g. teacher, inputs)"
+        )
+    store = open_store(store_path, "r+")
+    with store, store.lock():
+        old = store.attrs.get("extraction")
+        if not isinstance(old, dict):
+            raise ConfigError(f"{store_path} was not written by `l2l extract`; only its stores can grow sets")
+        if not store.verified:
+            raise ConfigError(
+                f"{store_path} is a format-1 store without write records; rewrite it with `l2l store export` "
+                "first, then add feature sets to the new store"
+            )
+        base = ExtractConfig.from_dict(old)
+        features = parse_feature_sets(base.features + sets)
+        config = replace(base, features=features, teacher=teacher or base.teacher)
+        if "teacher" in sets and not teacher:
+            raise ConfigError("--add-features teacher needs --teacher-weights PATH or --teacher-preset NAME")
+        plan = plan_extraction(store.videos(), chunk_rows=base.chunk_rows, task_steps=base.task_steps)
+        if plan.digest() != store.attrs.get("plan", {}).get("digest"):
+            raise StoreError(
+                f"{store_path}: its index no longer gives the plan it was created with (digest mismatch); "
+                f"run `l2l store repair {store_path}`"
+            )
+        done = finished_results(store, plan)
+        if len(done) < len(plan.tasks):
+            raise StoreError(
+                f"{store_path}: {len(plan.tasks) - len(done)} of {len(plan.tasks)} tasks are unfinished; "
+                "complete the extraction (rerun `l2l extract CORPUS STORE`) before adding feature sets"
+            )
+        arrays = _set_array_names(sets)
+        sets_attrs = dict(store.attrs.get("feature_sets") or store.feature_sets())
+        sets_attrs.update(feature_set_attrs(config, [s for s in sets if s not in sets_attrs]))
+        store.add_arrays(arrays, {"feature_sets": sets_attrs, "extraction": config.to_dict()})
+
+        def has_sets(t: Task) -> bool:
+            files = (store.task_record(t.start, t.stop) or {}).get("files") or {}
+            return all(p in files for a in arrays for p in store.files_of(a, t.start, t.stop))
+
+        pending = [t for t in plan.tasks if not has_sets(t)]
+        log(f"l2l: adding {','.join(sets)} to {store_path}: {len(pending)} of {len(plan.tasks)} tasks to run")
+        todo = pending if max_tasks is None else pending[:max_tasks]
+        t_tasks = time.perf_counter()
+        new, errors = _run_tasks(todo, store_path, config, client=client, progress=progress, sets=sets)
+        t_tasks = time.perf_counter() - t_tasks
+        records = store.videos()
+    left = len(pending) - len(new)
+    failed = [
+        {"video_id": r.video_id, "path": r.path, "reason": r.error} for r in records if r.status == "failed"
+    ]
+    return ExtractReport(
+        store=str(store_path),
+        format=store.name,
+        videos=len(records),
+        ok=sum(r.status == "ok" for r in records),
+        failed=failed,
+        pending=sum(r.status == "pending" for r in records),
+        steps=sum(r.steps for r in records if r.status == "ok"),
+        rows=plan.rows,
+        tasks=len(plan.tasks),
+        tasks_run=len(new),
+        tasks_skipped=len(plan.tasks) - len(pending),
+        tasks_left=left,
+        task_errors=errors,
+        steps_run=sum(r.steps for r in new.values()),
+        seconds=time.perf_counter() - t0,
+        task_seconds=t_tasks,
+        resumed=True,
+        complete=left == 0,
+    )
+
+
+def _set_array_names(sets: Sequence[str]) -> list[str]:
+    return [array for name in sets for array in get_feature_set(name).arrays]
+
+
 def _run_tasks(
-    tasks: Sequence[Task], store_path: Path, config: ExtractConfig, *, client: Client | None, progress: bool
+    tasks: Sequence[Task],
+    store_path: Path,
+    config: ExtractConfig,
+    *,
+    client: Client | None,
+    progress: bool,
+    sets: Sequence[str] | None = None,
 ) -> tuple[dict[int, TaskResult], list[dict[str, str]]]:
-    """Run tasks serially or on Dask; returns results by task index and the tasks that failed."""
+    """Run tasks serially or on Dask (``sets``: add those feature sets, see :func:`extract_task`); returns
+    results by task index and the tasks that failed."""
     from tqdm import tqdm
 
     results: dict[int, TaskResult] = {}
@@ -741,7 +1037,7 @@ def _run_tasks(
         if client is None:
             for task in tasks:
                 try:
-                    finished(task, extract_task(task, store_path=store_path, config=config), None)
+                    finished(task, extract_task(task, store_path=store_path, config=config, sets=sets), None)
                 except Exception as err:  # the executor's job: record it, go on, leave the task for a resume
                     finished(task, None, err)
         else:
@@ -754,6 +1050,7 @@ def _run_tasks(
                 key=[f"{t.key}-{run}" for t in tasks],
                 store_path=str(store_path),
                 config=config,
+                sets=sets,
                 retries=config.retries,
                 pure=False,
             )
@@ -911,7 +1208,7 @@ def repair_store(
             raise StoreError(
                 f"{store_path} was not written by `l2l extract`; only its tasks can be re-extracted"
             )
-        config = ExtractConfig(**{f.name: old[f.name] for f in fields(ExtractConfig) if f.name in old})
+        config = ExtractConfig.from_dict(old)
         planned = store.planned_index()
         if planned is None:
             raise StoreError(f"{store_path}: the planned index is missing, so its tasks cannot be rebuilt")
@@ -935,7 +1232,7 @@ def repair_store(
             todo = [t for t in plan.tasks if (t.start, t.stop) in damaged]
             for t in todo:
                 store.unmark_done(t.start, t.stop)
-                for name in FEATURES + ROW_ARRAYS:  # a clean slate: no damaged file is read back or kept
+                for name in store.array_names():  # a clean slate: no damaged file is read back or kept
                     for path in store.files_of(name, t.start, t.stop):
                         (store_path / path).unlink(missing_ok=True)
             log(f"l2l: repairing {store_path}: re-extracting {len(todo)} task(s)")

@@ -364,3 +364,140 @@ def test_killed_cli_run_resumes_bitwise(corpus, reference, tmp_path):
     assert report["resumed"] and report["tasks_run"] >= 1 and report["tasks_skipped"] >= 1
     assert report["tasks_run"] + report["tasks_skipped"] == 3
     _assert_same(reference["zarr"], store)
+
+
+# ---- feature sets: teacher and inputs over the same rows -------------------------------------------
+
+SETS = "image,audio,fused,teacher,inputs"
+SET_ARRAYS = ("teacher", "inputs_frame", "inputs_logmel")
+
+
+def _all_arrays(path: Path) -> dict[str, np.ndarray]:
+    with open_store(path) as s:
+        return {name: s.read_rows(name, 0, s.rows) for name in s.array_names()}
+
+
+@pytest.fixture(scope="module")
+def with_sets(corpus, tmp_path_factory) -> Path:
+    """The corpus extracted with the teacher's descriptors and the students' inputs."""
+    path = tmp_path_factory.mktemp("sets") / "store"
+    report = run_extraction(corpus, path, _config(features=SETS, teacher="preset:tiny"))
+    assert report.complete and report.tasks_run == 3
+    return path
+
+
+def test_feature_sets_are_a_registry_behind_config_and_cli(corpus, tmp_path):
+    from cli import main
+    from indexing.errors import ConfigError
+    from indexing.feature_sets import available_feature_sets
+
+    assert {"image", "audio", "fused", "teacher", "inputs"} <= set(available_feature_sets())
+    help_text = CliRunner().invoke(main, ["extract", "--help"]).output
+    assert all(name in help_text for name in available_feature_sets()) and "--add-features" in help_text
+    with pytest.raises(ConfigError, match="available: image, audio, fused, teacher, inputs"):
+        ExtractConfig(students=STUDENTS, features="image,audio,fused,bogus")
+    with pytest.raises(ConfigError, match="--features image,audio,fused,teacher"):
+        ExtractConfig(students=STUDENTS, features="teacher", teacher="preset:tiny")
+    with pytest.raises(ConfigError, match="--teacher-weights"):
+        ExtractConfig(students=STUDENTS, features=SETS)  # a teacher set without a teacher
+    assert ExtractConfig(students=STUDENTS).features == ("image", "audio", "fused")
+    if "hdf5" in available_stores():  # a backend that cannot hold other sets says so before any work
+        with pytest.raises(ConfigError, match="--format zarr"):
+            run_extraction(corpus, tmp_path / "h5", _config("hdf5", features=SETS, teacher="preset:tiny"))
+        assert not (tmp_path / "h5").exists()
+
+
+def test_extra_sets_keep_the_students_rows_and_hold_what_training_reads(corpus, reference, with_sets):
+    import torch
+
+    from indexing.frontend import clips_to_tensor, frames_to_tensor, log_mel
+    from indexing.models import load_teacher
+    from indexing.stores.tools import check_store, store_info
+    from pipeline.extract import cached_students
+    from pipeline.media import read_steps
+
+    _assert_same(reference["zarr"], with_sets)  # the students' arrays: bitwise the default extraction's
+    with open_store(reference["zarr"]) as ref, open_store(with_sets) as s:
+        for name in ARRAYS:  # and the very same chunk bytes
+            for path in ref.files_of(name, 0, ref.rows):
+                assert (ref.path / path).read_bytes() == (s.path / path).read_bytes(), path
+        rec = s.video("a/x")
+        got = s.read_video("a/x", names=SET_ARRAYS + ("fused",))
+    batch = read_steps(corpus.parent / "a" / "x.mp4", range(rec.steps), with_clips=True)
+    np.testing.assert_array_equal(got["inputs_frame"], batch.frames)  # (6, 112, 112, 3) uint8
+    np.testing.assert_array_equal(got["inputs_logmel"], log_mel(torch.as_tensor(batch.audio)).numpy())
+    teacher, meta = load_teacher(preset="tiny")
+    with torch.no_grad():
+        want = teacher(clips_to_tensor(batch.clips)).numpy()  # (6, 512)
+    np.testing.assert_allclose(got["teacher"].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    # The stored inputs give the students what the video gives them: decode-free epochs see the same data.
+    students, _ = cached_students(STUDENTS, "cpu")
+    with torch.no_grad():
+        frames = frames_to_tensor(torch.as_tensor(got["inputs_frame"]))
+        fused = students(frames, torch.as_tensor(got["inputs_logmel"]))["z_ia"].numpy()
+    np.testing.assert_allclose(got["fused"].astype(np.float32), fused, rtol=2e-3, atol=2e-3)
+    info = store_info(with_sets)
+    sets = info["feature_sets"]
+    assert list(sets) == ["image", "audio", "fused", "teacher", "inputs"]
+    assert sets["teacher"]["sha256"] == meta["sha256"] and sets["teacher"]["spec"] == "preset:tiny"
+    assert sets["fused"]["sha256"] == info["models"]["students"]["sha256"]
+    assert sets["inputs"]["arrays"] == ["inputs_frame", "inputs_logmel"]
+    assert all(fs["tasks_done"] == 3 for fs in sets.values())
+    assert check_store(with_sets) == []
+
+
+def test_add_features_by_the_same_tasks_resumes_and_equals_extracting_them(
+    reference, with_sets, client, tmp_path
+):
+    from cli import main
+    from indexing.errors import StoreError
+    from indexing.stores.tools import check_store, store_info
+    from pipeline.extract import add_features
+
+    store = tmp_path / "store"
+    shutil.copytree(reference["zarr"], store)
+    first = add_features(store, "teacher", teacher="preset:tiny", max_tasks=1, log=lambda _: None)
+    assert not first.complete and (first.tasks_run, first.tasks_left) == (1, 2)
+    with open_store(store) as s:  # rows no task has written yet are refused, never read as zeros
+        with pytest.raises(StoreError, match="--add-features teacher"):
+            s.read_rows("teacher", 0, s.rows)
+        assert s.read_rows("teacher", 0, 4).any()  # the finished task reads
+    assert store_info(store)["feature_sets"]["teacher"]["tasks_done"] == 1
+    # On a Dask cluster: the teacher's two tasks left and all three for the inputs.
+    second = add_features(store, "teacher,inputs", teacher="preset:tiny", client=client, log=lambda _: None)
+    assert second.complete and (second.tasks_run, second.tasks_skipped) == (3, 0)
+    got, want = _all_arrays(store), _all_arrays(with_sets)
+    assert set(got) == set(want)
+    for name in want:  # bitwise what extracting them with the students gave
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert check_store(store) == []
+    args = ["extract", "--add-features", "teacher", str(store), "--teacher-preset", "tiny", "--workers", "0"]
+    result = CliRunner().invoke(main, args + ["--json", "--no-progress"])
+    assert result.exit_code == 1, result.output  # the corpus's two bad files are listed again
+    report = json.loads(result.stdout)
+    assert report["complete"] and report["tasks_run"] == 0 and report["tasks_skipped"] == 3
+    result = CliRunner().invoke(main, ["extract", "--add-features", "image", str(store), "--workers", "0"])
+    assert result.exit_code == 2 and "in every store" in result.stderr
+    result = CliRunner().invoke(main, ["extract", "--add-features", "teacher", str(store), "--workers", "0"])
+    assert result.exit_code == 2 and "--teacher-weights" in result.stderr
+
+
+def test_check_and_repair_cover_a_feature_set(with_sets, tmp_path):
+    from indexing.stores.tools import check_store
+    from pipeline.extract import repair_store
+
+    store = tmp_path / "store"
+    shutil.copytree(with_sets, store)
+    with open_store(store) as s:
+        task = s.done_ranges()[1]
+        teacher_file = s.files_of("teacher", *task)[0]
+        frame_file = s.files_of("inputs_frame", *s.done_ranges()[2])[0]
+    (store / teacher_file).unlink()
+    (store / frame_file).write_bytes((store / frame_file).read_bytes()[:-7])
+    found = check_store(store)
+    assert {(p.kind, p.array) for p in found} == {("missing", teacher_file), ("truncated", frame_file)}
+    report = repair_store(store, log=lambda _: None)
+    assert report.remaining == [] and len(report.tasks_rerun) == 2
+    got, want = _all_arrays(store), _all_arrays(with_sets)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -339,6 +339,7 @@ class TestStoreContract(StoreHelpers):
         assert set(info) == {
             "format", "videos", "ok", "failed", "pending", "steps", "failures", "models", "bytes", "rows",
             "chunk_rows", "dtype", "format_version", "checksums", "tasks", "tasks_done", "complete",
+            "feature_sets",
         }  # fmt: skip
         assert (info["format_version"], info["checksums"]) == (
             2,

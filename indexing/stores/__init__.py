@@ -287,14 +287,37 @@ def array_dtype(name: str, feature_dtype: str) -> np.dtype:
         return np.dtype(feature_dtype)
     if name in ROW_DTYPES:
         return ROW_DTYPES[name]
-    raise ConfigError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
+    extra = _set_arrays()
+    if name in extra:  # an array of a registered feature set (indexing/feature_sets.py)
+        kind = extra[name][1]
+        return np.dtype(feature_dtype if kind == "store" else kind)
+    raise ConfigError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS + tuple(extra))}")
+
+
+def row_shape(name: str, dim: int) -> tuple[int, ...]:
+    """The shape of one row of array ``name``: ``(dim,)`` for the students' features, ``()`` for row arrays,
+    the registered shape for another feature set's array."""
+    if name in FEATURES:
+        return (dim,)
+    if name in ROW_DTYPES:
+        return ()
+    extra = _set_arrays()
+    if name in extra:
+        return tuple(extra[name][0])
+    raise ConfigError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS + tuple(extra))}")
+
+
+def _set_arrays() -> dict[str, tuple[tuple[int, ...], str]]:
+    from indexing.feature_sets import set_arrays
+
+    return set_arrays()
 
 
 def check_block(name: str, data: Any, *, n: int, dim: int, feature_dtype: str) -> np.ndarray:
     """``data`` for ``n`` rows of array ``name`` as the on-disk dtype; ``ConfigError`` on a shape mismatch."""
     dtype = array_dtype(name, feature_dtype)
     arr = np.asarray(data)
-    want = (n, dim) if name in FEATURES else (n,)
+    want = (n, *row_shape(name, dim))
     if arr.shape != want:
         raise ConfigError(f"array {name!r}: got shape {arr.shape} for {n} rows, expected {want}")
     return arr.astype(dtype, copy=False)
@@ -572,7 +595,7 @@ class FeatureStore(ABC):
         dtype = array_dtype(name, self.dtype)
         if not self.verified:
             return self._read(name, start, stop)
-        out = np.zeros((stop - start, self.dim) if name in FEATURES else (stop - start,), dtype)
+        out = np.zeros((stop - start, *row_shape(name, self.dim)), dtype)
         merged: list[list[int]] = []
         segments = self._done_segments(start, stop)
         if sum(b - a for a, b in segments) < stop - start:
@@ -668,6 +691,16 @@ class FeatureStore(ABC):
         task = _containing(self._done_cache(), start)
         record = self.task_record(*task) if task else None
         want = (record or {}).get("files", {}).get(path)
+        if want is None and record and record.get("files") and name not in FEATURES + ROW_ARRAYS:
+            from indexing.feature_sets import set_of_array
+
+            fs = set_of_array(name)  # a feature set added after this task: not written here, never zeros
+            ids = ", ".join(map(repr, self.video_ids_in(*task)[:5])) or "none"
+            raise StoreError(
+                f"store {self.path}: feature set {fs!r} ({array_path(name)}) has no rows "
+                f"[{task[0]}, {task[1]}) yet (videos {ids}); run "
+                f"`l2l extract --add-features {fs} {self.path}` to finish adding it"
+            )
         try:
             size = os.stat(self.path / path).st_size
         except FileNotFoundError:
@@ -809,7 +842,7 @@ class FeatureStore(ABC):
         if self.verified:
             # What the task left on disk, hashed now that its writes returned: a missing, truncated, swapped
             # or copied file is later found by position (`l2l store check`).
-            files = [path for name in FEATURES + ROW_ARRAYS for path in self.files_of(name, start, stop)]
+            files = [path for name in self.array_names() for path in self.files_of(name, start, stop)]
             try:
                 doc["files"] = {path: file_digest(self.path / path) for path in files}
             except FileNotFoundError as exc:
@@ -818,6 +851,58 @@ class FeatureStore(ABC):
                     "does not exist; write_rows every array of the task first"
                 ) from None
         _write_atomic(final, json.dumps(doc).encode())
+        self.__dict__.get("_records", {}).pop((start, stop), None)
+        self.__dict__.pop("_verified_files", None)
+        self._done = None
+
+    def feature_sets(self) -> dict[str, dict[str, Any]]:
+        """The feature sets this store holds, ``{name: {"arrays", "model", "sha256", ...}}`` from its attrs
+        (a store written before feature sets holds the students' three)."""
+        sets = self.attrs.get("feature_sets")
+        if isinstance(sets, dict) and sets:
+            return sets
+        students = self.attrs.get("models", {}).get("students", {})
+        made = {"model": "students", "spec": students.get("spec"), "sha256": students.get("sha256")}
+        return {name: {"arrays": [name], **made} for name in FEATURES}
+
+    def array_names(self) -> tuple[str, ...]:
+        """Every array of the store: the students' features, the row arrays, then other feature sets'."""
+        extra = [a for fs in self.feature_sets().values() for a in fs.get("arrays", []) if a not in FEATURES]
+        return FEATURES + ROW_ARRAYS + tuple(extra)
+
+    def add_arrays(self, names: Sequence[str], attrs: Mapping[str, Any]) -> None:
+        """Create empty arrays ``names`` over all rows (chunked like the features) and merge ``attrs`` into
+        the store attrs (a feature set added to an existing store). Backends that cannot add arrays refuse.
+
+        Raises:
+            ConfigError: This backend cannot hold other feature sets.
+        """
+        raise ConfigError(
+            f"{self.name} stores hold the students' image/audio/fused only; extract into a zarr store "
+            "(--format zarr) for other feature sets"
+        )
+
+    def record_arrays(self, start: int, stop: int, names: Sequence[str]) -> None:
+        """Add the files of arrays ``names`` of the done task ``[start, stop)`` to its marker's write record
+        (call after :meth:`write_rows` of those arrays returned), so reads, check and repair cover them.
+
+        Raises:
+            StoreError: The task has no done marker with a write record (finish the extraction first).
+        """
+        self._check_writable()
+        self.__dict__.get("_records", {}).pop((start, stop), None)
+        record = self.task_record(start, stop)
+        if not record or not isinstance(record.get("files"), dict):
+            raise StoreError(
+                f"store {self.path}: task rows [{start}, {stop}) has no done marker with a write record; "
+                "finish the extraction (rerun `l2l extract`) before adding feature sets"
+            )
+        files = dict(record["files"])
+        for name in names:
+            for path in self.files_of(name, start, stop):
+                files[path] = file_digest(self.path / path)
+        doc = dict(record, files=files, time=time.time())
+        _write_atomic(self.path / DONE_DIR / _marker_name(start, stop), json.dumps(doc).encode())
         self.__dict__.get("_records", {}).pop((start, stop), None)
         self.__dict__.pop("_verified_files", None)
         self._done = None
@@ -870,7 +955,10 @@ def array_path(name: str) -> str:
         return f"features/{name}"
     if name in ROW_ARRAYS:
         return name
-    raise ConfigError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS)}")
+    extra = _set_arrays()
+    if name in extra:
+        return f"features/{name}"
+    raise ConfigError(f"unknown array {name!r}; known: {', '.join(FEATURES + ROW_ARRAYS + tuple(extra))}")
 
 
 def _intersect(ranges: Sequence[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:

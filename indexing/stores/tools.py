@@ -79,6 +79,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
                 for i in failed
             ],
             "models": store.attrs.get("models", {}),
+            "feature_sets": _feature_sets(store, tasks),
             "bytes": store.disk_bytes(),
             "rows": store.rows,
             "chunk_rows": store.chunk_rows,
@@ -88,6 +89,31 @@ def store_info(path: str | Path) -> dict[str, Any]:
             if store.verified
             else "no checksums (written before them; `l2l store export` rewrites the store with them)",
         }
+
+
+def _feature_sets(store: FeatureStore, tasks: list[tuple[int, int]]) -> dict[str, dict[str, Any]]:
+    """Each feature set with its model, weights sha256, arrays and how many planned tasks wrote it."""
+    out = {}
+    marked = set(store.done_ranges())
+    for name, fs in store.feature_sets().items():
+        arrays = list(fs.get("arrays", [name]))
+        if all(arr in FEATURES for arr in arrays):  # written by every task: its marker says done
+            out[name] = {**{k: fs.get(k) for k in ("model", "spec", "sha256")}, "arrays": arrays}
+            out[name]["tasks_done"] = sum(t in marked for t in tasks)
+            continue
+        done = 0  # added later: done where the task's write record lists its files (one marker read each)
+        for a, b in tasks:
+            record = store.task_record(a, b) if store.verified else None
+            files = (record or {}).get("files") or {}
+            done += bool(record) and all(p in files for arr in arrays for p in store.files_of(arr, a, b))
+        out[name] = {
+            "model": fs.get("model"),
+            "spec": fs.get("spec"),
+            "sha256": fs.get("sha256"),
+            "arrays": arrays,
+            "tasks_done": int(done) if store.verified else None,
+        }
+    return out
 
 
 def store_ls(path: str | Path) -> list[dict[str, Any]]:

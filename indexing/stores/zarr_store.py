@@ -68,6 +68,7 @@ from . import (
     normalize_columns,
     prepare_store_dir,
     register_store,
+    row_shape,
 )
 
 INDEX_CHUNK = 1 << 17  # videos per index chunk
@@ -329,7 +330,7 @@ class ZarrStore(FeatureStore):
         if stop <= start:
             return []
         base = _array_path(name)
-        tail = "/0" if name in FEATURES else ""
+        tail = "/0" * len(row_shape(name, self._dim))  # one chunk across every non-row axis
         first, last = start // self._chunk_rows, (stop - 1) // self._chunk_rows
         return [f"{base}/c/{i}{tail}" for i in range(first, last + 1)]
 
@@ -341,9 +342,9 @@ class ZarrStore(FeatureStore):
     def extra_files(self) -> list[tuple[str, str]]:
         out = []
         chunks = -(-self._rows // self._chunk_rows)
-        for name in FEATURES + ROW_ARRAYS:
+        for name in self.array_names():
             base = _array_path(name)
-            want = re.compile(rf"^c/(\d+){'/0' if name in FEATURES else ''}$")
+            want = re.compile(rf"^c/(\d+){'/0' * len(row_shape(name, self._dim))}$")
             root = self.path / base
             for dirpath, _, files in os.walk(root / "c"):
                 for file in files:
@@ -362,16 +363,48 @@ class ZarrStore(FeatureStore):
 
     def file_problems(self) -> list[str]:
         problems = []
-        for name in FEATURES + ROW_ARRAYS:
+        for name in self.array_names():
             try:
                 arr = self._array(name)
             except (KeyError, FileNotFoundError) as exc:
                 problems.append(f"array {_array_path(name)} is missing: {exc}")
                 continue
-            want = (self._rows, self._dim) if name in FEATURES else (self._rows,)
+            want = (self._rows, *row_shape(name, self._dim))
             if tuple(arr.shape) != want:
                 problems.append(f"array {_array_path(name)} has shape {tuple(arr.shape)}, expected {want}")
         return problems
+
+    def add_arrays(self, names: Sequence[str], attrs: Mapping[str, Any]) -> None:
+        """Create arrays ``names`` (registered feature-set arrays) over all rows, chunked along rows like the
+        features (one chunk per ``chunk_rows`` rows across every other axis, fill 0, the features' codec and
+        checksum), and merge ``attrs`` into the root attrs. Existing arrays of the same shape are kept, so a
+        rerun (resume) changes nothing."""
+        import zarr
+
+        self._check_writable()
+        merged = check_attrs({**self.attrs, **attrs})
+        fused = self._array("fused")
+        codecs = list(fused.compressors)
+        for name in names:
+            shape = (self._rows, *row_shape(name, self._dim))
+            key = _array_path(name)
+            if key in self._group and tuple(self._group[key].shape) == shape:
+                continue
+            self._group.create_array(
+                key,
+                shape=shape,
+                chunks=(self._chunk_rows, *shape[1:]),
+                dtype=array_dtype(name, self._dtype),
+                fill_value=0,
+                compressors=codecs,
+                dimension_names=("row",) + tuple(f"axis{i}" for i in range(1, len(shape))),
+                config=WRITE_CONFIG,
+                overwrite=True,
+            )
+        self._group.attrs.update(merged)
+        _consolidate(self.path)
+        self._group = zarr.open_group(str(self.path), mode=self.mode)
+        self._arrays.clear()
 
     # ---- helpers -----------------------------------------------------------------------------------
     def _array(self, name: str) -> Any:
