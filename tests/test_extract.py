@@ -501,3 +501,19 @@ def test_check_and_repair_cover_a_feature_set(with_sets, tmp_path):
     got, want = _all_arrays(store), _all_arrays(with_sets)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_export_carries_feature_sets_or_refuses(with_sets, tmp_path):
+    from indexing.errors import ConfigError
+    from indexing.stores.tools import check_store, export_store
+
+    export_store(with_sets, tmp_path / "copy", "zarr", compression="blosc-lz4")
+    got, want = _all_arrays(tmp_path / "copy"), _all_arrays(with_sets)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert check_store(tmp_path / "copy") == []
+    for fmt in set(available_stores()) - {"zarr"}:  # a backend without other sets: refused, nothing written
+        with pytest.raises(ConfigError, match="export it to zarr"):
+            export_store(with_sets, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()

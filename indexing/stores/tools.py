@@ -590,6 +590,21 @@ def export_store(
         done = set(source.done_ranges())
         if not source.verified and not done:
             done = set(tasks)  # a format-1 store written without markers: every row was readable
+        names = source.array_names()
+        extra = [name for name in names if name not in FEATURES + ROW_ARRAYS]
+        if extra:  # other feature sets travel whole, or the export is refused before it writes anything
+            if cls.add_arrays is FeatureStore.add_arrays:
+                raise ConfigError(
+                    f"{src} holds feature sets {', '.join(extra)} that {format} stores cannot hold; "
+                    "export it to zarr"
+                )
+            finished = sum(t in done for t in tasks)
+            for name, fs in _feature_sets(source, tasks).items():
+                if fs["tasks_done"] is not None and fs["tasks_done"] < finished:
+                    raise ConfigError(
+                        f"{src}: feature set {name!r} is on {fs['tasks_done']} of {finished} finished tasks; "
+                        f"finish it with `l2l extract --add-features {name} {src}` before exporting"
+                    )
         target = cls.create(
             dst,
             index=source.videos(),
@@ -603,15 +618,15 @@ def export_store(
             overwrite=overwrite,
         )
         with target:
+            if extra:
+                target.add_arrays(extra, {})
             planned = source.planned_index()
             if planned is not None:
                 target._save_planned_index(planned)
             results = source.done_results()
             for a, b in _progress([t for t in tasks if t in done], progress, "exporting tasks"):
                 # Finished tasks only: their rows and markers (with a fresh record of the new files).
-                target.write_rows(
-                    a, b, {name: source.read_rows(name, a, b) for name in FEATURES + ROW_ARRAYS}
-                )
+                target.write_rows(a, b, {name: source.read_rows(name, a, b) for name in names})
                 target.mark_done(a, b, result=results.get((a, b)))
     return dst
 
