@@ -13,7 +13,7 @@ from indexing.errors import CheckpointError, ConfigError
 from indexing.stores import FeatureStore, open_store
 
 from .checkpoint import SkimCheckpoint
-from .data import LengthBatchSampler, SkimDataset, make_loader, to_device
+from .data import SkimDataset, eval_sampler, make_loader, to_device
 from .model import SkimModel, SkimOutput
 
 
@@ -29,13 +29,14 @@ def iter_outputs(
 ) -> Iterator[tuple[dict[str, Any], SkimOutput | None]]:
     """Yield ``(batch, output)`` over every video of ``dataset`` in eval mode (output None without a model).
 
-    Batches group videos of similar length; ``batch`` is :func:`skim.data.collate`'s dict on ``device``.
+    Batches group videos of similar length (:func:`skim.data.eval_sampler`); ``batch`` is
+    :func:`skim.data.collate`'s dict on ``device``.
     """
     from tqdm.auto import tqdm
 
     if model is not None:
         model.eval()
-    loader = make_loader(dataset, LengthBatchSampler(dataset.steps, batch_size=batch_size))
+    loader = make_loader(dataset, eval_sampler(dataset, batch_size=batch_size))
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         batch = to_device(batch, device)
         yield batch, (model(batch["features"], batch["mask"]) if model is not None else None)

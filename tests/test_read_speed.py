@@ -254,3 +254,29 @@ def test_same_seed_same_loss_curve_from_the_store_and_from_memory(planted, tmp_p
         curves.append([h["train_loss"] for h in summary["history"]])
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-6)
     assert len(set(curves[0])) > 1
+
+
+def test_read_ahead_yields_the_same_batches_and_raises_damage_at_its_batch(planted, tmp_path):
+    import shutil
+
+    from skim.data import eval_sampler, make_loader
+
+    store = open_store(planted["store"])
+    ds = SkimDataset(store, ("image", "audio"), require_label=False)
+    sampler = eval_sampler(ds, batch_size=4)
+    assert sorted(i for b in sampler for i in b) == list(range(len(ds)))
+    inline = list(make_loader(ds, sampler, read_ahead=0))
+    ahead = list(make_loader(ds, sampler, read_ahead=2))
+    assert [b["video_ids"] for b in inline] == [b["video_ids"] for b in ahead]
+    for a, b in zip(inline, ahead, strict=True):
+        assert torch_equal(a["features"]["image"], b["features"]["image"])
+    for _ in make_loader(ds, sampler, read_ahead=1):
+        break  # leaving early stops the thread (the test would hang otherwise)
+    path = tmp_path / "copy"
+    shutil.copytree(planted["store"], path)
+    damaged = open_store(path)
+    (path / damaged.files_of("image", damaged.rows - 1, damaged.rows)[0]).unlink()
+    ds = SkimDataset(damaged, ("image", "audio"), require_label=False)
+    with pytest.raises(StoreError, match="missing"):
+        for _ in make_loader(ds, eval_sampler(ds, batch_size=4), read_ahead=1):
+            pass
