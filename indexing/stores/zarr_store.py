@@ -375,9 +375,10 @@ class ZarrStore(FeatureStore):
         return problems
 
     def add_arrays(self, names: Sequence[str], attrs: Mapping[str, Any]) -> None:
-        """Create arrays ``names`` (registered feature-set arrays) over all rows, chunked along rows like the
-        features (one chunk per ``chunk_rows`` rows across every other axis, fill 0, the features' codec and
-        checksum), and merge ``attrs`` into the root attrs. Existing arrays of the same shape are kept, so a
+        """Create arrays ``names`` (registered feature-set arrays) over all rows, one shard file per
+        ``chunk_rows`` rows like the features (fill 0, the features' codec and checksum) holding inner chunks
+        of about 256 kB (8 rows of ``inputs_frame``), so a training read of one step decodes little, and
+        merge ``attrs`` into the root attrs. Existing arrays of the same shape are kept, so a
         rerun (resume) changes nothing."""
         import zarr
 
@@ -390,10 +391,16 @@ class ZarrStore(FeatureStore):
             key = _array_path(name)
             if key in self._group and tuple(self._group[key].shape) == shape:
                 continue
+            inner = _inner_rows(
+                self._chunk_rows, int(np.prod(shape[1:])) * array_dtype(name, self._dtype).itemsize
+            )
+            layout: dict[str, Any] = {"chunks": (self._chunk_rows, *shape[1:])}
+            if inner < self._chunk_rows:  # one shard file per chunk_rows rows; a step read decodes ~256 kB
+                layout = {"chunks": (inner, *shape[1:]), "shards": (self._chunk_rows, *shape[1:])}
             self._group.create_array(
                 key,
                 shape=shape,
-                chunks=(self._chunk_rows, *shape[1:]),
+                **layout,
                 dtype=array_dtype(name, self._dtype),
                 fill_value=0,
                 compressors=codecs,
@@ -411,6 +418,16 @@ class ZarrStore(FeatureStore):
         if name not in self._arrays:
             self._arrays[name] = self._group[_array_path(name)].with_config(WRITE_CONFIG)
         return self._arrays[name]
+
+
+def _inner_rows(chunk_rows: int, row_bytes: int, target_bytes: int = 1 << 18) -> int:
+    """Rows per inner chunk of a sharded feature-set array: the largest divisor of ``chunk_rows`` whose chunk
+    stays within ``target_bytes`` (at least 1), so training reads of single steps decode little."""
+    best = 1
+    for rows in range(1, chunk_rows + 1):
+        if chunk_rows % rows == 0 and rows * row_bytes <= target_bytes:
+            best = rows
+    return best
 
 
 def _write_index(group: Any, columns: Mapping[str, np.ndarray], checksums: bool) -> None:
