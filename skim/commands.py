@@ -334,8 +334,14 @@ def echo_evaluation(result: dict) -> None:
 @_inference_options
 @click.option("--batch-size", default=64, show_default=True, help="Videos per model batch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option(
+    "--out",
+    type=OutputPath(dir_okay=False),
+    help="Stream the answers to this JSON Lines file (one per line, memory bounded by the batch).",
+)
+@click.option("--resume", is_flag=True, help="With --out: skip the videos the file already answers, append.")
 @no_progress_option
-@json_option("the answers")
+@json_option("the answers (with --out: what was written)")
 def query_cmd(
     store,
     video_ids,
@@ -346,6 +352,8 @@ def query_cmd(
     inference: InferenceConfig,
     batch_size,
     device,
+    out,
+    resume,
     no_progress,
     as_json,
 ) -> None:
@@ -360,18 +368,28 @@ def query_cmd(
 
     if bool(video_ids) == all_videos:
         raise ConfigError("give VIDEO_ID(s) or --all (not both)")
-    answers = query(
-        store,
-        model_path,
-        list(video_ids) if video_ids else None,
-        top_k=top_k,
-        batch_size=batch_size,
-        device=device,
-        recognition_store=inference.recognition_store,
-        inference=inference.overrides(),
-        progress=show_progress(no_progress, as_json),
-        allow_other_students=allow_other_students,
-    )
+    if resume and not out:
+        raise ConfigError("--resume goes on with an --out file; give --out FILE.jsonl")
+    kwargs = {
+        "top_k": top_k,
+        "batch_size": batch_size,
+        "device": device,
+        "recognition_store": inference.recognition_store,
+        "inference": inference.overrides(),
+        "progress": show_progress(no_progress, as_json),
+        "allow_other_students": allow_other_students,
+    }
+    ids = list(video_ids) if video_ids else None
+    if out:
+        from skim.query import write_jsonl
+
+        done = write_jsonl(store, model_path, out, ids, resume=resume, **kwargs)
+        if as_json:
+            echo_json(done)
+        else:
+            click.echo(f"wrote {done['written']} answers to {out} ({done['skipped']} already there)")
+        return
+    answers = query(store, model_path, ids, **kwargs)
     if as_json:
         echo_json(answers)
         return

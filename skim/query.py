@@ -7,7 +7,7 @@ spaced steps as the model chose). Neither needs labels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .infer import distinct_steps, iter_outputs, moments_of, open_stores, top_la
 from .train import resolve_device
 
 
-def query(
+def iter_query(
     store_path: str | Path,
     model_path: str | Path,
     video_ids: Sequence[str] | None = None,
@@ -34,8 +34,13 @@ def query(
     progress: bool = False,
     details: bool = False,
     allow_other_students: bool = False,
-) -> list[dict[str, Any]]:
-    """Top-k labels and chosen moments of videos.
+    skip: Collection[str] = (),
+) -> Iterator[dict[str, Any]]:
+    """Top-k labels and chosen moments of videos, yielded as each batch is answered (see :func:`query`).
+
+    Memory is bounded by the batch, not by the number of videos: nothing is kept once yielded, so a
+    10^6-video store can be answered into a JSON Lines file (``l2l query --all --out``). Answers come in
+    batch order (videos of similar length, in windows of the store's order), not in store order.
 
     Args:
         store_path: Feature store.
@@ -51,12 +56,12 @@ def query(
             any pick), ``label`` (the store's label of the video, None when unknown), ``steps``,
             ``steps_used``, ``path`` and ``step_s`` per video (used by :func:`explain`).
         allow_other_students: Answer on a store made by other students than the model's training store.
+        skip: Video ids not to answer (already answered: ``l2l query --all --out FILE --resume``).
 
-    Returns:
-        ``[{"video_id", "top": [{"label", "prob"}], "moments": [...]}]`` in the order of ``video_ids``
-        (store order for all). The first of the model's T recurrent steps takes the mean of all steps, each
-        later one picks one step per indexing modality; ``moments`` lists every picked step once, in time
-        order, as
+    Yields:
+        ``{"video_id", "top": [{"label", "prob"}], "moments": [...]}`` per video. The first of the model's
+        T recurrent steps takes the mean of all steps, each later one picks one step per indexing modality;
+        ``moments`` lists every picked step once, in time order, as
         ``{"step", "start_s", "end_s", "weight", "modalities", "selection"}`` (see
         :func:`skim.infer.moments_of`).
 
@@ -81,10 +86,14 @@ def query(
         recognition_store=rec_store,
         require_label=False,
     )
+    if skip:
+        skip = set(skip)
+        dataset.entries = [e for e in dataset.entries if e.video_id not in skip]
+        if not dataset.entries:
+            return
     paths = {e.video_id: e.path for e in dataset.entries}
     cols = store.index_columns()
     known = dict(zip(cols["video_id"].tolist(), cols["label"].tolist(), strict=True))  # the store's labels
-    answers: dict[str, dict[str, Any]] = {}
     for batch, out in iter_outputs(
         ckpt.model, dataset, batch_size=batch_size, device=dev, progress=progress, desc="query"
     ):
@@ -115,8 +124,115 @@ def query(
                         "step_s": step_s,
                     }
                 )
-            answers[vid] = answer
-    return [answers[e.video_id] for e in dataset.entries]
+            yield answer
+
+
+def query(
+    store_path: str | Path,
+    model_path: str | Path,
+    video_ids: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Top-k labels and chosen moments of videos (all answers in memory; :func:`iter_query` streams them).
+
+    Args:
+        store_path: Feature store.
+        model_path: Skimming checkpoint.
+        video_ids: Videos to answer for, in this order; None answers for every ``ok`` video of the store.
+        **kwargs: As :func:`iter_query` (``top_k``, ``batch_size``, ``device``, ``recognition_store``,
+            ``inference``, ``progress``, ``details``, ``allow_other_students``).
+
+    Returns:
+        :func:`iter_query`'s answers in the order of ``video_ids`` (store order for all).
+    """
+    answers = {a["video_id"]: a for a in iter_query(store_path, model_path, video_ids, **kwargs)}
+    if video_ids is not None:
+        return [answers[v] for v in video_ids]
+    return sorted(answers.values(), key=_store_order(store_path, answers))
+
+
+def answered_ids(path: str | Path) -> set[str]:
+    """Video ids already answered in a JSON Lines file of :func:`write_jsonl` (empty when it does not exist).
+
+    A last line cut short by a killed run is dropped from the file, so a resumed run appends whole lines.
+
+    Raises:
+        ConfigError: A complete line is not an answer (another file given by mistake).
+    """
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)  # the partial answer of a killed run; it is asked again
+    ids = set()
+    for n, line in enumerate(data[:keep].splitlines(), 1):
+        try:
+            ids.add(json.loads(line)["video_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{path} line {n} is not a query answer ({exc}); give a file written by `l2l query --out` "
+                "or another path"
+            ) from None
+    return ids
+
+
+def write_jsonl(
+    store_path: str | Path,
+    model_path: str | Path,
+    out: str | Path,
+    video_ids: Sequence[str] | None = None,
+    *,
+    resume: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Answer videos (all ``ok`` ones by default) into ``out``, one JSON answer per line, as they come.
+
+    Memory stays bounded by the batch (answers are written and flushed per batch, never collected); with
+    ``resume`` the videos already in ``out`` are skipped and new answers appended, so a killed run goes on
+    where it stopped.
+
+    Args:
+        store_path: Feature store.
+        model_path: Skimming checkpoint.
+        out: The JSON Lines file.
+        video_ids: Videos to answer (None: every ``ok`` video).
+        resume: Keep ``out`` and skip the videos it already answers (otherwise ``out`` is replaced).
+        **kwargs: As :func:`iter_query`.
+
+    Returns:
+        ``{"out", "written", "skipped"}``.
+
+    Raises:
+        ConfigError: ``out`` exists without ``resume``, or a line of it is not an answer.
+    """
+    import json
+
+    out = Path(out)
+    if out.exists() and not resume:
+        raise ConfigError(f"{out} already exists; pass --resume to go on with it or remove it")
+    done = answered_ids(out) if resume else set()
+    written = 0
+    with out.open("a", encoding="utf-8") as f:
+        for answer in iter_query(store_path, model_path, video_ids, skip=done, **kwargs):
+            f.write(json.dumps(answer) + "\n")
+            written += 1
+            if written % 64 == 0:
+                f.flush()
+    return {"out": str(out), "written": written, "skipped": len(done)}
+
+
+def _store_order(store_path: str | Path, answers: Mapping[str, Any]) -> Any:
+    from indexing.stores import open_store
+
+    with open_store(store_path) as store:
+        ids = store.index_columns()["video_id"].tolist()
+    position = {v: i for i, v in enumerate(ids) if v in answers}
+    return lambda a: position[a["video_id"]]
 
 
 def explain(

@@ -280,3 +280,56 @@ def test_read_ahead_yields_the_same_batches_and_raises_damage_at_its_batch(plant
     with pytest.raises(StoreError, match="missing"):
         for _ in make_loader(ds, eval_sampler(ds, batch_size=4), read_ahead=1):
             pass
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from skim.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("query")
+    corpus = write_planted_store(root / "store", SPEC)
+    config = TrainConfig(
+        epochs=1, batch_size=6, crop_min=8, crop_max=20, milestones=(), val_split="none", init="scratch",
+        threads=1,
+    )  # fmt: skip
+    train(
+        corpus["store"], root / "skim.pt", labels=corpus["labels"], model_options={"hidden": 24, "embed": 16},
+        config=config, progress=False, log=lambda _: None,
+    )  # fmt: skip
+    return {"store": corpus["store"], "model": root / "skim.pt"}
+
+
+def test_query_all_streams_json_lines_and_resumes(model, tmp_path):
+    import inspect
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+    from skim.query import iter_query, query, write_jsonl
+
+    assert inspect.isgenerator(iter_query(model["store"], model["model"]))  # answers are not collected
+    want = {a["video_id"]: a for a in query(model["store"], model["model"], None)}
+    out = tmp_path / "answers.jsonl"
+    done = write_jsonl(model["store"], model["model"], out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert done["written"] == len(lines) == len(want) and {a["video_id"]: a for a in lines} == want
+    # A run killed after 5 answers, in the middle of the sixth line: resume drops the cut line, asks the rest.
+    text = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(text[:5]) + text[5][:17])
+    done = write_jsonl(model["store"], model["model"], out, resume=True)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert done == {"out": str(out), "written": len(want) - 5, "skipped": 5}
+    assert sorted(a["video_id"] for a in lines) == sorted(want) and {a["video_id"]: a for a in lines} == want
+    # The command line: --out refuses to overwrite, --resume finds nothing left to do.
+    base = ["query", str(model["store"]), "--all", "--model", str(model["model"]), "--json"]
+    args = [*base, "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "--resume" in result.output
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["written"] == 0
+    bad = tmp_path / "other.jsonl"
+    bad.write_text('{"not": "an answer"}\n')
+    result = CliRunner().invoke(main, [*base, "--out", str(bad), "--resume"])
+    assert result.exit_code != 0 and "not a query answer" in result.output
