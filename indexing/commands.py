@@ -45,6 +45,14 @@ def _clip_options(fn):
         click.option("--workers", default=2, show_default=True, help="DataLoader worker processes."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling."),
+        click.option(
+            "--order",
+            type=click.Choice(["clips", "videos"]),
+            default="clips",
+            show_default=True,
+            help="Training clip order: clips (all shuffled, the paper's) or videos (whole videos shuffled, "
+            "each decoded in one pass: faster when clips are decoded).",
+        ),
         threads_option,
         json_option("the history"),
     ]
@@ -61,10 +69,42 @@ def _teacher(teacher_weights: str | None, teacher_preset: str | None) -> tuple[A
     return load_teacher(teacher_weights, preset=teacher_preset)
 
 
-def _loaders(manifest: str, **kwargs: Any):
-    from pipeline.clips import clip_loaders
+def _stored_teacher(
+    store: str, name: str, teacher_weights: str | None, teacher_preset: str | None
+) -> tuple[Any, dict]:
+    """The teacher record of a store's feature set ``name``; the teacher itself only when one is given (the KL
+    term needs its fc), and then it must be the one that made the stored descriptors."""
+    from pipeline.clips import store_feature_sets
 
-    loaders = clip_loaders(manifest, **kwargs)
+    if not Path(store).is_dir():
+        raise ConfigError(f"--teacher-features reads a feature store; {store} is a manifest: give the STORE")
+    made = store_feature_sets(store, [name])[name]
+    if made.get("model") != "teacher":
+        raise ConfigError(f"feature set {name!r} of {store} was made by {made.get('model')}, not a teacher")
+    meta = {"feature_set": name, "store": store, "spec": made.get("spec"), "sha256": made.get("sha256")}
+    if teacher_weights is None and teacher_preset is None:
+        return None, meta
+    teacher, given = _teacher(teacher_weights, teacher_preset)
+    if given["sha256"] != made.get("sha256"):
+        raise ConfigError(
+            f"the teacher given (sha256 {given['sha256'][:12]}) did not make {store}'s {name!r} descriptors "
+            f"({str(made.get('sha256'))[:12]}, {made.get('spec')}); give that teacher or none"
+        )
+    return teacher, {**given, "feature_set": name, "store": store}
+
+
+def _loaders(manifest: str, *, teacher_features: str | None = None, **kwargs: Any):
+    """Loaders over a manifest's videos, or over the videos a feature store (a directory) indexes."""
+    from pipeline.clips import clip_loaders, store_loaders
+
+    if Path(manifest).is_dir():
+        loaders = store_loaders(manifest, teacher_features=teacher_features, **kwargs)
+    elif teacher_features:
+        raise ConfigError(
+            f"--teacher-features reads a feature store; {manifest} is a manifest: give the STORE"
+        )
+    else:
+        loaders = clip_loaders(manifest, **kwargs)
     for line in loaders.notes:
         (warn if line.startswith("warning") else note)(line)
     return loaders
@@ -84,11 +124,16 @@ def _report_history(history: list[dict], out: str, val_key: str, as_json: bool) 
 
 
 @click.command()
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("manifest", metavar="MANIFEST|STORE", type=click.Path(exists=True))
 @click.option(
     "--teacher-weights",
     type=click.Path(exists=True, dir_okay=False),
     help="torchvision r2plus1d_18 state dict file (e.g. Kinetics-400 weights).",
+)
+@click.option(
+    "--teacher-features",
+    help="Feature set of STORE holding the teacher's descriptors (teacher): read as targets, the teacher "
+    "never runs (a teacher is then needed only for --kl-weight).",
 )
 @click.option(
     "--teacher-preset",
@@ -119,6 +164,7 @@ def _report_history(history: list[dict], out: str, val_key: str, as_json: bool) 
 def distill(
     manifest,
     teacher_weights,
+    teacher_features,
     teacher_preset,
     out,
     preset,
@@ -134,10 +180,12 @@ def distill(
     workers,
     device,
     seed,
+    order,
     threads,
     as_json,
 ) -> None:
-    """Distil the clip teacher into image + audio students on MANIFEST's videos.
+    """Distil the clip teacher into image + audio students on MANIFEST's videos, or on those a feature
+    STORE indexes: with its inputs set no video is decoded, with --teacher-features the teacher never runs.
 
     Rerunning with the same --out and options resumes after the last completed epoch.
     """
@@ -155,10 +203,15 @@ def distill(
         device=device,
         seed=seed,
     )
-    teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
+    if teacher_features:
+        teacher, teacher_meta = _stored_teacher(manifest, teacher_features, teacher_weights, teacher_preset)
+    else:
+        teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
     students = build_students(preset, seed=seed, init_resnet18=init_resnet18)
     loaders = _loaders(
         manifest,
+        teacher_features=teacher_features,
+        order=order,
         with_clips=True,
         clips_per_video=clips_per_video,
         train_split=train_split,
@@ -180,7 +233,7 @@ def distill(
 
 
 @click.command()
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("manifest", metavar="MANIFEST|STORE", type=click.Path(exists=True))
 @click.option(
     "--students",
     "students_path",
@@ -219,10 +272,12 @@ def finetune(
     workers,
     device,
     seed,
+    order,
     threads,
     as_json,
 ) -> None:
-    """Fine-tune a classifier on z_IA (and the students) with MANIFEST's labels."""
+    """Fine-tune a classifier on z_IA (and the students) with MANIFEST's labels, or those of the videos a
+    feature STORE indexes (read from its inputs set when it has one)."""
     set_threads(threads)
     from indexing.distill import FinetuneConfig
     from indexing.distill import finetune as run_finetune
@@ -242,6 +297,7 @@ def finetune(
     students, meta = load_students(students_path, device=device)
     loaders = _loaders(
         manifest,
+        order=order,
         with_clips=False,
         clips_per_video=clips_per_video,
         train_split=train_split,
@@ -266,7 +322,7 @@ def finetune(
 
 
 @click.command("distill-report")
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("manifest", metavar="MANIFEST|STORE", type=click.Path(exists=True))
 @click.option(
     "--students",
     "students_path",
@@ -280,6 +336,10 @@ def finetune(
     help="torchvision r2plus1d_18 state dict file the students were distilled from.",
 )
 @click.option("--teacher-preset", type=RegistryChoice(_model_presets), help="Seeded random teacher preset.")
+@click.option(
+    "--teacher-features",
+    help="Feature set of STORE holding the teacher's descriptors: the teacher never runs.",
+)
 @click.option("--split", default="", help="Only videos of this split (default: all).")
 @click.option("--clips-per-video", default=8, show_default=True, help="Evenly spaced steps per video.")
 @click.option(
@@ -300,6 +360,7 @@ def distill_report_cmd(
     students_path,
     teacher_weights,
     teacher_preset,
+    teacher_features,
     split,
     clips_per_video,
     audio_baseline,
@@ -316,12 +377,16 @@ def distill_report_cmd(
     from indexing.models import load_students
     from pipeline.clips import report_loader
 
-    teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
+    if teacher_features:
+        teacher, teacher_meta = _stored_teacher(manifest, teacher_features, teacher_weights, teacher_preset)
+    else:
+        teacher, teacher_meta = _teacher(teacher_weights, teacher_preset)
     students, meta = load_students(students_path, device=device)
     if meta["teacher_sha256"] not in (None, teacher_meta["sha256"]):
         warn("these students were distilled from another teacher")
     loader = report_loader(
         manifest,
+        teacher_features=teacher_features,
         split=split,
         clips_per_video=clips_per_video,
         batch_size=batch_size,

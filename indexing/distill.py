@@ -267,8 +267,20 @@ def _run(
 
 def _inputs(batch: dict[str, Tensor], dev: torch.device) -> tuple[Tensor, Tensor]:
     frames = frames_to_tensor(batch["frames"].to(dev, non_blocking=True))  # (B, 3, 112, 112)
+    if "mel" in batch:  # read from a store's inputs set (what log_mel gave at extraction)
+        return frames, batch["mel"].to(dev, non_blocking=True)  # (B, 1, 101, 40)
     mel = log_mel(batch["audio"].to(dev, non_blocking=True))  # (B, 1, 101, 40)
     return frames, mel
+
+
+def _target(batch: dict[str, Tensor], teacher: Teacher | None, dev: torch.device) -> Tensor:
+    """The teacher descriptor of each clip: stored (``target``, the teacher never runs) or computed."""
+    if "target" in batch:
+        return batch["target"].to(dev, non_blocking=True)  # (B, 512)
+    if teacher is None:
+        raise ConfigError("batches carry no stored teacher target and no teacher was given; pass a teacher")
+    with torch.no_grad():
+        return teacher(clips_to_tensor(batch["clip"].to(dev, non_blocking=True)))  # (B, 512)
 
 
 # ---- distillation --------------------------------------------------------------------------------
@@ -276,7 +288,7 @@ def _inputs(batch: dict[str, Tensor], dev: torch.device) -> tuple[Tensor, Tensor
 
 def distill(
     students: Students,
-    teacher: Teacher,
+    teacher: Teacher | None,
     train_loader,
     val_loader,
     config: DistillConfig,
@@ -288,8 +300,9 @@ def distill(
 
     Args:
         students: Students to train in place (image, audio and Ψ; a classifier, if any, is untouched).
-        teacher: Frozen teacher.
-        train_loader: Batches of :class:`pipeline.clips.ClipDataset` items with clips.
+        teacher: Frozen teacher; ``None`` when the batches carry stored teacher targets
+            (:class:`pipeline.clips.StoreClipDataset`) and ``kl_weight`` is 0 (the KL term needs its fc).
+        train_loader: Batches of :class:`pipeline.clips.ClipDataset` items with clips (or targets).
         val_loader: Same, for the per-epoch validation L1 (``uniform`` sampling recommended).
         config: Distillation settings.
         out_path: Checkpoint file, rewritten after every epoch; an existing one from the same run is
@@ -306,14 +319,16 @@ def distill(
     """
     dev = _device(config.device)
     students.to(dev)
-    teacher.to(dev)
+    if teacher is not None:
+        teacher.to(dev)
+    elif config.kl_weight > 0:
+        raise ConfigError("the KL term scores with the teacher's fc: give the teacher, or kl_weight=0")
     extra = dict(extra or {})
     temp = config.kl_temperature
 
     def batch_loss(batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         frames, mel = _inputs(batch, dev)
-        with torch.no_grad():
-            target = teacher(clips_to_tensor(batch["clip"].to(dev, non_blocking=True)))  # (B, 512)
+        target = _target(batch, teacher, dev)  # (B, 512)
         z_ia = students(frames, mel)["z_ia"]  # (B, 512)
         loss = config.l1_weight * F.l1_loss(z_ia, target)
         if config.kl_weight > 0:
@@ -347,7 +362,12 @@ def distill(
 
 @torch.no_grad()
 def _clip_l1(
-    students: Students, teacher: Teacher, loader, dev: torch.device, *, audio_baseline: str | None = None
+    students: Students,
+    teacher: Teacher | None,
+    loader,
+    dev: torch.device,
+    *,
+    audio_baseline: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-clip L1 (mean over dims) of z_IA to the teacher descriptor, with clip ids.
 
@@ -364,7 +384,7 @@ def _clip_l1(
         z_i.append(out["z_i"])
         z_a.append(out["z_a"])
         z_ia.append(out["z_ia"])
-        target.append(teacher(clips_to_tensor(batch["clip"].to(dev))))  # (B, 512)
+        target.append(_target(batch, teacher, dev))  # (B, 512)
         video.append(batch["video"])
         step.append(batch["step"])
         time_s.append(batch["time_s"])
@@ -388,7 +408,7 @@ def _clip_l1(
 
 def distill_report(
     students: Students,
-    teacher: Teacher,
+    teacher: Teacher | None,
     loader,
     *,
     device: str = "cpu",
@@ -404,7 +424,7 @@ def distill_report(
 
     Args:
         students: Distilled students.
-        teacher: The teacher they were distilled from.
+        teacher: The teacher they were distilled from (``None`` when the loader carries stored targets).
         loader: Batches of :class:`pipeline.clips.ClipDataset` items with clips.
         device: ``cpu`` or ``cuda[:N]``.
         audio_baseline: ``mean`` or ``zero``.
@@ -424,7 +444,8 @@ def distill_report(
         )
     dev = _device(device)
     students.to(dev)
-    teacher.to(dev)
+    if teacher is not None:
+        teacher.to(dev)
     r = _clip_l1(students, teacher, loader, dev, audio_baseline=audio_baseline)
     gain = r["l1_image_only"] - r["l1_image_audio"]
     dataset = loader.dataset

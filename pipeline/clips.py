@@ -19,6 +19,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from indexing.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SAMPLINGS = ("random", "uniform")
+ORDERS = ("clips", "videos")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class ClipConfig:
         size: Frame side in pixels (frames and clips are resized to ``size x size``).
         seed: Seed of the per-epoch draws.
         open_readers: Videos each loader process keeps open (opening indexes the whole file).
+        order: With ``random`` sampling: ``clips`` shuffles all clips of the epoch (the paper's batches of
+            unrelated clips); ``videos`` shuffles whole videos and keeps each video's clips together in
+            step order, so a batch decodes each of its videos in one sequential pass (grouped decoding:
+            several times faster when clips are decoded, at the price of batches from few videos).
     """
 
     clips_per_video: int = 8
@@ -52,8 +58,11 @@ class ClipConfig:
     size: int = 112
     seed: int = 0
     open_readers: int = 32
+    order: str = "clips"
 
     def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ConfigError(f"Unknown clip order {self.order!r}; available: {', '.join(ORDERS)}")
         if self.clips_per_video < 1:
             raise ConfigError(f"clips_per_video={self.clips_per_video} must be >= 1; use e.g. 8")
         if self.sampling not in SAMPLINGS:
@@ -99,7 +108,6 @@ class ClipDataset(Dataset):
         moments: Mapping[str, Sequence[Sequence[float]]] | None = None,
     ):
         from indexing.errors import MediaError
-        from indexing.grid import STEP_S, step_starts
         from pipeline.media import probe_video
 
         self.config = config or ClipConfig()
@@ -126,6 +134,18 @@ class ClipDataset(Dataset):
             raise ConfigError(
                 f"none of {len(entries)} videos could be read ({self.skipped[:3]}); check the manifest"
             )
+        self._setup([info.num_steps for info in self.infos], class_index, require_labels, moments)
+
+    def _setup(
+        self,
+        num_steps: Sequence[int],
+        class_index: Mapping[str, int],
+        require_labels: bool,
+        moments: Mapping[str, Sequence[Sequence[float]]] | None,
+    ) -> None:
+        """Labels, step counts and the steps each video may draw from; then epoch 0's draw."""
+        from indexing.grid import STEP_S, step_starts
+
         self.labels = np.array(
             [class_index.get(str(getattr(e, "label", "")), -1) for e in self.entries], np.int64
         )
@@ -134,7 +154,7 @@ class ClipDataset(Dataset):
             raise ConfigError(
                 f"videos without a known class label: {', '.join(bad)}; label them or drop them"
             )
-        self.num_steps = np.array([info.num_steps for info in self.infos], np.int64)
+        self.num_steps = np.array(num_steps, np.int64)
         # Steps each video may draw from: all, or those whose midpoint lies in a ground-truth segment.
         self.candidates: list[np.ndarray] = []
         self.untrimmed: list[str] = []  # videos drawing from all steps although moments were given
@@ -172,28 +192,47 @@ class ClipDataset(Dataset):
             videos.append(np.full(len(chosen), v, np.int64))
             steps.append(chosen.astype(np.int64))
         index = np.stack([np.concatenate(videos), np.concatenate(steps)], axis=1)  # (N, 2): video, step
-        if self.config.sampling == "random":
+        if self.config.sampling == "random" and self.config.order == "clips":
             index = index[rng.permutation(len(index))]
+        elif self.config.sampling == "random":  # whole videos shuffled, each video's steps in order
+            rank = rng.permutation(len(self.candidates))  # (V,) position of each video in the epoch
+            index = index[np.lexsort((index[:, 1], rank[index[:, 0]]))]
         self.index = index
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        v, step = (int(x) for x in self.index[i])
-        cfg = self.config
-        batch = self._reader(v).read([step], with_clips=cfg.with_clips)
-        item = {
-            "frames": batch.frames[0],  # (S, S, 3) uint8
-            "audio": batch.audio[0].astype(np.float32, copy=False),  # (16000,) float32
-            "label": int(self.labels[v]),
-            "video": v,
-            "step": step,
-            "time_s": float(batch.time_s[0]),
-        }
-        if cfg.with_clips:
-            item["clip"] = batch.clips[0]  # (16, S, S, 3) uint8
-        return item
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The items of a batch; each video of the batch is decoded once, its steps in one sequential read
+        (the items are those :meth:`__getitem__` gives one by one)."""
+        pairs = [(int(self.index[i][0]), int(self.index[i][1])) for i in indices]
+        return self._decode(pairs, with_clips=self.config.with_clips)
+
+    def _decode(self, pairs: Sequence[tuple[int, int]], *, with_clips: bool) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = [{} for _ in pairs]
+        by_video: dict[int, list[int]] = {}
+        for k, (v, _) in enumerate(pairs):
+            by_video.setdefault(v, []).append(k)
+        for v, ks in by_video.items():
+            steps = np.unique([pairs[k][1] for k in ks])  # (n,) sorted: one pass through the file
+            batch = self._reader(v).read(steps, with_clips=with_clips)
+            at = {int(step): j for j, step in enumerate(steps)}
+            for k in ks:
+                j = at[pairs[k][1]]
+                items[k] = {
+                    "frames": batch.frames[j],  # (S, S, 3) uint8
+                    "audio": batch.audio[j].astype(np.float32, copy=False),  # (16000,) float32
+                    "label": int(self.labels[v]),
+                    "video": v,
+                    "step": pairs[k][1],
+                    "time_s": float(batch.time_s[j]),
+                }
+                if with_clips:
+                    items[k]["clip"] = batch.clips[j]  # (16, S, S, 3) uint8
+        return items
 
     def _reader(self, v: int) -> Any:
         """An open reader of video ``v`` from a small per-process LRU cache.
@@ -201,7 +240,7 @@ class ClipDataset(Dataset):
         Opening a video indexes the whole file, which costs far more than reading one step, so each
         (worker) process keeps its most recently used readers open.
         """
-        from pipeline.media import StepReader
+        from pipeline.media import StepReader, probe_video
 
         # Keyed by process: a forked loader worker inherits its parent's open readers, and decoder
         # handles must never be used (or even closed) across a fork, so each process opens its own.
@@ -209,6 +248,8 @@ class ClipDataset(Dataset):
         if v in readers:
             readers.move_to_end(v)
             return readers[v]
+        if self.infos[v] is None:  # a store's video: probed when first decoded
+            self.infos[v] = probe_video(self.entries[v].path)
         reader = StepReader(self.entries[v].path, info=self.infos[v], size=self.config.size)
         readers[v] = reader
         while len(readers) > self.config.open_readers:
@@ -221,6 +262,136 @@ class ClipDataset(Dataset):
     def video_id(self, v: int) -> str:
         """The ``video_id`` of entry ``v``."""
         return str(self.entries[v].video_id)
+
+
+class StoreClipDataset(ClipDataset):
+    """The clips :class:`ClipDataset` draws (same videos, steps and order from ``(seed, epoch)``), read from a
+    feature store that indexes the corpus (``l2l extract``).
+
+    With the store's ``inputs`` set, frames and log-mels are read from the store: no video is decoded.
+    Without it, each batch decodes each of its videos once (see :meth:`ClipDataset.__getitems__`). With
+    ``teacher_features``, items carry the stored teacher descriptor as ``target`` and no clip is decoded.
+
+    Args:
+        store: The store path.
+        records: The store's index records of the videos to use (e.g. one split); only ``ok`` ones give
+            clips, the others are listed in :attr:`skipped`.
+        config: Sampling settings (``size`` must be the store's 112 when reading stored inputs).
+        classes: Class names, as :class:`ClipDataset`.
+        require_labels: As :class:`ClipDataset`.
+        moments: As :class:`ClipDataset`.
+        teacher_features: A feature set of the store holding each step's teacher descriptor (``teacher``).
+        use_inputs: Read the stored ``inputs`` (``None``: when the store has them).
+
+    Items are dicts as :class:`ClipDataset`'s, with ``mel`` ``(1, 101, 40)`` float32 instead of ``audio``
+    when inputs are stored, and ``target`` ``(512,)`` float32 instead of ``clip`` with ``teacher_features``.
+
+    Raises:
+        ConfigError: No ok video, a set the store lacks or has not finished, or unlabelled videos with
+            ``require_labels``.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        records: Sequence[Any],
+        config: ClipConfig | None = None,
+        *,
+        classes: Sequence[str] | None = None,
+        require_labels: bool = False,
+        moments: Mapping[str, Sequence[Sequence[float]]] | None = None,
+        teacher_features: str | None = None,
+        use_inputs: bool | None = None,
+    ):
+        self.config = config or ClipConfig()
+        self.store_path = str(store)
+        sets = store_feature_sets(store, [teacher_features] if teacher_features else [])
+        self.use_inputs = "inputs" in sets if use_inputs is None else use_inputs
+        if self.use_inputs and "inputs" not in sets:
+            raise ConfigError(
+                f"{store} has no inputs feature set; add it with `l2l extract --add-features inputs`"
+            )
+        if self.use_inputs and self.config.size != 112:
+            raise ConfigError(f"stored inputs are 112x112 frames; size={self.config.size} needs decoding")
+        self.teacher_features = teacher_features
+        if classes is None:
+            classes = sorted({str(r.label) for r in records if r.label})
+        self.classes = list(classes)
+        self.entries = [r for r in records if r.status == "ok" and r.steps > 0]
+        self.infos: list[Any] = [None] * len(self.entries)  # probed when a video is first decoded
+        self.skipped = [
+            (str(r.video_id), r.error or r.status) for r in records if not (r.status == "ok" and r.steps > 0)
+        ]
+        if not self.entries:
+            raise ConfigError(f"none of {len(records)} videos of {store} is ok ({self.skipped[:3]})")
+        self.first_row = np.array([r.first_row for r in self.entries], np.int64)  # (V,)
+        class_index = {c: i for i, c in enumerate(self.classes)}
+        self._setup([r.steps for r in self.entries], class_index, require_labels, moments)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        from indexing.grid import STEP_S
+
+        pairs = [(int(self.index[i][0]), int(self.index[i][1])) for i in indices]
+        want_clips = self.config.with_clips and not self.teacher_features
+        if self.use_inputs:
+            items = [
+                {"label": int(self.labels[v]), "video": v, "step": step, "time_s": float(step * STEP_S)}
+                for v, step in pairs
+            ]
+        else:
+            items = self._decode(pairs, with_clips=want_clips)
+        store = self._store()
+        for item, (v, step) in zip(items, pairs, strict=True):
+            row = int(self.first_row[v] + step)
+            if self.use_inputs:
+                item["frames"] = store.read_rows("inputs_frame", row, row + 1)[0]  # (112, 112, 3) uint8
+                item["mel"] = store.read_rows("inputs_logmel", row, row + 1)[0]  # (1, 101, 40) float32
+                if want_clips:
+                    item["clip"] = self._decode([(v, step)], with_clips=True)[0]["clip"]
+            if self.teacher_features:
+                target = store.read_rows(self.teacher_features, row, row + 1)[0]
+                item["target"] = target.astype(np.float32)  # (512,)
+        return items
+
+    def _store(self) -> Any:
+        """The open store of this (loader worker) process."""
+        from indexing.stores import open_store
+
+        stores = self.__dict__.setdefault("_stores", {})
+        if os.getpid() not in stores:
+            stores[os.getpid()] = open_store(self.store_path)
+        return stores[os.getpid()]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_stores")}
+
+
+def store_feature_sets(store: str | os.PathLike, required: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The feature sets of ``store`` (``store info``'s view); ``ConfigError`` unless each of ``required`` is
+    there and on every finished task.
+
+    Raises:
+        ConfigError: A required set is missing or not yet on every task (the message says how to add it).
+    """
+    from indexing.stores import open_store
+    from indexing.stores.tools import feature_sets_done
+
+    with open_store(store) as s:
+        tasks = s.tasks()
+        sets = feature_sets_done(s, tasks)
+        finished = sum(t in set(s.done_ranges()) for t in tasks)
+    for name in required:
+        if name not in sets:
+            raise ConfigError(
+                f"{store} has no feature set {name!r} (it has {', '.join(sets)}); add it with "
+                f"`l2l extract --add-features {name} {store}`"
+            )
+        if sets[name]["tasks_done"] is not None and sets[name]["tasks_done"] < finished:
+            raise ConfigError(
+                f"{store}: feature set {name!r} is on {sets[name]['tasks_done']} of {finished} tasks; "
+                f"finish it with `l2l extract --add-features {name} {store}`"
+            )
+    return sets
 
 
 def make_loader(
@@ -312,6 +483,7 @@ def clip_loaders(
     device: str = "cpu",
     require_labels: bool = False,
     moments: str | os.PathLike | None = None,
+    order: str = "clips",
 ) -> ClipLoaders:
     """Training and validation loaders over the videos of ``manifest`` (``l2l distill``/``finetune``).
 
@@ -327,6 +499,7 @@ def clip_loaders(
         device: Where batches go (pinned memory for cuda).
         require_labels: Refuse videos without a label (fine-tuning).
         moments: Ground-truth segments (``moments.json``): draw clips only from inside them.
+        order: Training clip order, ``clips`` or ``videos`` (see :class:`ClipConfig`).
 
     Raises:
         ConfigError: A bad manifest, moments file, split or value.
@@ -339,7 +512,7 @@ def clip_loaders(
     train_entries, val_entries, val_name = split_entries(
         read_corpus(manifest), train_split=train_split, val_split=val_split
     )
-    train_cfg = ClipConfig(clips_per_video=clips_per_video, with_clips=with_clips, seed=seed)
+    train_cfg = ClipConfig(clips_per_video=clips_per_video, with_clips=with_clips, seed=seed, order=order)
     val_cfg = ClipConfig(
         clips_per_video=clips_per_video, sampling="uniform", with_clips=with_clips, seed=seed
     )
@@ -363,6 +536,90 @@ def clip_loaders(
         "train_split": train_split,
         "val_split": val_name,
         "clips_per_video": clips_per_video,
+        "order": order,
+        "moments": str(moments) if moments is not None else None,
+    }
+    return ClipLoaders(
+        train=make_loader(train_set, batch_size=batch_size, num_workers=workers, device=device),
+        val=make_loader(val_set, batch_size=batch_size, num_workers=workers, device=device),
+        classes=train_set.classes,
+        data=data,
+        notes=notes,
+    )
+
+
+def store_loaders(
+    store: str | os.PathLike,
+    *,
+    teacher_features: str | None = None,
+    with_clips: bool,
+    clips_per_video: int,
+    train_split: str = "train",
+    val_split: str = "auto",
+    seed: int = 0,
+    batch_size: int,
+    workers: int = 2,
+    device: str = "cpu",
+    require_labels: bool = False,
+    moments: str | os.PathLike | None = None,
+    order: str = "clips",
+) -> ClipLoaders:
+    """:func:`clip_loaders` over the videos a feature store indexes (``l2l distill STORE``): the same clips,
+    read from the store's ``inputs`` when it has them, with stored teacher targets when asked.
+
+    Args:
+        store: A store written by ``l2l extract``.
+        teacher_features: The store's teacher descriptor set (``teacher``); the teacher never runs.
+        with_clips: Distillation: items need a teacher target (stored, or a decoded clip without
+            ``teacher_features``).
+        order: ``clips`` (the paper's) or ``videos`` (grouped decoding), see :class:`ClipConfig`.
+        (others as :func:`clip_loaders`)
+
+    Raises:
+        ConfigError: A bad store, set, split or value.
+    """
+    from indexing.corpus import read_moments
+    from indexing.stores import open_store
+
+    segments = None
+    if moments is not None:
+        segments = {vid: item["segments"] for vid, item in read_moments(moments).items()}
+    with open_store(store) as s:
+        records = s.videos()
+        attrs = s.attrs
+    train_records, val_records, val_name = split_entries(
+        records, train_split=train_split, val_split=val_split
+    )
+    kw = {"teacher_features": teacher_features if with_clips else None}
+    train_cfg = ClipConfig(clips_per_video=clips_per_video, with_clips=with_clips, seed=seed, order=order)
+    val_cfg = ClipConfig(
+        clips_per_video=clips_per_video, sampling="uniform", with_clips=with_clips, seed=seed
+    )
+    train_set = StoreClipDataset(
+        store, train_records, train_cfg, require_labels=require_labels, moments=segments, **kw
+    )
+    val_set = StoreClipDataset(store, val_records, val_cfg, classes=train_set.classes, moments=segments, **kw)
+    sets = store_feature_sets(store, [])
+    used = ["inputs"] if train_set.use_inputs else []
+    used += [teacher_features] if kw["teacher_features"] else []
+    notes = [
+        f"warning: {len(ds.skipped)} {name} videos of {store} are not ok; skipped"
+        for name, ds in (("train", train_set), ("val", val_set))
+        if ds.skipped
+    ]
+    notes.append(
+        f"{len(train_set.entries)} train videos ({len(train_set)} clips/epoch), {len(val_set.entries)} "
+        f"validation videos from split {val_name!r} ({len(val_set)} clips); from store {store}: "
+        + (f"{', '.join(used)} read from the store" if used else "clips decoded from the videos")
+    )
+    data = {
+        "store": str(store),
+        "store_corpus_digest": attrs.get("corpus", {}).get("digest"),
+        "feature_sets": {name: {k: sets[name].get(k) for k in ("model", "spec", "sha256")} for name in used},
+        "train_split": train_split,
+        "val_split": val_name,
+        "clips_per_video": clips_per_video,
+        "order": order,
         "moments": str(moments) if moments is not None else None,
     }
     return ClipLoaders(
@@ -382,14 +639,27 @@ def report_loader(
     batch_size: int,
     workers: int = 2,
     device: str = "cpu",
+    teacher_features: str | None = None,
 ) -> DataLoader:
-    """Evenly spaced clips of the videos of ``manifest`` (only ``split`` when given) for ``distill-report``.
+    """Evenly spaced clips of the videos of ``manifest`` (only ``split`` when given) for ``distill-report``;
+    ``manifest`` may be a feature store (a directory): its videos, with stored inputs and teacher targets
+    (``teacher_features``) when it has them.
 
     Raises:
         ConfigError: No video has ``split``.
     """
     from pipeline.corpus import read_corpus
 
+    if Path(manifest).is_dir():
+        from indexing.stores import open_store
+
+        with open_store(manifest) as s:
+            records = [r for r in s.videos() if not split or r.split == split]
+        if not records:
+            raise ConfigError(f"no video of {manifest} has split {split!r}; drop --split or pick another")
+        config = ClipConfig(clips_per_video=clips_per_video, sampling="uniform")
+        dataset = StoreClipDataset(manifest, records, config, teacher_features=teacher_features)
+        return make_loader(dataset, batch_size=batch_size, num_workers=workers, device=device)
     entries = [e for e in read_corpus(manifest) if not split or e.split == split]
     if not entries:
         raise ConfigError(f"no video of {manifest} has split {split!r}; drop --split or pick another")

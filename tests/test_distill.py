@@ -444,3 +444,147 @@ def test_cli_distill_finetune_report(tmp_path):
         ["finetune", str(manifest), "--students", str(tmp_path / "teacher.pt"), "--out", str(ft), *common],
     )
     assert result.exit_code == 2 and "expected an l2l 'students' checkpoint" in result.output
+
+
+# ---- from a feature store: stored teacher targets and inputs ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store_corpus(tmp_path_factory):
+    """Four labelled videos (3-5 steps) and their store with the teacher's descriptors and the inputs."""
+    from pipeline.extract import ExtractConfig, run_extraction
+
+    root = tmp_path_factory.mktemp("store-corpus")
+    manifest = _write_corpus(root, durations=(2.2, 1.6, 2.6, 1.6))
+    config = ExtractConfig(
+        students="random:0:tiny",
+        dtype="float32",
+        chunk_rows=16,  # inputs_frame shards of 16 rows in chunks of 4 (the sharded layout is what is read)
+        features="image,audio,fused,teacher,inputs",
+        teacher="preset:tiny",
+    )
+    report = run_extraction(manifest, root / "store", config, log=lambda _: None)
+    assert report.complete and report.ok == 4
+    return manifest, root / "store"
+
+
+def _distil(loaders, teacher, out):
+    students = build_students("tiny", seed=2)
+    config = DistillConfig(epochs=2, batch_size=3, lr=0.05, seed=2)
+    history = distill(students, teacher, loaders.train, loaders.val, config, out)
+    return history, students.state_dict()
+
+
+def test_distilling_from_a_store_matches_decoding_the_videos(store_corpus, teacher, tmp_path):
+    from pipeline.clips import clip_loaders, store_loaders
+
+    manifest, store = store_corpus
+    kw = {"with_clips": True, "clips_per_video": 3, "seed": 5, "batch_size": 3, "workers": 0}
+    today = clip_loaders(manifest, **kw)
+    want_history, want = _distil(today, teacher, tmp_path / "today.pt")
+    runs = {
+        "targets+inputs": store_loaders(store, teacher_features="teacher", **kw),
+        "targets, decoded frames": store_loaders(store, teacher_features="teacher", **kw),
+        "live teacher, stored inputs": store_loaders(store, **kw),
+    }
+    runs["targets, decoded frames"].train.dataset.use_inputs = False
+    runs["targets, decoded frames"].val.dataset.use_inputs = False
+    assert runs["targets+inputs"].data["feature_sets"].keys() == {"inputs", "teacher"}
+    assert (
+        runs["targets+inputs"].data["feature_sets"]["teacher"]["sha256"]
+        == load_teacher(preset="tiny")[1]["sha256"]
+    )
+    for name, loaders in runs.items():
+        for epoch in (0, 1):  # the same clips in the same order
+            loaders.train.dataset.set_epoch(epoch), today.train.dataset.set_epoch(epoch)
+            np.testing.assert_array_equal(loaders.train.dataset.index, today.train.dataset.index)
+        teacher_or_none = None if loaders.train.dataset.teacher_features else teacher
+        history, got = _distil(loaders, teacher_or_none, tmp_path / f"{len(name)}.pt")
+        for h, w in zip(history, want_history, strict=True):
+            assert h["train_loss"] == pytest.approx(w["train_loss"], rel=1e-4, abs=1e-6), name
+            assert h["val_l1"] == pytest.approx(w["val_l1"], rel=1e-4, abs=1e-6), name
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    # The stored-target loaders never decode a teacher clip; the inputs loader decodes nothing at all.
+    item = runs["targets+inputs"].train.dataset[0]
+    assert "clip" not in item and "audio" not in item and item["target"].shape == (512,)
+    assert item["mel"].shape == (1, 101, 40) and item["frames"].shape == (112, 112, 3)
+
+
+def test_grouped_decoding_reads_each_video_once_per_batch(store_corpus):
+    from indexing.stores import open_store
+    from pipeline.clips import ClipConfig, StoreClipDataset, make_loader
+
+    _, store = store_corpus
+    with open_store(store) as s:
+        records = s.videos()
+    clips = StoreClipDataset(store, records, ClipConfig(clips_per_video=3, seed=4), use_inputs=False)
+    grouped = StoreClipDataset(
+        store, records, ClipConfig(clips_per_video=3, seed=4, order="videos"), use_inputs=False
+    )
+    for epoch in range(3):  # the same clips, only their order differs: whole videos, steps in order
+        clips.set_epoch(epoch), grouped.set_epoch(epoch)
+        assert sorted(map(tuple, clips.index)) == sorted(map(tuple, grouped.index))
+        videos = [int(v) for v, _ in grouped.index]
+        assert [v for i, v in enumerate(videos) if i == 0 or v != videos[i - 1]] == list(
+            dict.fromkeys(videos)
+        )
+        for v in set(videos):
+            steps = grouped.index[grouped.index[:, 0] == v, 1]
+            assert list(steps) == sorted(steps)
+    reads = []
+    original = grouped._reader
+
+    def counting(v):
+        reads.append(v)
+        return original(v)
+
+    grouped._reader = counting
+    batch = next(iter(make_loader(grouped, batch_size=6, num_workers=0)))
+    assert len(reads) == len(set(batch["video"].tolist())) <= 3  # one sequential read per video in the batch
+    with open_store(store) as s:  # decoded frames are the stored inputs
+        rows = [int(grouped.first_row[v] + st) for v, st in zip(batch["video"], batch["step"], strict=True)]
+        stored = np.stack([s.read_rows("inputs_frame", r, r + 1)[0] for r in rows])
+    np.testing.assert_array_equal(batch["frames"].numpy(), stored)
+    with pytest.raises(ValueError, match="available: clips, videos"):
+        ClipConfig(order="random")
+
+
+def test_cli_distill_finetune_report_from_a_store(store_corpus, tmp_path):
+    from cli import main
+    from indexing import checkpoint as ckpt_io
+
+    manifest, store = store_corpus
+    runner = CliRunner()
+    common = ["--epochs", "1", "--batch-size", "2", "--workers", "0", "--clips-per-video", "2", "--json"]
+    out = tmp_path / "students.pt"
+    args = ["distill", str(store), "--teacher-features", "teacher", "--preset", "tiny", "--out", str(out)]
+    result = runner.invoke(main, args + common)
+    assert result.exit_code == 0, result.output
+    assert "inputs, teacher read from the store" in result.stderr
+    extra = ckpt_io.load_checkpoint(out, kind="students")["extra"]
+    assert extra["data"]["store"] == str(store) and set(extra["data"]["feature_sets"]) == {
+        "inputs",
+        "teacher",
+    }
+    teacher_sha = load_teacher(preset="tiny")[1]["sha256"]
+    assert extra["teacher_sha256"] == extra["data"]["feature_sets"]["teacher"]["sha256"] == teacher_sha
+    # A teacher given too must be the one that made the descriptors (it is needed only for the KL term).
+    result = runner.invoke(main, args + ["--teacher-preset", "paper", *common])
+    assert result.exit_code == 2 and "did not make" in result.stderr
+    result = runner.invoke(main, ["distill", str(manifest), "--teacher-features", "teacher", "--out", "x.pt"])
+    assert result.exit_code == 2 and "give the STORE" in result.stderr
+
+    ft = tmp_path / "ft.pt"
+    result = runner.invoke(main, ["finetune", str(store), "--students", str(out), "--out", str(ft), *common])
+    assert result.exit_code == 0, result.output
+    assert load_students(ft)[1]["classes"] == ["blue", "red"]
+
+    report = ["distill-report", str(store), "--students", str(out), "--workers", "0", "--json"]
+    result = runner.invoke(main, report + ["--teacher-features", "teacher"])
+    assert result.exit_code == 0, result.output
+    from_store = json.loads(result.stdout)["summary"]
+    result = runner.invoke(main, ["distill-report", str(manifest), *report[2:], "--teacher-preset", "tiny"])
+    from_videos = json.loads(result.stdout)["summary"]
+    assert from_store["clips"] == from_videos["clips"] == 5 + 3 + 5 + 3
+    assert from_store["mean_l1_image_audio"] == pytest.approx(from_videos["mean_l1_image_audio"], rel=1e-5)

@@ -79,7 +79,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
                 for i in failed
             ],
             "models": store.attrs.get("models", {}),
-            "feature_sets": _feature_sets(store, tasks),
+            "feature_sets": feature_sets_done(store, tasks),
             "bytes": store.disk_bytes(),
             "rows": store.rows,
             "chunk_rows": store.chunk_rows,
@@ -91,7 +91,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         }
 
 
-def _feature_sets(store: FeatureStore, tasks: list[tuple[int, int]]) -> dict[str, dict[str, Any]]:
+def feature_sets_done(store: FeatureStore, tasks: list[tuple[int, int]]) -> dict[str, dict[str, Any]]:
     """Each feature set with its model, weights sha256, arrays and how many planned tasks wrote it."""
     out = {}
     marked = set(store.done_ranges())
@@ -599,7 +599,7 @@ def export_store(
                     "export it to zarr"
                 )
             finished = sum(t in done for t in tasks)
-            for name, fs in _feature_sets(source, tasks).items():
+            for name, fs in feature_sets_done(source, tasks).items():
                 if fs["tasks_done"] is not None and fs["tasks_done"] < finished:
                     raise ConfigError(
                         f"{src}: feature set {name!r} is on {fs['tasks_done']} of {finished} finished tasks; "
