@@ -519,6 +519,13 @@ def clip_loaders(
     train_set = ClipDataset(train_entries, train_cfg, require_labels=require_labels, moments=segments)
     val_set = ClipDataset(val_entries, val_cfg, classes=train_set.classes, moments=segments)
     notes = []
+    unseen = sorted({str(e.label) for e in val_set.entries if e.label and e.label not in train_set.classes})
+    if unseen:
+        n = sum(1 for e in val_set.entries if e.label in unseen)
+        notes.append(
+            f"warning: {n} validation videos are of class(es) {', '.join(unseen[:10])} that no training "
+            f"video has (split {train_split!r}); the model cannot learn them and they count as wrong"
+        )
     for name, ds in (("train", train_set), ("val", val_set)):
         if ds.skipped:
             notes.append(f"warning: {len(ds.skipped)} unreadable {name} videos skipped")

@@ -182,3 +182,18 @@ def test_extract_says_which_ids_it_derived_and_refuses_an_empty_manifest(tmp_pat
     args[1:3] = [str(tmp_path / "empty.csv"), str(tmp_path / "e")]
     empty = CliRunner().invoke(main, args)
     assert empty.exit_code == 2 and "no rows" in empty.stderr and not (tmp_path / "e").exists()
+
+
+def test_clip_loaders_warn_about_a_class_only_in_validation(tmp_path, make_video):
+    from pipeline.clips import clip_loaders
+
+    rows = ["video_id,path,label,split"]
+    videos = [("cat", "train"), ("dog", "train"), ("cat", "test"), ("cow", "test")]
+    for i, (label, split) in enumerate(videos):
+        make_video(tmp_path / f"v{i}.mp4", 0.6, seed=i)
+        rows.append(f"v{i},v{i}.mp4,{label},{split}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    loaders = clip_loaders(tmp_path / "m.csv", with_clips=False, clips_per_video=1, batch_size=2, workers=0)
+    assert loaders.classes == ["cat", "dog"]
+    warned = "1 validation videos are of class(es) cow that no training video has"
+    assert any(warned in note for note in loaders.notes)
