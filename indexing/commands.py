@@ -8,6 +8,7 @@ runs (the one place ``indexing`` reaches into ``pipeline``: the command line, wh
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,12 @@ def _loaders(manifest: str, *, teacher_features: str | None = None, **kwargs: An
     return loaders
 
 
-def _report_history(history: list[dict], out: str, val_key: str, as_json: bool) -> None:
+def _report_history(history: list[dict], out: str, val_key: str, as_json: bool, started: float) -> None:
     from indexing.distill import curve_path
 
     if as_json:
-        echo_json({"out": out, "curve": str(curve_path(out)), "history": history})
+        seconds = round(time.perf_counter() - started, 2)
+        echo_json({"out": out, "curve": str(curve_path(out)), "seconds": seconds, "history": history})
         return
     last = history[-1]
     click.echo(
@@ -189,6 +191,7 @@ def distill(
 
     Rerunning with the same --out and options resumes after the last completed epoch.
     """
+    started = time.perf_counter()
     set_threads(threads)
     from indexing.distill import DistillConfig
     from indexing.distill import distill as run_distill
@@ -229,7 +232,7 @@ def distill(
         "data": loaders.data,
     }
     history = run_distill(students, teacher, loaders.train, loaders.val, config, out, extra=extra)
-    _report_history(history, out, "val_l1", as_json)
+    _report_history(history, out, "val_l1", as_json, started)
 
 
 @click.command()
@@ -278,6 +281,7 @@ def finetune(
 ) -> None:
     """Fine-tune a classifier on z_IA (and the students) with MANIFEST's labels, or those of the videos a
     feature STORE indexes (read from its inputs set when it has one)."""
+    started = time.perf_counter()
     set_threads(threads)
     from indexing.distill import FinetuneConfig
     from indexing.distill import finetune as run_finetune
@@ -318,7 +322,7 @@ def finetune(
     history = run_finetune(
         students, loaders.train, loaders.val, config, out, classes=loaders.classes, extra=extra
     )
-    _report_history(history, out, "val_accuracy", as_json)
+    _report_history(history, out, "val_accuracy", as_json, started)
 
 
 @click.command("distill-report")
@@ -372,6 +376,7 @@ def distill_report_cmd(
     as_json,
 ) -> None:
     """Per-clip L1 to the teacher of image-only vs image+audio students: where does audio help?"""
+    started = time.perf_counter()
     set_threads(threads)
     from indexing.distill import distill_report
     from indexing.models import load_students
@@ -397,7 +402,7 @@ def distill_report_cmd(
         students, teacher, loader, device=device, audio_baseline=audio_baseline, top_k=top_k
     )
     if as_json:
-        echo_json(report)
+        echo_json({**report, "seconds": round(time.perf_counter() - started, 2)})
         return
     s = report["summary"]
     click.echo(f"clips                  {s['clips']}")

@@ -8,6 +8,8 @@ decodes video: ``show`` draws frames only when the caller put a frame reader in 
 
 from __future__ import annotations
 
+import time
+
 import click
 
 from indexing.errors import ConfigError
@@ -169,6 +171,8 @@ def train_cmd(
     """Train a skimming model on the features in STORE (paper recipe by default)."""
     from skim.train import TrainConfig, train
 
+    started = time.perf_counter()
+
     model_options = given(
         index_features=csv_names(index_features),
         recognition_features=csv_names(recognition_features),
@@ -216,7 +220,7 @@ def train_cmd(
         log=warnings_only if as_json else None,
     )
     if as_json:
-        echo_json(summary)
+        echo_json({**summary, "seconds": round(time.perf_counter() - started, 2)})
         return
     last = summary["history"][-1] if summary["history"] else {}
     click.echo(
@@ -275,6 +279,8 @@ def evaluate_cmd(
     """Compare skimming with uniform, random and dense baselines on STORE's features."""
     from skim.evaluate import EvalConfig, evaluate
 
+    started = time.perf_counter()
+
     config = EvalConfig(
         **given(
             split=split,
@@ -301,7 +307,7 @@ def evaluate_cmd(
         allow_other_students=allow_other_students,
     )
     if as_json:
-        echo_json(result)
+        echo_json({**result, "seconds": round(time.perf_counter() - started, 2)})
         return
     echo_evaluation(result)
 

@@ -140,9 +140,11 @@ def test_the_shared_words_are_where_a_user_looks(outputs):
     assert {"out", "seconds", "classes", "labels"} <= set(outputs[("synth",)])
     assert {"store", "failed", "failures", "seconds", "complete"} <= set(outputs[("extract",)])
     assert {"failed", "failures", "complete", "tasks", "tasks_done"} <= set(outputs[("store", "info")])
-    assert {"out", "curve"} <= set(outputs[("distill",)]) and {"out", "curve"} <= set(outputs[("finetune",)])
-    assert {"out", "curve", "classes", "labels"} <= set(outputs[("train",)])
-    assert {"classes", "labels", "classes_present"} <= set(outputs[("evaluate",)])
+    for name in ("distill", "finetune"):
+        assert {"out", "curve", "seconds"} <= set(outputs[(name,)])
+    assert {"out", "curve", "classes", "labels", "seconds"} <= set(outputs[("train",)])
+    assert {"classes", "labels", "classes_present", "seconds"} <= set(outputs[("evaluate",)])
+    assert "seconds" in outputs[("distill-report",)]
     assert {"out"} <= set(outputs[("store", "export")]) and {"out"} <= set(outputs[("show",)])
     moments = outputs[("query",)][0]["moments"]
     assert [m["start_s"] for m in moments] == sorted(m["start_s"] for m in moments)
