@@ -112,8 +112,12 @@ def _loaders(manifest: str, *, teacher_features: str | None = None, **kwargs: An
 
 
 def _report_history(history: list[dict], out: str, val_key: str, as_json: bool, started: float) -> None:
+    import os
+
     from indexing.distill import curve_path
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports (and wrote the checkpoint)
+        return
     if as_json:
         seconds = round(time.perf_counter() - started, 2)
         echo_json({"out": out, "curve": str(curve_path(out)), "seconds": seconds, "history": history})

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from indexing import checkpoint as ckpt_io
-from indexing import training
+from indexing import parallel, training
 from indexing.errors import CheckpointError, ConfigError
 from indexing.frontend import clips_to_tensor, frames_to_tensor, log_mel
 from indexing.models import Students, Teacher
@@ -189,9 +189,21 @@ def _set_epoch(loader, epoch: int) -> None:
         loader.dataset.set_epoch(epoch)
 
 
+class _Forward:
+    """What the loss calls to run the students: the students, or their DistributedDataParallel wrapper."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, *args: Any) -> Any:
+        return self.module(*args)
+
+
 def _run(
     *,
     stage: str,
+    ctx: parallel.Context,
+    forward: _Forward,
     students: Students,
     params: list[torch.nn.Parameter],
     train_loader,
@@ -203,12 +215,14 @@ def _run(
     val_key: str,
     set_train_mode,
 ) -> list[dict[str, float]]:
-    """Distillation and fine-tuning through the shared loop (:func:`indexing.training.fit`)."""
+    """Distillation and fine-tuning through the shared loop (:func:`indexing.training.fit`); under
+    ``torchrun``, one part of every global batch per process (:mod:`indexing.parallel`)."""
     out_path = Path(out_path)
     if getattr(train_loader, "batch_size", config.batch_size) != config.batch_size:
         raise ConfigError(
             f"train loader batch size {train_loader.batch_size} != config.batch_size={config.batch_size}"
         )
+    train_loader = parallel.rank_loader(train_loader, ctx)
     opt = training.sgd(
         [{"params": params}],
         momentum=config.momentum,
@@ -227,6 +241,7 @@ def _run(
         start = int(ckpt["epoch"])
         if start < config.epochs:
             log.info("resuming %s from %s after epoch %d", stage, out_path, start)
+    forward.module = parallel.wrap(students, ctx)  # the same parameters: `opt` keeps working
 
     def batches(epoch: int):
         _set_epoch(train_loader, epoch)
@@ -234,9 +249,11 @@ def _run(
 
     def step(batch) -> training.StepResult:
         loss, n = batch_loss(batch)
-        return training.StepResult(loss, n)
+        return training.StepResult(*parallel.global_loss(loss, n, ctx))
 
     def save(epoch: int, state: dict[str, Any]) -> None:
+        if not ctx.main:
+            return
         ckpt_io.save_checkpoint(
             out_path,
             kind="students",
@@ -260,8 +277,12 @@ def _run(
         start_epoch=start,
         train_mode=set_train_mode,
         validate=lambda: {val_key: validate()},
-        plot=lambda h: _plot(h, curve_path(out_path), val_key=val_key, title=f"{stage}: {out_path.name}"),
+        plot=(lambda h: _plot(h, curve_path(out_path), val_key=val_key, title=f"{stage}: {out_path.name}"))
+        if ctx.main
+        else None,
         rate_key="clips_per_s",
+        progress=ctx.main,
+        note=None if ctx.main else (lambda _line: None),
     )
 
 
@@ -317,7 +338,9 @@ def distill(
     Raises:
         ValueError: Bad device, mismatched batch size, an incompatible existing checkpoint, no clips.
     """
-    dev = _device(config.device)
+    _device(config.device)  # refused before joining a process group
+    ctx = parallel.context(config.device)  # under torchrun: this process's rank and device
+    dev = _device(ctx.device)
     students.to(dev)
     if teacher is not None:
         teacher.to(dev)
@@ -325,11 +348,12 @@ def distill(
         raise ConfigError("the KL term scores with the teacher's fc: give the teacher, or kl_weight=0")
     extra = dict(extra or {})
     temp = config.kl_temperature
+    forward = _Forward(students)
 
     def batch_loss(batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         frames, mel = _inputs(batch, dev)
         target = _target(batch, teacher, dev)  # (B, 512)
-        z_ia = students(frames, mel)["z_ia"]  # (B, 512)
+        z_ia = forward(frames, mel)["z_ia"]  # (B, 512)
         loss = config.l1_weight * F.l1_loss(z_ia, target)
         if config.kl_weight > 0:
             log_p_student = F.log_softmax(teacher.logits(z_ia) / temp, dim=1)  # (B, C)
@@ -347,6 +371,8 @@ def distill(
     params = [p for m in (students.image, students.audio, students.fusion) for p in m.parameters()]
     return _run(
         stage="distill",
+        ctx=ctx,
+        forward=forward,
         students=students,
         params=params,
         train_loader=train_loader,
@@ -516,10 +542,13 @@ def finetune(
     """
     if len(classes) < 2:
         raise ConfigError(f"fine-tuning needs at least 2 classes, got {classes}; check the manifest labels")
-    dev = _device(config.device)
+    _device(config.device)  # refused before joining a process group
+    ctx = parallel.context(config.device)  # under torchrun: this process's rank and device
+    dev = _device(ctx.device)
     if students.classifier is None or students.classifier.num_classes != len(classes):
         students.attach_classifier(len(classes), seed=config.seed)
     students.to(dev)
+    forward = _Forward(students)
     extra = dict(extra or {}, classes=list(classes))
     trunk = (students.image, students.audio, students.fusion)
     for module in trunk:
@@ -527,7 +556,7 @@ def finetune(
 
     def batch_loss(batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         frames, mel = _inputs(batch, dev)
-        logits = students(frames, mel)["logits"]  # (B, C)
+        logits = forward(frames, mel)["logits"]  # (B, C)
         labels = batch["label"].to(dev)
         if (labels < 0).any():
             raise ConfigError("a training clip has no class label; every training video needs a known label")
@@ -556,6 +585,8 @@ def finetune(
     params = [p for p in students.parameters() if p.requires_grad]
     return _run(
         stage="finetune",
+        ctx=ctx,
+        forward=forward,
         students=students,
         params=params,
         train_loader=train_loader,

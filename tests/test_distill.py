@@ -588,3 +588,92 @@ def test_cli_distill_finetune_report_from_a_store(store_corpus, tmp_path):
     from_videos = json.loads(result.stdout)["summary"]
     assert from_store["clips"] == from_videos["clips"] == 5 + 3 + 5 + 3
     assert from_store["mean_l1_image_audio"] == pytest.approx(from_videos["mean_l1_image_audio"], rel=1e-5)
+
+
+def test_torchrun_two_processes_train_like_one(store_corpus, tmp_path):
+    """The same command under torchrun with 2 CPU processes (gloo, DDP): same global batches, same loss
+    curve and weights as one process, to float tolerance (BatchNorm statistics over the global batch)."""
+    import os
+    import subprocess
+    import sys
+
+    from indexing import checkpoint as ckpt_io
+
+    _, store = store_corpus
+    # 6 clips per epoch in batches of 4: the last batch of 2 is shared 1 + 1.
+    args = ["distill", str(store), "--teacher-features", "teacher", "--preset", "tiny", "--epochs", "2"]
+    args += ["--batch-size", "4", "--clips-per-video", "3", "--workers", "0", "--lr", "0.001", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "cli", *args, "--out", str(tmp_path / "one.pt")], env=env, capture_output=True
+    )
+    assert one.returncode == 0, one.stderr.decode()[-2000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    two = subprocess.run(
+        [*launch, "cli", *args, "--out", str(tmp_path / "two.pt")], env=env, capture_output=True
+    )
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    assert two.stdout.decode().count('"history"') == 1  # rank 0 reports
+    h1, h2 = json.loads(one.stdout)["history"], json.loads(two.stdout)["history"]
+    for a, b in zip(h1, h2, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["val_l1"] == pytest.approx(a["val_l1"], rel=1e-5)
+    a = ckpt_io.load_checkpoint(tmp_path / "one.pt", kind="students")["state_dict"]
+    b = ckpt_io.load_checkpoint(tmp_path / "two.pt", kind="students")["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_slurm_distill_script_runs_torchrun_over_the_store(store_corpus, tmp_path):
+    """cluster/slurm/distill.sbatch end to end on one node: stand-in srun, scontrol; real torchrun, 2 ranks"""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from indexing import checkpoint as ckpt_io
+
+    _, store = store_corpus
+    script = Path(__file__).resolve().parents[1] / "cluster" / "slurm" / "distill.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NNODES": "1",
+        "SLURM_CPUS_PER_TASK": "2",
+        "SLURM_JOB_ID": "7",
+        "L2L_PROCS_PER_NODE": "2",
+        "L2L_RDZV_PORT": str(port),
+    }
+    out = tmp_path / "students.pt"
+    args = [
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--clips-per-video",
+        "3",
+        "--workers",
+        "0",
+    ]
+    result = subprocess.run(
+        ["bash", str(script), str(store), *args, "--out", str(out), "--json"], env=env, capture_output=True
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert "1 node(s) x 2 process(es)" in result.stdout.decode()
+    extra = ckpt_io.load_checkpoint(out, kind="students")["extra"]
+    assert extra["data"]["store"] == str(store) and "teacher" in extra["data"]["feature_sets"]
