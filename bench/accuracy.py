@@ -349,7 +349,8 @@ def main() -> None:
     markdown = "\n".join(
         [
             f"**Skimming variants on one store** ({corpus_line}; {machine_line(info)}"
-            f"{'; QUICK run' if quick else ''}; wall {wall / 60:.0f} min)",
+            f"{'; QUICK run' if quick else ''}; wall {wall / 60:.0f} min"
+            f"{f', {len(previous)} runs reused from earlier invocations' if previous else ''})",
             "",
             md,
             "",
