@@ -124,6 +124,14 @@ def _model_option(fn):
 @click.option("--seed", type=int, help="Seed of weights, batch order and crops (default 0).")
 @click.option("--workers", "num_workers", type=int, help="DataLoader worker processes (default 0).")
 @click.option("--in-memory", is_flag=True, default=None, help="Load the store's arrays once.")
+@click.option(
+    "--shuffle",
+    type=click.Choice(["video", "block"]),
+    help="video: uniform batches (default); block: shuffle store chunks, then videos in a window (reads).",
+)
+@click.option(
+    "--length-buckets", is_flag=True, default=None, help="Batch videos of similar length (less padding)."
+)
 @click.option("--device", help="cpu, cuda or auto (default cpu).")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
 @click.option("--plot", type=OutputPath(dir_okay=False), help="Training-curve PNG (default: OUT with .png).")
@@ -160,6 +168,8 @@ def train_cmd(
     seed,
     num_workers,
     in_memory,
+    shuffle,
+    length_buckets,
     device,
     threads,
     plot,
@@ -199,6 +209,8 @@ def train_cmd(
             seed=seed,
             num_workers=num_workers,
             in_memory=in_memory,
+            shuffle=shuffle,
+            length_buckets=length_buckets,
             device=device,
             threads=threads,
             init=init,

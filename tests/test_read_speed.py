@@ -333,3 +333,28 @@ def test_query_all_streams_json_lines_and_resumes(model, tmp_path):
     bad.write_text('{"not": "an answer"}\n')
     result = CliRunner().invoke(main, [*base, "--out", str(bad), "--resume"])
     assert result.exit_code != 0 and "not a query answer" in result.output
+
+
+def test_train_command_takes_block_shuffle_and_length_buckets(model, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    args = [
+        "train", str(model["store"]), "--labels", str(model["store"].parent / "store.labels.csv"),
+        "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--hidden", "24", "--embed", "16",
+        "--init", "scratch", "--batch-size", "6", "--crop-min", "8", "--crop-max", "20", "--milestones", "",
+        "--val-split", "none",
+        "--shuffle", "block", "--length-buckets", "--json",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    from skim.checkpoint import load_checkpoint
+
+    assert json.loads(result.stdout)["epochs"] == 1
+    config = load_checkpoint(tmp_path / "m.pt").meta["train_config"]
+    assert config["shuffle"] == "block" and config["length_buckets"] is True
+    bad = CliRunner().invoke(main, [*args[:-4], "--shuffle", "chunks"])
+    assert bad.exit_code != 0 and "chunks" in bad.output
