@@ -1,10 +1,11 @@
 """ImgAud2Vid training: distil the clip teacher into image + audio students, then fine-tune a classifier.
 
-Both stages checkpoint after every epoch into the output file (see :mod:`indexing.checkpoint`) with the
-optimiser, scheduler and RNG state; rerunning with the same output path and config continues after the
-last completed epoch, and gives the same weights as an uninterrupted run (each epoch's data is drawn
-from ``(seed, epoch)`` by :class:`pipeline.clips.ClipDataset`). A training-curve PNG is written beside
-the checkpoint (``students.pt`` → ``students-curve.png``).
+Both stages run the shared loop (:func:`indexing.training.fit`) and checkpoint after every epoch into the
+output file (see :mod:`indexing.checkpoint`) with the optimiser and RNG state; rerunning with the same
+output path and config continues after the last completed epoch, and gives the same weights as an
+uninterrupted run (each epoch's data is drawn from ``(seed, epoch)`` by :class:`pipeline.clips.ClipDataset`).
+A training-curve PNG is drawn beside the checkpoint (``students.pt`` → ``students-curve.png``) after the
+last epoch and at most once a minute before.
 
 Distillation loss: ``l1_weight * |z_IA - teacher(clip)|_1`` (mean over dims and batch) plus, when
 ``kl_weight > 0``, ``kl_weight * T^2 * KL(softmax(fc(teacher)/T) || softmax(fc(z_IA)/T))`` where ``fc``

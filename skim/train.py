@@ -3,7 +3,12 @@
 SGD with Nesterov momentum 0.9, weight decay 1e-4, lr 1e-2 divided by 10 at epochs 15 and 20, 25 epochs,
 batches of 256 videos each cropped to one random length in [200, 500] steps. After every epoch: validation
 on the ``val`` split (``test`` when the manifest has no ``val`` videos, said in the log and the checkpoint),
-a checkpoint (atomic; ``resume=True`` continues from it with the same batches) and the training-curve PNG.
+a checkpoint (atomic; ``resume=True`` continues from it with the same batches) and the training-curve PNG,
+through the loop shared with distillation (:func:`indexing.training.fit`).
+
+``Psi`` and the classifier start from the fine-tuned students checkpoint the store records (``Psi`` frozen,
+the classifier at 0.1x the learning rate), as the paper does; ``init="scratch"`` trains both from PyTorch's
+default initialisation at one rate (:func:`students_start` says why a checkpoint cannot be used).
 """
 
 from __future__ import annotations
