@@ -54,7 +54,7 @@ from indexing.stores import (
     open_store,
     store_format,
 )
-from pipeline.plan import Plan, Task, TaskVideo, plan_extraction
+from pipeline.plan import Plan, Task, TaskVideo, plan_extraction, replan
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -401,7 +401,12 @@ def _set_models(sets: Sequence[str], config: ExtractConfig) -> dict[str, Any]:
 
 
 def extract_task(
-    task: Task, *, store_path: str | Path, config: ExtractConfig, sets: Sequence[str] | None = None
+    task: Task,
+    *,
+    store_path: str | Path,
+    config: ExtractConfig,
+    sets: Sequence[str] | None = None,
+    fail: dict[int, str] | None = None,
 ) -> TaskResult:
     """Extract one task: decode its videos, run the models, write its rows, mark it done.
 
@@ -417,6 +422,8 @@ def extract_task(
         sets: Feature sets to add to this already finished task (``--add-features``): only their arrays are
             computed and written, then added to the task's done marker; videos the task recorded as failed
             keep fill rows. ``None``: the whole task, every set of ``config.features``.
+        fail: Videos (index position: reason) another task of which recorded a failed piece: this task
+            records its piece of them failed too, with fill rows, so a cut video is never half ok.
 
     Returns:
         The task's result (per-video status, error, has_audio, rows written).
@@ -482,6 +489,9 @@ def extract_task(
             if adding and before[video.pos]["status"] != "ok":
                 results.append(VideoResult(**before[video.pos]))
                 continue
+            if fail and video.pos in fail and not adding:  # another piece of this video failed
+                results.append(VideoResult(video.pos, video.video_id, "failed", fail[video.pos], False, 0))
+                continue
             try:
                 has_audio = _extract_video(video, rows, lo, students, config, models)
                 results.append(VideoResult(video.pos, video.video_id, "ok", "", has_audio, video.steps))
@@ -524,6 +534,8 @@ def _extract_video(
 ) -> bool:
     """Fill rows ``[lo, lo + video.steps)`` of the task buffers; returns has_audio. Raises MediaError.
 
+    A piece of a cut video (``video.offset``) decodes only its steps ``[offset, offset + steps)``.
+
     ``students`` ``None`` leaves the students' arrays and the row arrays alone (adding sets); ``models``
     maps each other feature set to fill to its model.
     """
@@ -531,25 +543,32 @@ def _extract_video(
 
     models = models or {}
     info = probe_video(video.path, timeout_s=config.probe_timeout_s)
-    if info.num_steps != video.steps:
+    if info.num_steps != video.total:
         raise MediaError(
             video.path,
-            f"has {info.num_steps} steps now but had {video.steps} when the store was planned; "
+            f"has {info.num_steps} steps now but had {video.total} when the store was planned; "
             "the file changed, extract it into a new store",
         )
     # Steps starting after a shorter audio track ends have silence, not audio (t = 0 is the video start).
     audio_end_s = info.audio_start_s - info.start_s + info.audio_duration_s if info.has_audio else 0.0
     done = np.zeros(video.steps, bool)
     clips = any(get_feature_set(name).needs_clips for name in models)
+    first, end = video.offset, video.offset + video.steps
     for batch in iter_step_batches(
-        video.path, batch_steps=config.batch_steps, size=IMAGE_SIZE, info=info, with_clips=clips
+        video.path,
+        batch_steps=config.batch_steps,
+        size=IMAGE_SIZE,
+        info=info,
+        with_clips=clips,
+        start=first,
+        stop=end,
     ):
-        steps = np.asarray(batch.steps, dtype=np.int64)  # (B,)
+        steps = np.asarray(batch.steps, dtype=np.int64) - first  # (B,) steps of this piece
         if steps.size == 0:
             continue
         if steps.min() < 0 or steps.max() >= video.steps:
             raise MediaError(
-                video.path, f"decoder gave step {int(steps.max())} of a {video.steps}-step video"
+                video.path, f"decoder gave step {int(steps.max()) + first} outside steps [{first}, {end})"
             )
         at = lo + steps
         if students is not None:
@@ -750,6 +769,7 @@ def run_extraction(
     max_tasks: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    workers: int | None = None,
 ) -> ExtractReport:
     """Extract a corpus into a store, or complete an existing store of the same corpus and config.
 
@@ -763,6 +783,9 @@ def run_extraction(
             later run continues). ``None`` runs them all.
         progress: Show tqdm bars on stderr.
         log: Where to print status lines (default: stderr).
+        workers: Tasks the cluster runs at once, for planning a new store (fewer tasks than this cut
+            videos so that every worker gets work, see :mod:`pipeline.plan`); ``None``: the client's
+            worker threads, 1 without a client. A resume keeps the store's recorded plan.
 
     Returns:
         The report. ``report.complete`` is false when tasks remain (errors or ``max_tasks``).
@@ -799,7 +822,15 @@ def run_extraction(
 
     if not exists:
         records = probe_corpus(entries, config, client=client, progress=progress)
-        plan = plan_extraction(records, chunk_rows=config.chunk_rows, task_steps=config.task_steps)
+        workers = cluster_slots(client) if workers is None else workers
+        plan = plan_extraction(
+            records, chunk_rows=config.chunk_rows, task_steps=config.task_steps, workers=workers
+        )
+        if plan.version > 1:
+            log(
+                f"l2l: {len(plan.tasks)} tasks for {workers} workers "
+                f"({plan.split_videos} video(s) cut at task boundaries)"
+            )
         corpus_attrs = {
             "spec": str(corpus) if isinstance(corpus, (str, Path)) else "",
             "videos": len(entries),
@@ -847,7 +878,8 @@ def run_extraction(
         if resumed:
             _check_resume(store.attrs, config, meta, digest, store_path)
             records = store.videos()
-            plan = plan_extraction(records, chunk_rows=config.chunk_rows, task_steps=config.task_steps)
+            recorded = store.attrs.get("plan", {})
+            plan = replan(records, recorded, chunk_rows=config.chunk_rows, task_steps=config.task_steps)
             if plan.digest() != store.attrs.get("plan", {}).get("digest"):
                 raise StoreError(
                     f"{store_path}: its index no longer gives the plan it was created with "
@@ -864,9 +896,11 @@ def run_extraction(
             )
         todo = pending if max_tasks is None else pending[:max_tasks]
         t_tasks = time.perf_counter()
-        new, errors = _run_tasks(todo, store_path, config, client=client, progress=progress)
-        t_tasks = time.perf_counter() - t_tasks
+        fail = _failed_pieces(plan, done)
+        new, errors = _run_tasks(todo, store_path, config, client=client, progress=progress, fail=fail)
         done.update(new)
+        errors += _settle_cut_videos(plan, done, store_path, config, client=client, log=log)
+        t_tasks = time.perf_counter() - t_tasks
         report = _finalise(store, plan, done, errors, config)
     report.resumed = resumed
     report.tasks_run = len(new)
@@ -937,7 +971,8 @@ def add_features(
         config = replace(base, features=features, teacher=teacher or base.teacher)
         if "teacher" in sets and not teacher:
             raise ConfigError("--add-features teacher needs --teacher-weights PATH or --teacher-preset NAME")
-        plan = plan_extraction(store.videos(), chunk_rows=base.chunk_rows, task_steps=base.task_steps)
+        recorded = store.attrs.get("plan", {})
+        plan = replan(store.videos(), recorded, chunk_rows=base.chunk_rows, task_steps=base.task_steps)
         if plan.digest() != store.attrs.get("plan", {}).get("digest"):
             raise StoreError(
                 f"{store_path}: its index no longer gives the plan it was created with (digest mismatch); "
@@ -1003,8 +1038,9 @@ def _run_tasks(
     client: Client | None,
     progress: bool,
     sets: Sequence[str] | None = None,
+    fail: dict[int, str] | None = None,
 ) -> tuple[dict[int, TaskResult], list[dict[str, str]]]:
-    """Run tasks serially or on Dask (``sets``: add those feature sets, see :func:`extract_task`); returns
+    """Run tasks serially or on Dask (``sets``, ``fail``: see :func:`extract_task`); returns
     results by task index and the tasks that failed."""
     from tqdm import tqdm
 
@@ -1037,7 +1073,8 @@ def _run_tasks(
         if client is None:
             for task in tasks:
                 try:
-                    finished(task, extract_task(task, store_path=store_path, config=config, sets=sets), None)
+                    result = extract_task(task, store_path=store_path, config=config, sets=sets, fail=fail)
+                    finished(task, result, None)
                 except Exception as err:  # the executor's job: record it, go on, leave the task for a resume
                     finished(task, None, err)
         else:
@@ -1051,6 +1088,7 @@ def _run_tasks(
                 store_path=str(store_path),
                 config=config,
                 sets=sets,
+                fail=fail,
                 retries=config.retries,
                 pure=False,
             )
@@ -1065,6 +1103,55 @@ def _run_tasks(
     return results, errors
 
 
+def cluster_slots(client: Client | None) -> int:
+    """Tasks a client's cluster runs at once (its workers' threads; 1 without a client)."""
+    if client is None:
+        return 1
+    return max(1, sum(client.nthreads().values()))
+
+
+def _failed_pieces(plan: Plan, done: dict[int, TaskResult]) -> dict[int, str]:
+    """Videos cut over several tasks of which a finished task recorded a failed piece: position -> reason."""
+    cut = {v.pos for t in plan.tasks for v in t.videos if v.is_piece}
+    out: dict[int, str] = {}
+    for index in sorted(done):
+        for v in done[index].videos:
+            if v.pos in cut and v.status == "failed":
+                out.setdefault(v.pos, v.error)
+    return out
+
+
+def _settle_cut_videos(
+    plan: Plan,
+    done: dict[int, TaskResult],
+    store_path: Path,
+    config: ExtractConfig,
+    *,
+    client: Client | None,
+    log: Callable[[str], None],
+) -> list[dict[str, str]]:
+    """Rerun finished tasks holding an ok piece of a cut video another piece of which failed, so that it is
+    recorded failed there too (fill rows, the same reason): a video is failed as a whole, never half ok.
+    Updates ``done``; returns the reruns that failed (those tasks keep their marker; `store check` finds
+    the disagreement and `store repair` reruns them)."""
+    errors: list[dict[str, str]] = []
+    while True:
+        fail = _failed_pieces(plan, done)
+        todo = [
+            plan.tasks[i]
+            for i in sorted(done)
+            if any(v.pos in fail and v.status == "ok" for v in done[i].videos)
+        ]
+        if not todo:
+            return errors
+        log(f"l2l: {len(fail)} cut video(s) failed in one piece; rewriting {len(todo)} task(s) with the rest")
+        new, errs = _run_tasks(todo, store_path, config, client=client, progress=False, fail=fail)
+        done.update(new)
+        errors += errs
+        if errs:
+            return errors
+
+
 def _describe(err: BaseException | None) -> str:
     return f"{type(err).__name__}: {err}" if err is not None else "unknown error"
 
@@ -1074,11 +1161,17 @@ def _finalise(
 ) -> ExtractReport:
     """Write every video's status into the index (once per run) and build the report."""
     records = list(plan.records)
+    failed_pieces: dict[int, str] = {}
     for result in done.values():
         for v in result.videos:
             rec = records[v.pos]
             has_audio = v.has_audio if v.status == "ok" else rec.has_audio  # a failed video keeps the probe's
             records[v.pos] = replace(rec, status=v.status, error=v.error, has_audio=has_audio)
+            if v.status == "failed":
+                failed_pieces.setdefault(v.pos, v.error)
+    for pos, reason in failed_pieces.items():  # a video cut over tasks fails as a whole, with one reason
+        probed = plan.records[pos].has_audio
+        records[pos] = replace(records[pos], status="failed", error=reason, has_audio=probed)
     for task in plan.tasks:
         if task.index not in done:
             for v in task.videos:
@@ -1212,8 +1305,11 @@ def repair_store(
         planned = store.planned_index()
         if planned is None:
             raise StoreError(f"{store_path}: the planned index is missing, so its tasks cannot be rebuilt")
-        plan = plan_extraction(
-            columns_to_records(planned), chunk_rows=config.chunk_rows, task_steps=config.task_steps
+        plan = replan(
+            columns_to_records(planned),
+            store.attrs.get("plan", {}),
+            chunk_rows=config.chunk_rows,
+            task_steps=config.task_steps,
         )
         if plan.digest() != store.attrs.get("plan", {}).get("digest"):
             raise StoreError(f"{store_path}: the kept planned index does not give the store's plan (digest)")
@@ -1236,10 +1332,12 @@ def repair_store(
                     for path in store.files_of(name, t.start, t.stop):
                         (store_path / path).unlink(missing_ok=True)
             log(f"l2l: repairing {store_path}: re-extracting {len(todo)} task(s)")
-            new, errors = _run_tasks(todo, store_path, config, client=client, progress=progress)
+            fail = _failed_pieces(plan, finished_results(store, plan))
+            new, errors = _run_tasks(todo, store_path, config, client=client, progress=progress, fail=fail)
             report.tasks_rerun = [[t.start, t.stop] for t in todo if t.index in new]
-            report.task_errors = errors
             done = finished_results(store, plan)
+            errors += _settle_cut_videos(plan, done, store_path, config, client=client, log=log)
+            report.task_errors = errors
             final = _finalise(store, plan, done, errors, config)
             report.index_rebuilt = True
         rerun_ids = {v.video_id for t in todo for v in t.videos}

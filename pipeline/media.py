@@ -619,8 +619,10 @@ def iter_step_batches(
     size: int = 112,
     info: VideoInfo | None = None,
     num_threads: int = 1,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[StepBatch]:
-    """Stream all steps of a video, ``batch_steps`` at a time.
+    """Stream the steps ``[start, stop)`` of a video (default all), ``batch_steps`` at a time.
 
     Memory is one batch whatever the video length: frames are decoded per batch (only the frames the
     batch needs), audio packet by packet keeping only the current batch's window. The readers are closed
@@ -633,9 +635,13 @@ def iter_step_batches(
         size: Output side in pixels (shorter side scaled to ``size``, centre crop).
         info: The file's :class:`VideoInfo` if already probed (saves a probe).
         num_threads: Decoder threads (1 suits many workers per machine).
+        start: First step to read (a task holding a piece of a video reads only its range).
+        stop: End step (exclusive); ``None`` is the end of the video.
 
     Yields:
-        :class:`StepBatch` es covering steps ``0 .. info.num_steps - 1`` in order.
+        :class:`StepBatch` es covering steps ``start .. stop - 1`` in order. Batches keep the grid of a
+        whole-video read (multiples of ``batch_steps`` from step 0), cut at ``start`` and ``stop``, so a
+        range reads the same steps in the same batches as the whole video would, except at its ends.
 
     Raises:
         MediaError: Unreadable file (see :func:`probe_video`), ``"corrupt video data at frame N"``,
@@ -644,10 +650,15 @@ def iter_step_batches(
     if batch_steps < 1:
         raise ConfigError(f"batch_steps must be >= 1, got {batch_steps}")
     info = info if info is not None else probe_video(path)
+    total = info.num_steps if stop is None else stop
+    if not 0 <= start <= total <= info.num_steps:
+        raise ConfigError(f"steps [{start}, {total}) are not inside {path}'s {info.num_steps} steps")
     with StepReader(path, info=info, size=size, num_threads=num_threads) as reader:
-        total = info.num_steps
-        for first in range(0, total, batch_steps):
-            yield reader.read(np.arange(first, min(first + batch_steps, total)), with_clips=with_clips)
+        first = start
+        while first < total:
+            end = min((first // batch_steps + 1) * batch_steps, total)  # the whole-video batch grid
+            yield reader.read(np.arange(first, end), with_clips=with_clips)
+            first = end
 
 
 def read_steps(
