@@ -341,16 +341,20 @@ class StoreClipDataset(ClipDataset):
         else:
             items = self._decode(pairs, with_clips=want_clips)
         store = self._store()
-        for item, (v, step) in zip(items, pairs, strict=True):
-            row = int(self.first_row[v] + step)
-            if self.use_inputs:
+        rows = [int(self.first_row[v] + step) for v, step in pairs]
+        if self.teacher_features:  # 1 kB rows: whole chunks decoded once per batch and kept (read_many)
+            from indexing.stores.reading import read_many
+
+            targets = read_many(store, self.teacher_features, [(r, r + 1) for r in rows])
+        for j, (item, (v, step)) in enumerate(zip(items, pairs, strict=True)):
+            row = rows[j]
+            if self.use_inputs:  # 38 kB rows in sharded ~256 kB inner chunks: one small decode per step
                 item["frames"] = store.read_rows("inputs_frame", row, row + 1)[0]  # (112, 112, 3) uint8
                 item["mel"] = store.read_rows("inputs_logmel", row, row + 1)[0]  # (1, 101, 40) float32
                 if want_clips:
                     item["clip"] = self._decode([(v, step)], with_clips=True)[0]["clip"]
             if self.teacher_features:
-                target = store.read_rows(self.teacher_features, row, row + 1)[0]
-                item["target"] = target.astype(np.float32)  # (512,)
+                item["target"] = np.array(targets[j][0], np.float32)  # (512,) a copy, never a cache view
         return items
 
     def _store(self) -> Any:
