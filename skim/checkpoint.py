@@ -8,10 +8,17 @@ and nothing but plain containers of tensors is ever unpickled. The envelope's fi
     state_dict   the model's weights, keys prefixed "skim."
     epoch        completed epochs
     config       TrainConfig as a dict
-    training     {"optimizer": SGD state, "rng": RNG state, "history": one dict per epoch}
+    training     {"history": one dict per epoch}; in the resumable file also "optimizer" (SGD state,
+                 as large as the weights with momentum) and "rng" (RNG state)
     extra        labels (class names, index = class id), features ({"index", "recognition",
                  "recognition_store"}), store (summary of the training store), validated_on, init
                  (where Psi and the classifier started: "scratch" or the students checkpoint)
+
+Training writes two files per epoch: ``OUT`` (e.g. ``skim.pt``), the compact final model that ``query``,
+``evaluate`` and ``show`` load (weights, model and training config, provenance and history; no optimiser
+state), and ``OUT.resume`` (:func:`resume_path`), the same envelope plus the optimiser and RNG state that
+``l2l train --resume`` continues from. Delete ``OUT.resume`` once training is over; ``OUT`` alone answers
+queries.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .model import SkimConfig, SkimModel
 
 KIND = "skim"
 ROLE = "skim"  # the envelope's role name of the skimming model
+RESUME_SUFFIX = ".resume"  # OUT + this: the resumable checkpoint beside the compact model
 
 
 @dataclass
@@ -68,6 +76,12 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
     )
 
 
+def resume_path(path: str | Path) -> Path:
+    """The resumable checkpoint (optimiser and RNG state included) kept beside the compact model ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + RESUME_SUFFIX)
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -78,17 +92,24 @@ def save_checkpoint(
     training: Mapping[str, Any],
     extra: Mapping[str, Any],
 ) -> Path:
-    """Write a skimming checkpoint atomically in the project's envelope (see the module docstring)."""
-    return ckpt_io.save_checkpoint(
-        path,
-        kind=KIND,
-        models={ROLE: {"name": model_name, "args": model.config.to_dict()}},
-        state_dict={f"{ROLE}.{k}": v for k, v in model.state_dict().items()},
-        epoch=epoch,
-        config=json_safe(dict(train_config)),
-        training=training,
-        extra=json_safe(dict(extra)),
-    )
+    """Write a skimming checkpoint atomically in the project's envelope (see the module docstring).
+
+    ``training`` beyond its ``history`` (the optimiser and RNG state) goes to :func:`resume_path` only,
+    written first, so a run killed between the two writes resumes from the newer epoch; ``path`` gets
+    the compact model. Returns ``path``.
+    """
+    common = {
+        "kind": KIND,
+        "models": {ROLE: {"name": model_name, "args": model.config.to_dict()}},
+        "state_dict": {f"{ROLE}.{k}": v for k, v in model.state_dict().items()},
+        "epoch": epoch,
+        "config": json_safe(dict(train_config)),
+        "extra": json_safe(dict(extra)),
+    }
+    compact = {"history": training["history"]} if "history" in training else {}
+    if set(training) - {"history"}:
+        ckpt_io.save_checkpoint(resume_path(path), training=training, **common)
+    return ckpt_io.save_checkpoint(path, training=compact, **common)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -102,6 +123,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: skimming checkpoint lacks the {ROLE!r} model (found {', '.join(ckpt['models'])}); "
             "the file is damaged, retrain it with `l2l train`"
+        )
+    return ckpt
+
+
+def read_resumable(path: str | Path) -> dict[str, Any]:
+    """The verified envelope ``l2l train --resume`` continues from: :func:`resume_path` of ``path``, or
+    ``path`` itself when it still holds the optimiser state (a checkpoint written before the split).
+
+    Raises:
+        CheckpointError: Neither file holds resumable state (only the compact model is left).
+    """
+    full = resume_path(path)
+    if full.exists():
+        return read_checkpoint(full)
+    ckpt = read_checkpoint(path)
+    if "optimizer" not in ckpt["training"]:
+        raise CheckpointError(
+            f"{path} is the compact final model (no optimiser state) and its resumable checkpoint {full} "
+            "is missing; train again with --overwrite, or keep OUT.resume next time to --resume"
         )
     return ckpt
 

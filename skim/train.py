@@ -27,7 +27,15 @@ from indexing.corpus import read_labels
 from indexing.errors import CheckpointError, ConfigError
 from indexing.stores import FeatureStore, open_store
 
-from .checkpoint import ROLE, flat_meta, json_safe, read_checkpoint, save_checkpoint, store_summary
+from .checkpoint import (
+    ROLE,
+    flat_meta,
+    json_safe,
+    read_resumable,
+    resume_path,
+    save_checkpoint,
+    store_summary,
+)
 from .data import (
     CropBatchSampler,
     LengthBatchSampler,
@@ -183,7 +191,8 @@ def train(
 
     Args:
         store_path: Feature store to train on.
-        out: Checkpoint path.
+        out: Compact model path (what query/evaluate/show load); the resumable state with the optimiser
+            goes beside it as ``OUT.resume`` (:func:`skim.checkpoint.resume_path`).
         labels: Labels manifest (CSV ``video_id,path,label,split``); None uses the store index's labels.
         model_name: Registered model (:func:`skim.model.available_models`).
         model_options: :class:`SkimConfig` overrides (``num_classes`` and ``dim`` come from the data).
@@ -192,7 +201,7 @@ def train(
         students: With ``config.init="students"``: the students checkpoint to start ``Psi`` and the
             classifier from, instead of the one the store records (e.g. after moving it); its weights must
             be the ones that made the features (the store's recorded sha256).
-        resume: Continue from ``out`` if it exists (same model, options and labels required).
+        resume: Continue from ``OUT.resume`` if it exists (same model, options and labels required).
         overwrite: Replace an existing ``out`` instead of refusing.
         plot: Training-curve PNG (default: ``out`` with suffix ``.png``), redrawn after the last epoch and
             after any epoch ending a minute or more after the previous drawing.
@@ -299,8 +308,8 @@ def _train(
     )
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if resume and out.exists():
-        ckpt = read_checkpoint(out)
+    if resume and (out.exists() or resume_path(out).exists()):
+        ckpt = read_resumable(out)  # OUT.resume holds the optimiser state; OUT is the compact model
         _check_resumable(flat_meta(ckpt), out, model_name, skim_config, names)
         weights = ckpt_io.split_state_dict(ckpt["state_dict"], ROLE)
         ckpt_io.load_state_checked(model, weights, where=f"{out} ({model_name})")
