@@ -20,8 +20,10 @@ from indexing.options import (
     RegistryChoice,
     echo_json,
     json_option,
+    no_progress_option,
     note,
     set_threads,
+    show_progress,
     threads_option,
     warn,
 )
@@ -55,6 +57,7 @@ def _clip_options(fn):
             "each decoded in one pass: faster when clips are decoded).",
         ),
         threads_option,
+        no_progress_option,
         json_option("the history"),
     ]
     for option in reversed(options):
@@ -188,6 +191,7 @@ def distill(
     seed,
     order,
     threads,
+    no_progress,
     as_json,
 ) -> None:
     """Distil the clip teacher into image + audio students on MANIFEST's videos, or on those a feature
@@ -235,7 +239,10 @@ def distill(
         "init_resnet18": init_resnet18,
         "data": loaders.data,
     }
-    history = run_distill(students, teacher, loaders.train, loaders.val, config, out, extra=extra)
+    progress = show_progress(no_progress, as_json)
+    history = run_distill(
+        students, teacher, loaders.train, loaders.val, config, out, extra=extra, progress=progress
+    )
     _report_history(history, out, "val_l1", as_json, started)
 
 
@@ -281,6 +288,7 @@ def finetune(
     seed,
     order,
     threads,
+    no_progress,
     as_json,
 ) -> None:
     """Fine-tune a classifier on z_IA (and the students) with MANIFEST's labels, or those of the videos a
@@ -324,7 +332,14 @@ def finetune(
         "data": loaders.data,
     }
     history = run_finetune(
-        students, loaders.train, loaders.val, config, out, classes=loaders.classes, extra=extra
+        students,
+        loaders.train,
+        loaders.val,
+        config,
+        out,
+        classes=loaders.classes,
+        extra=extra,
+        progress=show_progress(no_progress, as_json),
     )
     _report_history(history, out, "val_accuracy", as_json, started)
 
@@ -348,7 +363,7 @@ def finetune(
     "--teacher-features",
     help="Feature set of STORE holding the teacher's descriptors: the teacher never runs.",
 )
-@click.option("--split", default="", help="Only videos of this split (default: all).")
+@click.option("--split", default="", help="Only videos of this split.  [default: all]")
 @click.option("--clips-per-video", default=8, show_default=True, help="Evenly spaced steps per video.")
 @click.option(
     "--audio-baseline",

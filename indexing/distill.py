@@ -215,6 +215,7 @@ def _run(
     validate,
     val_key: str,
     set_train_mode,
+    progress: bool = True,
 ) -> list[dict[str, float]]:
     """Distillation and fine-tuning through the shared loop (:func:`indexing.training.fit`); under
     ``torchrun``, one part of every global batch per process (:mod:`indexing.parallel`)."""
@@ -282,7 +283,7 @@ def _run(
         if ctx.main
         else None,
         rate_key="clips_per_s",
-        progress=ctx.main,
+        progress=ctx.main and progress,
         note=None if ctx.main else (lambda _line: None),
     )
 
@@ -317,6 +318,7 @@ def distill(
     out_path: str | Path,
     *,
     extra: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, float]]:
     """Train the students' z_IA to match the frozen teacher's clip descriptor (L1, optional KL).
 
@@ -331,6 +333,7 @@ def distill(
             resumed, one from another run is refused.
         extra: Plain metadata stored in the checkpoint (e.g. ``teacher`` name/path,
             ``teacher_sha256``: a resume with another teacher is refused).
+        progress: Show a progress bar per epoch on stderr (rank 0 only).
 
     Returns:
         History: one dict per epoch with ``epoch``, ``train_loss``, ``val_l1``, ``lr``, ``clips_per_s``,
@@ -384,6 +387,7 @@ def distill(
         validate=validate,
         val_key="val_l1",
         set_train_mode=train_mode,
+        progress=progress,
     )
 
 
@@ -517,6 +521,7 @@ def finetune(
     *,
     classes: list[str],
     extra: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, float]]:
     """Fine-tune a classifier on z_IA (and the students unless frozen) with cross-entropy.
 
@@ -533,6 +538,7 @@ def finetune(
         classes: Class names, index = target.
         extra: Plain metadata stored in the checkpoint (e.g. ``parent_sha256`` of the distilled
             students).
+        progress: Show a progress bar per epoch on stderr (rank 0 only).
 
     Returns:
         History: one dict per epoch with ``epoch``, ``train_loss``, ``val_accuracy``, ``lr``,
@@ -598,4 +604,5 @@ def finetune(
         validate=validate,
         val_key="val_accuracy",
         set_train_mode=train_mode,
+        progress=progress,
     )

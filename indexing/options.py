@@ -100,7 +100,7 @@ def threads_option(fn: Callable) -> Callable:
 def device_option(default: str | None = "cpu") -> Callable:
     """``--device``: where the model runs."""
     if default is None:
-        return click.option("--device", help="cpu, cuda[:N] or auto (default cpu).")
+        return click.option("--device", help="cpu, cuda[:N] or auto.  [default: cpu]")
     return click.option("--device", default=default, show_default=True, help="cpu, cuda[:N] or auto.")
 
 
@@ -224,7 +224,7 @@ class InferenceConfig:
 
     next_input: str | None = cli_field(
         flag="--next-input",
-        help="Next LSTM input at inference: soft mixture or the argmax steps (default soft).",
+        help="Next LSTM input at inference: soft mixture or the argmax steps.  [default: soft]",
     )
     stop_after: int | None = cli_field(
         flag="--stop-after", type=int, help="Stop after this many steps (<= --steps)."
@@ -243,7 +243,7 @@ class InferenceConfig:
     recognition_store: str | None = cli_field(
         flag="--recognition-store",
         type=click.Path(exists=True),
-        help="Second store holding the recognition features (default: the checkpoint's).",
+        help="Second store holding the recognition features.  [default: the checkpoint's]",
     )
 
     def overrides(self) -> dict[str, Any]:

@@ -177,21 +177,21 @@ class ClusterConfig:
     """
 
     kind: str | None = cli_field(
-        flag="--cluster", choices=lambda: available_clusters(), help="Cluster kind (default: inferred)."
+        flag="--cluster", choices=lambda: available_clusters(), help="Cluster kind.  [default: inferred]"
     )
     workers: int | None = cli_field(
         flag="--workers",
         type=int,
-        help="Worker processes (default: all cores; slurm/pbs: one job's; extract: 0 runs serially).",
+        help="Worker processes; extract: 0 runs serially.  [default: all cores; slurm/pbs: one job's]",
     )
     threads_per_worker: int | None = cli_field(
         flag="--threads-per-worker",
         type=int,
-        help="Dask threads (concurrent tasks) per local worker (default 1).",
+        help="Dask threads (concurrent tasks) per local worker.  [default: 1]",
     )
     torch_threads: int | None = None  # the command's --torch-threads, shared with the extraction config
     memory_limit: str | None = cli_field(
-        flag="--memory-limit", help="Memory per local worker, e.g. 6GiB (default auto: RAM / workers)."
+        flag="--memory-limit", help="Memory per local worker, e.g. 6GiB.  [default: auto: RAM / workers]"
     )
     scheduler_address: str | None = cli_field(
         flag="--scheduler", help="Use a running Dask scheduler at this address."
@@ -221,7 +221,7 @@ class ClusterConfig:
         help="Dashboard of a scheduler started here (none: off).",
     )
     lifetime: str | None = cli_field(
-        flag="--worker-lifetime", help="Restart each worker after this long, e.g. 1h (default: never)."
+        flag="--worker-lifetime", help="Restart each worker after this long, e.g. 1h.  [default: never]"
     )
     lifetime_stagger: str | None = cli_field(
         flag="--worker-lifetime-stagger", help="Random +/- spread of --worker-lifetime, e.g. 5m."

@@ -212,7 +212,7 @@ def _cluster_options(values: dict[str, Any]) -> dict[str, Any]:
     help="Stored feature precision.",
 )
 @click.option("--chunk-rows", default=1024, show_default=True, help="Rows per store chunk.")
-@click.option("--task-steps", type=int, help="Target steps per task (default 2 x chunk rows).")
+@click.option("--task-steps", type=int, help="Target steps per task.  [default: 2 x chunk rows]")
 @click.option("--batch-steps", default=64, show_default=True, help="Steps per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--max-tasks", type=int, help="Run at most this many tasks, then stop (rerun to continue).")

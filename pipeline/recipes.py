@@ -75,7 +75,7 @@ class PrepareConfig:
     # Each option below is also the `l2l prepare` option named by its flag (indexing.options.config_options):
     # a recipe's own option is one field here.
     annotations: Path | None = cli_field(
-        flag="--annotations", type=click.Path(), help="Annotation file or folder (default: ROOT)."
+        flag="--annotations", type=click.Path(), help="Annotation file or folder.  [default: ROOT]"
     )
     split_id: int = cli_field(1, flag="--split-id", type=int, help="ucf101: official split 1, 2 or 3.")
     test_fraction: float = cli_field(

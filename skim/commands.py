@@ -81,9 +81,15 @@ def _model_option(fn):
 @click.option(
     "--labels",
     type=click.Path(exists=True, dir_okay=False),
-    help="Labels manifest CSV (video_id,path,label,split); default: the store index's labels.",
+    help="Labels manifest CSV (video_id,path,label,split).  [default: the store index's labels]",
 )
-@click.option("--out", required=True, type=OutputPath(dir_okay=False), help="Checkpoint to write (skim.pt).")
+@click.option(
+    "--out",
+    required=True,
+    type=OutputPath(dir_okay=False),
+    help="Compact model to write (skim.pt: what query/evaluate/show load); the resumable state with the "
+    "optimiser goes beside it as OUT.resume.",
+)
 @click.option(
     "--model-name",
     default="imgaud_skim",
@@ -93,49 +99,52 @@ def _model_option(fn):
 )
 @click.option("--index-features", help="Comma-separated features the queries attend over, e.g. fused.")
 @click.option("--recognition-features", help="Comma-separated features the chosen steps are classified with.")
-@click.option("--steps", "num_steps", type=int, help="T, recurrent steps (default 10).")
+@click.option("--steps", "num_steps", type=int, help="T, recurrent steps.  [default: 10]")
 @click.option("--shared-query", is_flag=True, default=None, help="One query for all indexing features.")
 @click.option("--step-head-weight", type=float, help="Train a per-step head on h with this loss weight.")
-@click.option("--hidden", type=int, help="LSTM hidden size (default 1024).")
-@click.option("--embed", type=int, help="Psi output size (default 512; with --init students, the students').")
+@click.option("--hidden", type=int, help="LSTM hidden size.  [default: 1024]")
+@click.option(
+    "--embed", type=int, help="Psi output size.  [default: 512; with --init students, the students']"
+)
 @_inference_options
 @click.option(
     "--init",
     type=RegistryChoice(_skim_train_const("INITS")),
     help="Where Psi and the classifier start: students (paper: the fine-tuned students checkpoint that made "
-    "STORE; Psi frozen, classifier at 0.1x the lr) or scratch (default students).",
+    "STORE; Psi frozen, classifier at 0.1x the lr) or scratch.  [default: students]",
 )
 @click.option(
     "--students",
     type=click.Path(exists=True, dir_okay=False),
     help="With --init students: this students checkpoint instead of the one STORE records (same weights).",
 )
-@click.option("--epochs", type=int, help="Epochs (default 25).")
-@click.option("--batch-size", type=int, help="Videos per batch (default 256).")
-@click.option("--lr", type=float, help="Initial SGD learning rate (default 0.01).")
-@click.option("--momentum", type=float, help="SGD momentum (default 0.9).")
+@click.option("--epochs", type=int, help="Epochs.  [default: 25]")
+@click.option("--batch-size", type=int, help="Videos per batch.  [default: 256]")
+@click.option("--lr", type=float, help="Initial SGD learning rate.  [default: 0.01]")
+@click.option("--momentum", type=float, help="SGD momentum.  [default: 0.9]")
 @click.option("--no-nesterov", is_flag=True, help="Plain instead of Nesterov momentum.")
-@click.option("--weight-decay", type=float, help="Weight decay (default 1e-4).")
-@click.option("--milestones", help="Epochs where the lr drops 10x, comma-separated (default 15,20).")
-@click.option("--crop-min", type=int, help="Shortest random training crop in steps (default 200).")
-@click.option("--crop-max", type=int, help="Longest random training crop in steps (default 500).")
-@click.option("--train-split", help="Split to train on (default train).")
-@click.option("--val-split", help="Split validated each epoch (default val, else test).")
-@click.option("--seed", type=int, help="Seed of weights, batch order and crops (default 0).")
-@click.option("--workers", "num_workers", type=int, help="DataLoader worker processes (default 0).")
+@click.option("--weight-decay", type=float, help="Weight decay.  [default: 1e-4]")
+@click.option("--milestones", help="Epochs where the lr drops 10x, comma-separated.  [default: 15,20]")
+@click.option("--crop-min", type=int, help="Shortest random training crop in steps.  [default: 200]")
+@click.option("--crop-max", type=int, help="Longest random training crop in steps.  [default: 500]")
+@click.option("--train-split", help="Split to train on.  [default: train]")
+@click.option("--val-split", help="Split validated each epoch.  [default: val, else test]")
+@click.option("--seed", type=int, help="Seed of weights, batch order and crops.  [default: 0]")
+@click.option("--workers", "num_workers", type=int, help="DataLoader worker processes.  [default: 0]")
 @click.option("--in-memory", is_flag=True, default=None, help="Load the store's arrays once.")
 @click.option(
     "--shuffle",
     type=click.Choice(["video", "block"]),
-    help="video: uniform batches (default); block: shuffle store chunks, then videos in a window (reads).",
+    help="video: uniform batches; block: shuffle store chunks, then videos in a window (reads).  "
+    "[default: video]",
 )
 @click.option(
     "--length-buckets", is_flag=True, default=None, help="Batch videos of similar length (less padding)."
 )
-@click.option("--device", help="cpu, cuda or auto (default cpu).")
-@click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
-@click.option("--plot", type=OutputPath(dir_okay=False), help="Training-curve PNG (default: OUT with .png).")
-@click.option("--resume", is_flag=True, help="Continue training OUT from its last epoch.")
+@click.option("--device", help="cpu, cuda or auto.  [default: cpu]")
+@click.option("--threads", type=int, help="torch CPU threads.  [default: torch's]")
+@click.option("--plot", type=OutputPath(dir_okay=False), help="Training-curve PNG.  [default: OUT with .png]")
+@click.option("--resume", is_flag=True, help="Continue training from OUT.resume after its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT instead of refusing.")
 @no_progress_option
 @json_option("the training summary")
@@ -249,23 +258,25 @@ def train_cmd(
 @click.option(
     "--labels",
     type=click.Path(exists=True, dir_okay=False),
-    help="Labels manifest CSV; default: the store index's labels and splits.",
+    help="Labels manifest CSV.  [default: the store index's labels and splits]",
 )
-@click.option("--split", help="Split to evaluate (default test).")
-@click.option("--train-split", help="Split the baselines train on (default train).")
+@click.option("--split", help="Split to evaluate.  [default: test]")
+@click.option("--train-split", help="Split the baselines train on.  [default: train]")
 @click.option(
     "--moments",
     type=click.Path(exists=True, dir_okay=False),
-    help="Ground-truth segments (default: moments.json beside the manifest if present).",
+    help="Ground-truth segments.  [default: moments.json beside the manifest if present]",
 )
 @_allow_other_students_option
 @_inference_options
-@click.option("--batch-size", type=int, help="Videos per evaluation batch (default 64).")
-@click.option("--baseline-steps", type=int, help="Optimiser steps of each baseline head (default 400).")
-@click.option("--curve-steps", help="Step budgets of the accuracy-vs-steps curve (default 1,2,4,6,8,10).")
-@click.option("--subsample-factors", help="Factors of the accuracy-vs-sub-sampling curve (default 1,2,4,8).")
-@click.option("--seed", type=int, help="Seed of the baselines (default 0).")
-@click.option("--device", help="cpu, cuda or auto (default cpu).")
+@click.option("--batch-size", type=int, help="Videos per evaluation batch.  [default: 64]")
+@click.option("--baseline-steps", type=int, help="Optimiser steps of each baseline head.  [default: 400]")
+@click.option("--curve-steps", help="Step budgets of the accuracy-vs-steps curve.  [default: 1,2,4,6,8,10]")
+@click.option(
+    "--subsample-factors", help="Factors of the accuracy-vs-sub-sampling curve.  [default: 1,2,4,8]"
+)
+@click.option("--seed", type=int, help="Seed of the baselines.  [default: 0]")
+@click.option("--device", help="cpu, cuda or auto.  [default: cpu]")
 @click.option("--plot", type=OutputPath(dir_okay=False), help="Write the trade-off curves PNG here.")
 @no_progress_option
 @json_option("the results")
