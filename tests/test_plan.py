@@ -15,7 +15,7 @@ from indexing.stores import FEATURES, ROW_ARRAYS, VideoRecord, open_store
 from indexing.stores.tools import check_store
 from pipeline.corpus import CorpusEntry
 from pipeline.encode import write_video
-from pipeline.extract import ExtractConfig, repair_store, run_extraction
+from pipeline.extract import ExtractConfig, add_features, repair_store, run_extraction
 from pipeline.plan import check_plan, plan_extraction, replan
 
 STUDENTS = "random:0:tiny"
@@ -205,6 +205,14 @@ def test_a_long_video_spans_several_tasks_with_the_rows_of_one(videos, client, t
     z = _arrays(store)
     for name in ARRAYS:
         np.testing.assert_array_equal(y[name], z[name], err_msg=name)
+    # Feature sets are added by the recorded tasks too: each piece decodes its own steps.
+    for path in (store, tmp_path / "one"):
+        added = add_features(path, "inputs", log=lambda _: None)
+        assert added.complete and added.tasks_run == (3 if path == store else 1)
+    assert check_store(store) == []
+    with open_store(store) as a, open_store(tmp_path / "one") as b:
+        for name in ("inputs_frame", "inputs_logmel"):
+            np.testing.assert_array_equal(a.read_rows(name, 0, 23), b.read_rows(name, 0, 23), err_msg=name)
 
 
 def test_a_cut_video_failing_in_one_piece_fails_as_a_whole(tmp_path, client):
