@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexing.stores import FEATURES, ROW_ARRAYS, VideoRecord, open_store
+from indexing.stores import FEATURES, ROW_ARRAYS, VideoRecord, available_stores, open_store
 from indexing.stores.tools import check_store
 from pipeline.corpus import CorpusEntry
 from pipeline.encode import write_video
@@ -244,3 +244,17 @@ def test_a_cut_video_failing_in_one_piece_fails_as_a_whole(tmp_path, client):
         valid = s.read_rows("valid", rec["bad"].first_row, rec["bad"].first_row + rec["bad"].steps)
         assert not valid.any()  # no rows of the failed video are left behind
     assert check_store(tmp_path / "store") == []
+
+
+@pytest.mark.parametrize("fmt", available_stores())
+def test_a_plan_for_three_workers_run_serially_in_each_format(videos, fmt, tmp_path):
+    entries = _entries(videos, ["a", "b"])  # 10 steps in 3 chunks of 4
+    split = run_extraction(entries, tmp_path / "split", _config(store=fmt), workers=3, log=lambda _: None)
+    assert split.complete and split.tasks == 3 and split.ok == 2
+    whole = run_extraction(entries, tmp_path / "whole", _config(store=fmt), log=lambda _: None)
+    assert whole.tasks == 1
+    _assert_close(tmp_path / "whole", tmp_path / "split")
+    assert check_store(tmp_path / "split") == []
+    with open_store(tmp_path / "split") as s:
+        assert s.done_ranges() == [(0, 4), (4, 8), (8, 10)]
+        assert s.attrs["plan"]["workers"] == 3 and s.attrs["plan"]["split_videos"] == 2
