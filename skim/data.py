@@ -666,7 +666,9 @@ def make_loader(
         persistent_workers=num_workers > 0,
     )
     depth = READ_AHEAD if read_ahead is None else read_ahead
-    return ReadAhead(loader, depth) if depth > 0 and num_workers == 0 else loader
+    # one batch (a single query) has nothing to overlap: no thread
+    ahead = depth > 0 and num_workers == 0 and len(sampler) > 1
+    return ReadAhead(loader, depth) if ahead else loader
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
