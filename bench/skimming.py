@@ -1,21 +1,27 @@
-"""Skimming speed: training and evaluation videos/s at batch 256, query latency and batched queries.
+"""Skimming speed: reads, training, evaluation and queries from the store against memory and a naive loop.
 
 Data: a planted-signal feature store (:func:`skim.synthetic.write_planted_store`; the cost of skimming
-depends only on the shapes) of videos with 100-500 steps, 512-d image and audio features, float16 zstd
-(the extraction default). torch runs with 2 threads (``--threads``).
+depends only on the shapes) of 1,000 videos of 100-500 steps, 512-d image and audio features, 200 classes,
+in both store formats with their defaults (zarr float16 zstd, HDF5 float16), format 2 (checksums verified on
+every read), plus the public reference's layout: one float32 ``.npy`` per video and feature. torch runs with
+2 threads (``--threads``). Every measurement runs in its own fresh process, so its peak RSS is its own.
 
-- **train**: one epoch of :func:`skim.train.train` (the paper recipe: batch 256, crops of 200-500 steps,
-  SGD) on every video, reading from the store per video (the default) and with ``in_memory=True``;
-  the ``train_videos_per_s`` it records.
-- **eval**: the trained model over every video in length-sorted batches of 256
-  (:func:`skim.infer.iter_outputs`), from the store and from memory.
-- **query**: :func:`skim.query.query` for one video (end to end: checkpoint load, store open, read,
-  forward; median of 5) and the same call for all videos (``l2l query --all``), plus one video's
-  forward with the model already loaded.
-
-Reference, quoted from ``shared/design.md`` and not measured here: the public implementation trains at
-about 40 videos/s and evaluates at about 85 videos/s on this kind of machine (2 CPU cores, torch 2.11,
-batch 256, videos of 100-500 steps).
+- **reads**: batches of 256 whole videos (image + audio): per video (``read_rows``, the old loader), grouped
+  by chunk (:func:`indexing.stores.reading.read_many`, each chunk decoded once per batch), in block-shuffled
+  order over an epoch with the chunk cache training sizes (what ``--shuffle block`` reads), the ``.npy``
+  files and memory; warm page cache and cold (the files evicted with ``posix_fadvise(DONTNEED)`` first).
+- **train**: one epoch of :func:`skim.train.train` (batch 256, crops of 200-500 steps, SGD) from each store
+  with block shuffling and length buckets, the same from memory (the limit), the store with the plain
+  shuffle, and a naive loop in the reference's manner measured in the same run: random batches, per-video
+  float32 ``.npy`` reads, each batch cropped and padded to its longest video, one mask shared by both
+  modalities, the same model and optimiser.
+- **eval**: the trained model over every video (:func:`skim.infer.iter_outputs`) from each store and from
+  memory, against the model's forward alone on batches already in memory at its best batch size (the
+  compute limit of this CPU), with the GFLOP/s reached.
+- **query**: one 500-step video with the model loaded (read + forward, the warm-process latency), one
+  ``query()`` end to end, and ``l2l query --all --out`` (JSON Lines, streamed) with its peak RSS.
+- **profile**: the share of a training and an evaluation epoch spent reading + collating (the loader alone
+  over the same batches) against compute.
 
 Run from the repository root: ``.venv/bin/python bench/skimming.py [--quick]``.
 """
@@ -25,218 +31,732 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from _common import fmt, fresh, log, machine, machine_line, parser, ratio, table, write_results
 
 NAME = "skimming"
-REFERENCE = {"train_videos_per_s": 40.0, "eval_videos_per_s": 85.0}
+KEYS = ("image", "audio")
 
 
-def planted_store(work: Path, spec: Any) -> tuple[Path, Path]:
-    """The planted store and a labels file putting every video in ``train`` (cached by spec)."""
+# ---- inputs ----------------------------------------------------------------------------------------------
+
+
+def planted_stores(work: Path, spec: Any) -> dict[str, Path]:
+    """The planted store in each format, and the npy layout (cached by spec)."""
     from skim.synthetic import write_planted_store
 
-    store, labels, stamp = work / "planted", work / "labels-all-train.csv", work / "planted.json"
+    out = {}
     want = json.loads(json.dumps(asdict(spec)))
-    if store.is_dir() and labels.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
-        return store, labels
-    log(f"writing a planted store of {spec.videos} videos ({spec.min_steps}-{spec.max_steps} steps) ...")
-    t0 = time.perf_counter()
-    out = write_planted_store(fresh(store), spec)
-    with open(out["labels"], newline="") as f, labels.open("w", newline="") as g:
+    for fmt_name in ("zarr", "hdf5"):
+        store, stamp = work / f"planted-{fmt_name}", work / f"planted-{fmt_name}.json"
+        if not (store.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == want):
+            log(f"writing a planted {fmt_name} store of {spec.videos} videos ...")
+            t0 = time.perf_counter()
+            write_planted_store(fresh(store), spec, store_format=fmt_name)
+            stamp.write_text(json.dumps(want))
+            log(f"  written in {time.perf_counter() - t0:.1f} s")
+        out[fmt_name] = store
+    npy, stamp = work / "npy", work / "npy.json"
+    if not (npy.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == want):
+        import numpy as np
+
+        from indexing.stores import open_store
+
+        log("writing the per-video float32 .npy layout ...")
+        fresh(npy).mkdir(parents=True)
+        with open_store(out["zarr"]) as s:
+            cols = s.index_columns()
+            for vid, first, steps in zip(
+                cols["video_id"].tolist(), cols["first_row"], cols["steps"], strict=True
+            ):
+                for key in KEYS:
+                    np.save(
+                        npy / f"{vid}_{key}.npy",
+                        s.read_rows(key, int(first), int(first + steps)).astype(np.float32),
+                    )
+        stamp.write_text(json.dumps(want))
+    out["npy"] = npy
+    labels = out["labels"] = work / "labels-all-train.csv"  # every video trains (and is evaluated)
+    with (work / "planted-zarr.labels.csv").open(newline="") as f, labels.open("w", newline="") as g:
         rows = list(csv.DictReader(f))
         w = csv.DictWriter(g, fieldnames=["video_id", "path", "label", "split"])
         w.writeheader()
         for row in rows:
             w.writerow({**row, "split": "train"})
-    stamp.write_text(json.dumps(want))
-    log(f"  written in {time.perf_counter() - t0:.1f} s")
-    return store, labels
+    return out
 
 
-def warm_up(threads: int) -> None:
-    """One small untimed forward + backward, so lazy initialisation (thread pools, allocator, kernel
-    selection) is not charged to the first timed batch."""
+def evict(path: Path) -> None:
+    """Drop ``path``'s files from the page cache (no root needed for clean pages)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM (ru_maxrss would carry the parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a fresh spawned process (its own peak RSS, nothing cached from others)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:
+        return ex.submit(fn, *args, **kwargs).result()
+
+
+def _threads(n: int) -> None:
     import torch
 
-    from skim.model import create_model
-
-    torch.set_num_threads(threads)
-    model = create_model("imgaud_skim", num_classes=10)
-    feats = {k: torch.randn(8, 64, 512) for k in ("image", "audio")}  # (B, N, D)
-    out = model(feats, torch.ones(8, 64, dtype=torch.bool))
-    model.loss(out, torch.zeros(8, dtype=torch.long)).backward()
-    with torch.no_grad():
-        model.eval()(feats, torch.ones(8, 64, dtype=torch.bool))
+    torch.set_num_threads(n)
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def train_epoch(store: Path, labels: Path, out: Path, *, batch: int, threads: int, in_memory: bool) -> float:
-    """``train_videos_per_s`` of one epoch of the paper recipe (no validation pass)."""
+# ---- phases (each in its own process) ---------------------------------------------------------------------
+
+
+def phase_reads(store_path: str, npy: str, *, batch: int, batches: int, seed: int) -> dict[str, Any]:
+    """Videos/s of whole-video batch reads, warm and cold, per method."""
+    import numpy as np
+
+    from indexing.stores import open_store
+    from indexing.stores.reading import chunk_cache, chunks_touched, read_many
+    from skim.data import CropBatchSampler, SkimDataset, block_options
+
+    store = open_store(store_path)
+    cols = store.index_columns()
+    ids, first, steps = cols["video_id"].tolist(), cols["first_row"], cols["steps"]
+    rng = np.random.default_rng(seed)
+    random_batches = [rng.permutation(len(ids))[:batch].tolist() for _ in range(batches)]
+    n_videos = batch * batches
+
+    def ranges(b):
+        return [(int(first[i]), int(first[i] + steps[i])) for i in b]
+
+    def per_video():
+        for b in random_batches:
+            for key in KEYS:
+                for a, z in ranges(b):
+                    store.read_rows(key, a, z)
+
+    def grouped():
+        for b in random_batches:
+            chunk_cache(store).clear()  # decode once per batch, nothing kept from the batch before
+            for key in KEYS:
+                read_many(store, key, ranges(b))
+
+    ds = SkimDataset(store, KEYS, require_label=False, with_time=False)
+
+    class Cfg:
+        shuffle, length_buckets, batch_size = "block", False, batch
+
+    big = 10**6  # crops longer than any video: whole videos
+    sampler = CropBatchSampler(
+        ds.steps, batch_size=batch, crop_min=big, crop_max=big, seed=seed, **block_options(ds, Cfg)
+    )
+    block_batches = list(sampler)
+    block_videos = sum(len(b) for b in block_batches)
+
+    def block():
+        chunk_cache(store).clear()
+        for b in block_batches:
+            for key in KEYS:
+                read_many(
+                    store, key, [(ds.entries[i].first_row + a, ds.entries[i].first_row + z) for i, a, z in b]
+                )
+
+    def npy_reads():
+        for b in random_batches:
+            for key in KEYS:
+                for i in b:
+                    np.load(Path(npy) / f"{ids[i]}_{key}.npy")
+
+    memory = {key: store.read_rows(key, 0, store.rows) for key in KEYS}
+
+    def in_memory():
+        for b in random_batches:
+            for key in KEYS:
+                for a, z in ranges(b):
+                    memory[key][a:z]
+
+    def timed(fn, videos, cold_dir=None):
+        if cold_dir is not None:
+            evict(Path(cold_dir))
+        t0 = time.perf_counter()
+        fn()
+        return videos / (time.perf_counter() - t0)
+
+    out: dict[str, Any] = {}
+    for name, fn, videos, where in (
+        ("per_video", per_video, n_videos, store_path),
+        ("grouped", grouped, n_videos, store_path),
+        ("block", block, block_videos, store_path),
+        ("npy", npy_reads, n_videos, npy),
+    ):
+        cold = timed(fn, videos, where)
+        fn()  # warm the page cache
+        warm = max(timed(fn, videos) for _ in range(2))
+        out[name] = {"warm": warm, "cold": cold}
+    out["memory"] = {"warm": timed(in_memory, n_videos), "cold": None}
+    if store.name == "zarr" and store.compression == "zstd":
+        # The codec's own limit: read every chunk file of both features and zstd-decode it (numcodecs, one
+        # thread, the frame checksum checked), as videos/s of the corpus's mean length.
+        from numcodecs import Zstd
+
+        codec, raw = Zstd(), 0
+        files = [Path(store_path) / p for key in KEYS for p in store.files_of(key, 0, store.rows)]
+        t0 = time.perf_counter()
+        for f in files:
+            raw += len(codec.decode(f.read_bytes()))
+        wall = time.perf_counter() - t0
+        video_bytes = float(np.mean(steps)) * store.dim * np.dtype(store.dtype).itemsize * len(KEYS)
+        out["zstd_decode_limit"] = {
+            "warm": raw / wall / video_bytes,
+            "cold": None,
+            "mb_per_s": raw / wall / 1e6,
+        }
+    size = store.chunk_rows
+    out["chunks_per_video_feature"] = {
+        "per_video": sum(chunks_touched([r], size) for b in random_batches for r in ranges(b)) / n_videos,
+        "grouped": sum(chunks_touched(ranges(b), size) for b in random_batches) / n_videos,
+        "block": sum(
+            chunks_touched([(ds.entries[i].first_row, ds.entries[i].first_row + z) for i, _, z in b], size)
+            for b in block_batches
+        )
+        / block_videos,
+    }
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def phase_train(
+    store_path: str, labels: str, out: str, *, threads: int, batch: int, profile: bool, **options: Any
+) -> dict[str, Any]:
+    """One epoch of skim.train: videos/s; with ``profile`` also the loader alone over the same batches."""
+    _threads(threads)
     from skim.train import TrainConfig, train
 
-    config = TrainConfig(  # a planted store has no students checkpoint: Psi and the classifier from scratch
-        epochs=1, batch_size=batch, threads=threads, in_memory=in_memory, val_split="none", init="scratch"
+    config = TrainConfig(
+        epochs=1, batch_size=batch, threads=threads, val_split="none", init="scratch", **options
     )
-    summary = train(store, fresh(out), labels=labels, config=config, progress=False, log=lambda _line: None)
-    return float(summary["history"][-1]["train_videos_per_s"])
+    summary = train(
+        store_path, fresh(Path(out)), labels=labels, config=config, progress=False, log=lambda _l: None
+    )
+    result = {
+        "videos_per_s": float(summary["history"][-1]["train_videos_per_s"]),
+        "peak_rss_mb": peak_rss_mb(),
+        "train_loss": float(summary["history"][-1]["train_loss"]),
+    }
+    if profile:
+        result["loader_s"], result["videos"] = _loader_epoch_train(store_path, labels, config)
+    return result
 
 
-def eval_rate(store: Path, ckpt_path: Path, *, batch: int, in_memory: bool) -> tuple[float, int]:
-    """``(videos/s, videos)`` of the model over every video, batches of ``batch`` by length."""
+def _loader_epoch_train(store_path: str, labels: str, config: Any) -> tuple[float, int]:
+    from indexing.corpus import read_labels
+    from indexing.stores import open_store
+    from skim.data import CropBatchSampler, SkimDataset, block_options, label_names, make_loader
+
+    store = open_store(store_path)
+    manifest = read_labels(labels)
+    names = label_names(store, manifest)
+    ds = SkimDataset(
+        store, KEYS, labels=manifest, names=names, split="train", with_time=False, in_memory=config.in_memory
+    )
+    sampler = CropBatchSampler(
+        ds.steps,
+        batch_size=config.batch_size,
+        crop_min=config.crop_min,
+        crop_max=config.crop_max,
+        seed=config.seed,
+        **block_options(ds, config),
+    )
+    t0 = time.perf_counter()
+    videos = sum(len(b["video_ids"]) for b in make_loader(ds, sampler, read_ahead=0))
+    return time.perf_counter() - t0, videos
+
+
+def phase_naive(
+    npy: str, labels: str, *, threads: int, batch: int, seed: int, crop: tuple[int, int]
+) -> dict[str, Any]:
+    """The reference's manner: random batches, per-video float32 .npy reads, each batch padded to its longest
+    (cropped) video, one mask for both modalities; our model, loss and optimiser."""
+    _threads(threads)
+    import numpy as np
+    import torch
+
+    from indexing import training
+    from skim.model import create_model
+
+    with open(labels, newline="") as f:
+        rows = [r for r in csv.DictReader(f)]
+    names = sorted({r["label"] for r in rows})
+    label_of = {r["video_id"]: names.index(r["label"]) for r in rows}
+    ids = [r["video_id"] for r in rows]
+    torch.manual_seed(seed)
+    model = create_model("imgaud_skim", num_classes=len(names))
+    model.train()
+    opt = training.sgd(
+        [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}],
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-4,
+    )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ids))
+    t0 = time.perf_counter()
+    read_s = 0.0
+    for b0 in range(0, len(order), batch):
+        r0 = time.perf_counter()
+        chosen = [ids[i] for i in order[b0 : b0 + batch]]
+        length = int(rng.integers(crop[0], crop[1] + 1))
+        feats, lens = {}, []
+        for key in KEYS:
+            xs = []
+            for vid in chosen:
+                x = np.load(Path(npy) / f"{vid}_{key}.npy")
+                start = int(rng.integers(0, len(x) - length + 1)) if len(x) > length else 0
+                xs.append(x[start : start + length])
+            lens = [len(x) for x in xs]
+            arr = np.zeros((len(xs), max(lens), xs[0].shape[1]), dtype=np.float32)  # (B, N, D)
+            for j, x in enumerate(xs):
+                arr[j, : len(x)] = x
+            feats[key] = torch.from_numpy(arr)
+        mask = torch.zeros(len(chosen), max(lens), dtype=torch.bool)  # (B, N): one mask for both
+        for j, n in enumerate(lens):
+            mask[j, :n] = True
+        y = torch.tensor([label_of[v] for v in chosen])
+        read_s += time.perf_counter() - r0
+        out = model(feats, mask)
+        loss = model.loss(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    wall = time.perf_counter() - t0
+    return {"videos_per_s": len(ids) / wall, "read_s": read_s, "wall_s": wall, "peak_rss_mb": peak_rss_mb()}
+
+
+def phase_eval(
+    store_path: str, ckpt_path: str, *, threads: int, batch: int, in_memory: bool
+) -> dict[str, Any]:
+    _threads(threads)
     from indexing.stores import open_store
     from skim.checkpoint import load_checkpoint
-    from skim.data import SkimDataset
+    from skim.data import SkimDataset, eval_sampler, make_loader
     from skim.infer import iter_outputs
 
     ckpt = load_checkpoint(ckpt_path)
-    with open_store(store) as s:
+    with open_store(store_path) as s:
         ds = SkimDataset(s, ckpt.config.batch_keys, require_label=False, in_memory=in_memory)
         t0 = time.perf_counter()
         videos = 0
         for batch_data, out in iter_outputs(ckpt.model, ds, batch_size=batch):
             out.logits.argmax(1)
             videos += len(batch_data["video_ids"])
-        return videos / (time.perf_counter() - t0), videos
+        rate = videos / (time.perf_counter() - t0)
+        rss = peak_rss_mb()
+        from indexing.stores.reading import chunk_cache
+
+        chunk_cache(s).clear()
+        t0 = time.perf_counter()
+        for _ in make_loader(ds, eval_sampler(ds, batch_size=batch), read_ahead=0):
+            pass
+        loader_s = time.perf_counter() - t0
+    return {"videos_per_s": rate, "videos": videos, "peak_rss_mb": rss, "loader_s": loader_s}
 
 
-def warm_one(store: Path, ckpt_path: Path, video_id: str, *, repeats: int) -> float:
-    """Median seconds of one video's read + forward with the model already loaded."""
+def phase_forward(
+    store_path: str, ckpt_path: str, *, threads: int, sizes: list[int], videos: int
+) -> dict[str, Any]:
+    """The model's forward alone on batches already collated in memory, at each batch size."""
+    _threads(threads)
+    import torch
+
+    from indexing.stores import open_store
+    from skim.checkpoint import load_checkpoint
+    from skim.data import LengthBatchSampler, SkimDataset, collate
+
+    ckpt = load_checkpoint(ckpt_path)
+    model = ckpt.model.eval()
+    with open_store(store_path) as s:
+        cols = s.index_columns()
+        ds = SkimDataset(
+            s,
+            ckpt.config.batch_keys,
+            require_label=False,
+            in_memory=True,
+            video_ids=cols["video_id"][:videos].tolist(),
+        )
+        out = {}
+        for size in sizes:
+            batches = [collate([ds[i] for i in b]) for b in LengthBatchSampler(ds.steps, batch_size=size)]
+            with torch.no_grad():
+                model(batches[0]["features"], batches[0]["mask"])  # warm
+                t0 = time.perf_counter()
+                gflop = 0.0
+                for b in batches:
+                    o = model(b["features"], b["mask"])
+                    lengths = b["mask"].sum(1).tolist()
+                    gflop += sum(
+                        model.gflops(int(n), int(u))
+                        for n, u in zip(lengths, o.steps_used.tolist(), strict=True)
+                    )
+                wall = time.perf_counter() - t0
+            out[size] = {"videos_per_s": len(ds) / wall, "gflop_per_s": gflop / wall}
+            del batches
+    return out
+
+
+def phase_query(
+    store_path: str, ckpt_path: str, out: str, *, threads: int, batch: int, repeats: int
+) -> dict[str, Any]:
+    _threads(threads)
+    import numpy as np
+
     from indexing.stores import open_store
     from skim.checkpoint import load_checkpoint
     from skim.data import SkimDataset
     from skim.infer import iter_outputs
+    from skim.query import query, write_jsonl
 
     ckpt = load_checkpoint(ckpt_path)
     times = []
-    with open_store(store) as s:
+    with open_store(store_path) as s:
+        cols = s.index_columns()
+        longest = int(np.argmax(cols["steps"]))
+        vid, steps = cols["video_id"][longest], int(cols["steps"][longest])
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            ds = SkimDataset(s, ckpt.config.batch_keys, video_ids=[video_id], require_label=False)
-            for _batch, out in iter_outputs(ckpt.model, ds, batch_size=1):
-                out.logits.softmax(1)
+            ds = SkimDataset(s, ckpt.config.batch_keys, video_ids=[vid], require_label=False)
+            for _batch, o in iter_outputs(ckpt.model, ds, batch_size=1):
+                o.logits.softmax(1)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    warm = statistics.median(times[1:])
+    t0 = time.perf_counter()
+    query(store_path, ckpt_path, [vid])
+    end_to_end = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    done = write_jsonl(store_path, ckpt_path, fresh(Path(out) / "answers.jsonl"), batch_size=batch)
+    all_s = time.perf_counter() - t0
+    return {
+        "one_video_warm_s": warm,
+        "one_video_steps": steps,
+        "query_end_to_end_s": end_to_end,
+        "query_all_videos_per_s": done["written"] / all_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ---- main ------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--videos", type=int, help="videos in the planted store (512 = 2 batches; quick 48)")
+    p.add_argument("--videos", type=int, help="videos in the planted store (1,000; quick 64)")
+    p.add_argument("--classes", type=int, help="classes (200; quick 8)")
     p.add_argument("--batch", type=int, default=256, help="training and evaluation batch size")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--repeats", type=int, help="repeats of the one-video query (5; quick 2)")
     args = p.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from skim.query import query
     from skim.synthetic import PlantedSpec
 
     quick = args.quick
     spec = PlantedSpec(
-        videos=args.videos or (48 if quick else 512),
-        classes=10,
+        videos=args.videos or (64 if quick else 1000),
+        classes=args.classes or (8 if quick else 200),
         min_steps=100,
-        max_steps=250 if quick else 500,
+        max_steps=500,
         seed=3,
     )
+    batch = min(args.batch, 16) if quick else args.batch
     work = args.work / NAME
-    store, labels = planted_store(work, spec)
+    work.mkdir(parents=True, exist_ok=True)
+    data = planted_stores(work, spec)
     info = machine()
     t_start = time.perf_counter()
-    ckpt = work / "skim.pt"
-    repeats = args.repeats or (2 if quick else 5)
+    common = {"threads": args.threads, "batch": batch}
+    fast = {"shuffle": "block", "length_buckets": True}
+    res: dict[str, Any] = {"reads": {}, "train": {}, "eval": {}}
 
-    warm_up(args.threads)
-    log("train, reading from the store ...")
-    train_store = train_epoch(store, labels, ckpt, batch=args.batch, threads=args.threads, in_memory=False)
-    log(f"  {train_store:.1f} videos/s")
-    log("train, in_memory=True ...")
-    train_mem = train_epoch(
-        store, labels, work / "skim-mem.pt", batch=args.batch, threads=args.threads, in_memory=True
+    for fmt_name in ("zarr", "hdf5"):
+        log(f"reads, {fmt_name} ...")
+        res["reads"][fmt_name] = in_child(
+            phase_reads, str(data[fmt_name]), str(data["npy"]), batch=batch, batches=2, seed=1
+        )
+        log("  " + json.dumps({k: v for k, v in res["reads"][fmt_name].items()}, default=str)[:300])
+    ckpt = work / "train-zarr-fast" / "skim.pt"
+    runs = [
+        ("zarr, block shuffle + length buckets", "zarr", ckpt, {**fast}, True),
+        (
+            "memory (limit), same batches",
+            "zarr",
+            work / "train-mem" / "skim.pt",
+            {**fast, "in_memory": True},
+            False,
+        ),
+        ("hdf5, block shuffle + length buckets", "hdf5", work / "train-hdf5" / "skim.pt", {**fast}, False),
+        ("zarr, plain shuffle (the default)", "zarr", work / "train-plain" / "skim.pt", {}, False),
+    ]
+    for label, fmt_name, out, options, profile in runs:
+        log(f"train: {label} ...")
+        res["train"][label] = in_child(
+            phase_train,
+            str(data[fmt_name]),
+            str(data["labels"]),
+            str(out),
+            profile=profile,
+            **common,
+            **options,
+        )
+        log(f"  {res['train'][label]['videos_per_s']:.1f} videos/s")
+    log("train: naive loop (per-video float32 .npy, padded to the longest, one mask) ...")
+    res["train"]["naive"] = in_child(
+        phase_naive, str(data["npy"]), str(data["labels"]), seed=0, crop=(200, 500), **common
     )
-    log(f"  {train_mem:.1f} videos/s")
-    log("eval ...")
-    eval_store, n_videos = eval_rate(store, ckpt, batch=args.batch, in_memory=False)
-    eval_mem, _ = eval_rate(store, ckpt, batch=args.batch, in_memory=True)
-    log(f"  {eval_store:.1f} videos/s from the store, {eval_mem:.1f} from memory")
-
-    from indexing.stores import open_store
-
-    with open_store(store) as s:
-        ids = s.index_columns()["video_id"].tolist()
-    vid = ids[len(ids) // 2]
-    log("query one video ...")
-    query(store, ckpt, [vid])  # warm imports and the page cache
-    one = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        query(store, ckpt, [vid])
-        one.append(time.perf_counter() - t0)
-    one_s = statistics.median(one)
-    warm_s = warm_one(store, ckpt, vid, repeats=repeats)
-    log("query all videos ...")
-    t0 = time.perf_counter()
-    answers = query(store, ckpt, None, batch_size=args.batch)
-    all_s = time.perf_counter() - t0
-    query_all = len(answers) / all_s
-
-    ref_t, ref_e = REFERENCE["train_videos_per_s"], REFERENCE["eval_videos_per_s"]
-    rows = [
-        ["train, batch 256, reads from the store", train_store, "40 (quoted)", ratio(train_store, ref_t)],
-        ["train, batch 256, in_memory=True", train_mem, "40 (quoted)", ratio(train_mem, ref_t)],
-        ["eval, batch 256, reads from the store", eval_store, "85 (quoted)", ratio(eval_store, ref_e)],
-        ["eval, batch 256, in memory", eval_mem, "85 (quoted)", ratio(eval_mem, ref_e)],
-        ["query --all (end to end)", query_all, "-", "-"],
-    ]
-    if args.batch != 256:
-        rows = [[r[0].replace("256", str(args.batch))] + r[1:] for r in rows]
-    text, md = table(["what", "videos/s", "reference videos/s", "vs reference"], rows)
-    l_rows = [
-        ["query one video, end to end (load checkpoint, open store, read, forward)", fmt(1000 * one_s, 0)],
-        ["one video, model loaded (read + forward)", fmt(1000 * warm_s, 1)],
-    ]
-    l_text, l_md = table(["latency", "ms (median)"], l_rows)
+    log(f"  {res['train']['naive']['videos_per_s']:.1f} videos/s")
+    for label, fmt_name, in_memory in (
+        ("zarr", "zarr", False),
+        ("hdf5", "hdf5", False),
+        ("memory", "zarr", True),
+    ):
+        log(f"eval: {label} ...")
+        res["eval"][label] = in_child(
+            phase_eval, str(data[fmt_name]), str(ckpt), in_memory=in_memory, **common
+        )
+        log(f"  {res['eval'][label]['videos_per_s']:.1f} videos/s")
+    log("forward alone in memory at each batch size ...")
+    sizes = [8, 16] if quick else [32, 64, 256]
+    res["forward"] = in_child(
+        phase_forward,
+        str(data["zarr"]),
+        str(ckpt),
+        threads=args.threads,
+        sizes=sizes,
+        videos=min(spec.videos, 512),
+    )
+    best = max(res["forward"], key=lambda k: res["forward"][k]["videos_per_s"])
+    limit = res["forward"][best]
+    log(f"  best batch {best}: {limit['videos_per_s']:.1f} videos/s, {limit['gflop_per_s']:.1f} GFLOP/s")
+    log("query ...")
+    res["query"] = in_child(
+        phase_query,
+        str(data["zarr"]),
+        str(ckpt),
+        str(work / "query"),
+        threads=args.threads,
+        batch=batch,
+        repeats=2 if quick else 10,
+    )
     wall = time.perf_counter() - t_start
-    shape = f"{n_videos} videos of {spec.min_steps}-{spec.max_steps} steps, {args.threads} torch threads"
-    print(f"\nSkimming speed ({shape}; {machine_line(info)})\n")
-    print(text)
-    print()
-    print(l_text)
-    print("\nReference numbers are the public implementation's, quoted from design.md (not measured here).")
-    print(f"\nbenchmark wall time {wall:.0f} s{' (quick: tiny sizes, noisy)' if quick else ''}")
-    markdown = "\n".join(
+    load_end = os.getloadavg()[0]
+
+    # ---- tables ----
+    r_rows = []
+    for fmt_name in ("zarr", "hdf5"):
+        r = res["reads"][fmt_name]
+        npy_w, npy_c = r["npy"]["warm"], r["npy"]["cold"]
+        cpv = r["chunks_per_video_feature"]
+        for method, what in (
+            ("per_video", "per video (read_rows, the old loader)"),
+            ("grouped", "random batch, each chunk decoded once"),
+            ("block", "block-shuffled epoch (what training reads)"),
+        ):
+            m = r[method]
+            r_rows.append(
+                [
+                    f"{fmt_name}: {what}",
+                    m["warm"],
+                    ratio(m["warm"], npy_w),
+                    m["cold"],
+                    ratio(m["cold"], npy_c),
+                    fmt(cpv[method], 2),
+                ]
+            )
+    z = res["reads"]["zarr"]
+    r_rows.append(
         [
-            f"**Skimming speed** ({shape}; {machine_line(info)}{'; QUICK run' if quick else ''})",
-            "",
-            md,
-            "",
-            l_md,
-            "",
-            "Reference: the public implementation on this kind of machine, quoted from design.md "
-            "(not measured here).",
+            "npy float32, one file per video and feature",
+            z["npy"]["warm"],
+            "1.00x",
+            z["npy"]["cold"],
+            "1.00x",
+            "-",
         ]
     )
-    data = {
+    r_rows.append(
+        ["memory (slices)", z["memory"]["warm"], ratio(z["memory"]["warm"], z["npy"]["warm"]), "-", "-", "-"]
+    )
+    if "zstd_decode_limit" in z:
+        lim = z["zstd_decode_limit"]
+        r_rows.append(
+            [
+                f"zstd decode alone, every zarr chunk once ({lim['mb_per_s']:.0f} MB/s, 1 thread)",
+                lim["warm"],
+                ratio(lim["warm"], z["npy"]["warm"]),
+                "-",
+                "-",
+                "1 per chunk",
+            ]
+        )
+    r_text, r_md = table(
+        [
+            "reads of 256 whole videos (image + audio)",
+            "videos/s warm",
+            "vs npy",
+            "videos/s cold",
+            "vs npy",
+            "chunks decoded per video+feature",
+        ],
+        r_rows,
+    )
+
+    t = res["train"]
+    mem, naive = t["memory (limit), same batches"]["videos_per_s"], t["naive"]["videos_per_s"]
+    t_rows = [
+        [
+            k,
+            v["videos_per_s"],
+            ratio(v["videos_per_s"], mem),
+            ratio(v["videos_per_s"], naive),
+            fmt(v["peak_rss_mb"], 0),
+        ]
+        for k, v in t.items()
+        if k != "naive"
+    ]
+    t_rows.append(
+        [
+            "naive loop (reference manner: npy float32, padded to longest, one mask)",
+            naive,
+            ratio(naive, mem),
+            "1.00x",
+            fmt(t["naive"]["peak_rss_mb"], 0),
+        ]
+    )
+    t_text, t_md = table(
+        ["train, one epoch, batch 256", "videos/s", "vs memory", "vs naive", "peak RSS MB"], t_rows
+    )
+
+    e = res["eval"]
+    e_rows = [
+        [
+            f"eval from {k}",
+            v["videos_per_s"],
+            ratio(v["videos_per_s"], limit["videos_per_s"]),
+            fmt(v["peak_rss_mb"], 0),
+        ]
+        for k, v in e.items()
+    ]
+    for size, v in res["forward"].items():
+        e_rows.append(
+            [
+                f"forward alone, in memory, batch {size}" + (" (limit)" if size == best else ""),
+                v["videos_per_s"],
+                ratio(v["videos_per_s"], limit["videos_per_s"]),
+                f"{v['gflop_per_s']:.1f} GFLOP/s",
+            ]
+        )
+    q = res["query"]
+    e_rows.append(
+        [
+            "l2l query --all --out (JSON Lines, zarr)",
+            q["query_all_videos_per_s"],
+            ratio(q["query_all_videos_per_s"], limit["videos_per_s"]),
+            fmt(q["peak_rss_mb"], 0),
+        ]
+    )
+    e_text, e_md = table(
+        ["evaluation and query", "videos/s", "vs forward limit", "peak RSS MB / GFLOP/s"], e_rows
+    )
+
+    zt = t["zarr, block shuffle + length buckets"]
+    train_s = zt["videos"] / zt["videos_per_s"]
+    ze = e["zarr"]
+    prof_rows = [
+        [
+            "train epoch from zarr: loader alone (read + collate), no read-ahead",
+            fmt(zt["loader_s"], 2),
+            f"{100 * zt['loader_s'] / train_s:.0f}% of the epoch",
+        ],
+        [
+            "eval from zarr: loader alone",
+            fmt(ze["loader_s"], 2),
+            f"{100 * ze['loader_s'] * ze['videos_per_s'] / ze['videos']:.0f}% of the pass",
+        ],
+        [
+            "naive loop: npy reads + padding",
+            fmt(t["naive"]["read_s"], 2),
+            f"{100 * t['naive']['read_s'] / t['naive']['wall_s']:.0f}% of the epoch",
+        ],
+    ]
+    p_text, p_md = table(["where time goes", "s", "share"], prof_rows)
+    l_rows = [
+        [
+            f"one {q['one_video_steps']}-step video, model loaded (read + forward)",
+            fmt(1000 * q["one_video_warm_s"], 1),
+        ],
+        [
+            "query() end to end (load checkpoint, open store, read, forward)",
+            fmt(1000 * q["query_end_to_end_s"], 0),
+        ],
+    ]
+    l_text, l_md = table(["latency", "ms"], l_rows)
+
+    shape = (
+        f"{spec.videos} videos of {spec.min_steps}-{spec.max_steps} steps, {spec.classes} classes, "
+        f"batch {batch}, {args.threads} torch threads"
+    )
+    load = f"load {info['load_avg_1m']} at start, {load_end:.2f} at end"
+    print(f"\nSkimming speed ({shape}; {machine_line(info)}; {load})\n")
+    for text in (r_text, t_text, e_text, p_text, l_text):
+        print(text)
+        print()
+    print(f"benchmark wall time {wall:.0f} s{' (quick: tiny sizes, noisy)' if quick else ''}")
+    markdown = "\n".join(
+        [
+            f"**Skimming speed** ({shape}; {machine_line(info)}; {load}{'; QUICK run' if quick else ''})",
+            "",
+            r_md,
+            "",
+            t_md,
+            "",
+            e_md,
+            "",
+            p_md,
+            "",
+            l_md,
+        ]
+    )
+    out = {
         "benchmark": NAME,
         "quick": quick,
         "machine": info,
-        "config": {"planted": asdict(spec), "batch": args.batch, "threads": args.threads},
-        "videos": n_videos,
-        "train_videos_per_s": {"store": train_store, "in_memory": train_mem},
-        "eval_videos_per_s": {"store": eval_store, "in_memory": eval_mem},
-        "query_all_videos_per_s": query_all,
-        "query_one_video_s": one_s,
-        "one_video_model_loaded_s": warm_s,
-        "reference_quoted": REFERENCE,
+        "load_avg_1m_end": load_end,
+        "config": {"planted": asdict(spec), "batch": batch, "threads": args.threads},
+        **res,
+        "forward_limit": {"batch": best, **limit},
         "wall_s": wall,
     }
-    j, m = write_results(NAME, args.out, data, markdown)
+    j, m = write_results(NAME, args.out, out, markdown)
     log(f"wrote {j} and {m}")
 
 
