@@ -61,7 +61,12 @@ from .train import resolve_device
 
 METHODS = ("skim", "uniform", "random", "dense")
 MIN_EVAL_VIDEOS = 30  # fewer test videos than this and evaluate warns that its numbers mean little
-FEATURE_COMPONENTS = {"image": ("image",), "audio": ("audio",), "fused": ("image", "audio", "fusion")}
+FEATURE_COMPONENTS = {
+    "image": ("image",),
+    "audio": ("audio",),
+    "fused": ("image", "audio", "fusion"),
+    "teacher": ("teacher_clip",),  # the store's teacher set: one R(2+1)D-18 clip per step read
+}
 # indexing.flops.measured_gflops("paper") on torch 2.11 (2 x multiply-adds per step), so evaluating never
 # has to build the networks just to count them.
 PAPER_GFLOPS = {"image": 0.969695232, "audio": 1.22375168, "fusion": 0.003145728, "teacher_clip": 81.03775232}

@@ -131,9 +131,10 @@ class SkimConfig:
                 f"num_classes={self.num_classes}: need at least 2 classes in the labels manifest"
             )
         for role, names in (("index", self.index_features), ("recognition", self.recognition_features)):
-            unknown = [n for n in names if n not in FEATURES]
+            known = FEATURES + (("teacher",) if role == "recognition" else ())  # teacher: a store feature set
+            unknown = [n for n in names if n not in known]
             if unknown:
-                raise ConfigError(f"{role} features {unknown} unknown; choose from {', '.join(FEATURES)}")
+                raise ConfigError(f"{role} features {unknown} unknown; choose from {', '.join(known)}")
             if len(set(names)) != len(names):
                 raise ConfigError(f"{role} features {list(names)} repeat a name; list each feature once")
         if not self.index_features:

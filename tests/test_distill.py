@@ -677,3 +677,27 @@ def test_slurm_distill_script_runs_torchrun_over_the_store(store_corpus, tmp_pat
     assert "1 node(s) x 2 process(es)" in result.stdout.decode()
     extra = ckpt_io.load_checkpoint(out, kind="students")["extra"]
     assert extra["data"]["store"] == str(store) and "teacher" in extra["data"]["feature_sets"]
+
+
+def test_skimming_recognises_with_the_stores_teacher_features(store_corpus, tmp_path):
+    """--recognition-features teacher reads the teacher set of the store that indexes the videos (no second
+    store); evaluation counts the teacher clip as the recognition network."""
+    from cli import main
+
+    _, store = store_corpus
+    model = tmp_path / "skim.pt"
+    args = ["train", str(store), "--out", str(model), "--recognition-features", "teacher", "--epochs", "1"]
+    result = CliRunner().invoke(main, args + ["--init", "scratch", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(
+        main, ["evaluate", str(store), "--model", str(model), "--json", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    costs = json.loads(result.stdout)["costs"]
+    assert costs["recognition_networks"] == ["teacher_clip"] and costs["index_networks"] == ["audio", "image"]
+    teacher = costs["gflops_per_step"]["teacher_clip"]
+    dense = json.loads(result.stdout)["methods"]["dense"]["gflops_per_video"]
+    assert dense == pytest.approx(costs["mean_steps_per_video"] * teacher, rel=0.01)  # a clip per step read
+    other = ["train", str(store), "--out", str(tmp_path / "x.pt"), "--recognition-features", "inputs_frame"]
+    result = CliRunner().invoke(main, other)
+    assert result.exit_code == 2 and "choose from image, audio, fused, teacher" in result.output
