@@ -675,9 +675,9 @@ def store_attrs(
     import torch
 
     from indexing import frontend
-    from indexing.flops import measured_gflops, students_gflops
+    from indexing.flops import students_gflops
 
-    gflops = {"teacher_clip": measured_gflops("paper")["teacher_clip"]}
+    gflops = {"teacher_clip": _teacher_gflops(config.teacher)}
     if students is not None:
         gflops |= students_gflops(students)
 
@@ -717,6 +717,15 @@ def store_attrs(
         "software": {"torch": torch.__version__, "l2l": _l2l_version()},
         "created_unix": time.time(),
     }
+
+
+def _teacher_gflops(teacher: str) -> float:
+    """GFLOPs of one clip of the teacher that makes this store's ``teacher`` set (a ``preset:NAME`` teacher
+    costs its preset's; state dict files are torchvision's r2plus1d_18, the paper's)."""
+    from indexing.flops import measured_gflops
+
+    preset = teacher.split(":", 1)[1] if teacher.startswith("preset:") else "paper"
+    return measured_gflops(preset)["teacher_clip"]
 
 
 def _l2l_version() -> str:
@@ -987,7 +996,13 @@ def add_features(
         arrays = _set_array_names(sets)
         sets_attrs = dict(store.attrs.get("feature_sets") or store.feature_sets())
         sets_attrs.update(feature_set_attrs(config, [s for s in sets if s not in sets_attrs]))
-        store.add_arrays(arrays, {"feature_sets": sets_attrs, "extraction": config.to_dict()})
+        more: dict[str, Any] = {"feature_sets": sets_attrs, "extraction": config.to_dict()}
+        if "teacher" in sets:  # what recognising a step with the stored teacher set costs (l2l evaluate)
+            more["gflops_per_step"] = {
+                **store.attrs.get("gflops_per_step", {}),
+                "teacher_clip": _teacher_gflops(teacher),
+            }
+        store.add_arrays(arrays, more)
 
         def has_sets(t: Task) -> bool:
             files = (store.task_record(t.start, t.stop) or {}).get("files") or {}

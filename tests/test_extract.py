@@ -444,6 +444,11 @@ def test_extra_sets_keep_the_students_rows_and_hold_what_training_reads(corpus, 
     assert sets["inputs"]["arrays"] == ["inputs_frame", "inputs_logmel"]
     assert all(fs["tasks_done"] == 3 for fs in sets.values())
     assert check_store(with_sets) == []
+    from indexing.flops import measured_gflops
+
+    with open_store(with_sets) as s, open_store(reference["zarr"]) as ref:  # recognition cost: this teacher's
+        assert s.attrs["gflops_per_step"]["teacher_clip"] == measured_gflops("tiny")["teacher_clip"]
+        assert ref.attrs["gflops_per_step"]["teacher_clip"] == measured_gflops("paper")["teacher_clip"]
 
 
 def test_add_features_by_the_same_tasks_resumes_and_equals_extracting_them(
