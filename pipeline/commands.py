@@ -428,13 +428,19 @@ def _describe_model(model: Any) -> str:
 @click.argument("store", type=click.Path(exists=True))
 @json_option("the listing")
 def store_ls_cmd(store: str, as_json: bool) -> None:
-    """List the videos of STORE with status, steps, duration, fps, audio and label."""
+    """List the videos of STORE with status, steps, duration, fps, audio and label (the feature sets every
+    row holds, with the model and weights sha256 that made each, go to stderr first)."""
+    from indexing.stores import open_store
     from indexing.stores.tools import store_ls
 
     videos = store_ls(store)
     if as_json:
         echo_json(videos)
         return
+    with open_store(store) as s:
+        sets = s.feature_sets()
+    made = [f"{name} ({fs.get('model')} {str(fs.get('sha256') or '-')[:12]})" for name, fs in sets.items()]
+    note(f"feature sets: {', '.join(made)}")
     width = max([len("video_id")] + [len(v["video_id"]) for v in videos])
     label_width = max([len("label")] + [len(v["label"] or "-") for v in videos])
     click.echo(

@@ -444,6 +444,11 @@ def test_extra_sets_keep_the_students_rows_and_hold_what_training_reads(corpus, 
     assert sets["inputs"]["arrays"] == ["inputs_frame", "inputs_logmel"]
     assert all(fs["tasks_done"] == 3 for fs in sets.values())
     assert check_store(with_sets) == []
+    from cli import main
+
+    listing = CliRunner().invoke(main, ["store", "ls", str(with_sets)])
+    assert listing.exit_code == 0 and f"teacher (teacher {meta['sha256'][:12]})" in listing.stderr
+    assert "inputs (none -)" in listing.stderr and listing.stdout.startswith("video_id")
     from indexing.flops import measured_gflops
 
     with open_store(with_sets) as s, open_store(reference["zarr"]) as ref:  # recognition cost: this teacher's
