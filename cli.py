@@ -3,8 +3,8 @@
 The entry point only: the ``main`` group, which turns the project's errors (:class:`indexing.errors.L2LError`)
 into one ``error: ...`` line and the documented exit code, the ``demo`` command, and the registration of
 the command modules that live beside the library they drive (``pipeline/commands.py``,
-``indexing/commands.py``, ``skim/commands.py``). Heavy imports (torch, decord, zarr, dask) happen inside
-commands so ``l2l --help`` is instant.
+``pipeline/student_commands.py``, ``skim/commands.py``). Heavy imports (torch, decord, zarr, dask)
+happen inside commands so ``l2l --help`` is instant.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import sys
 
 import click
 
-from indexing import commands as indexing_commands
 from indexing.errors import L2LError
 from indexing.options import OutputPath
 from pipeline import commands as pipeline_commands
+from pipeline import student_commands
 from skim import commands as skim_commands
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     """Listen to Look: efficient action recognition in long video by previewing audio."""
 
 
-for _module in (pipeline_commands, indexing_commands, skim_commands):
+for _module in (pipeline_commands, student_commands, skim_commands):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
@@ -133,7 +133,7 @@ def _demo(ctx: click.Context, root, *, videos: int, classes: int, workers: int, 
     common = dict(preset="tiny", batch_size=32, lr=0.05, workers=2, seed=seed)
     stage(
         "distill: students from the tiny teacher",
-        indexing_commands.distill,
+        student_commands.distill,
         manifest=str(manifest),
         teacher_preset="tiny",
         out=str(students),
@@ -145,7 +145,7 @@ def _demo(ctx: click.Context, root, *, videos: int, classes: int, workers: int, 
     # Trimmed clips from the ground-truth moments, as the paper's students see on Kinetics.
     stage(
         "finetune: classifier on trimmed clips (moments.json)",
-        indexing_commands.finetune,
+        student_commands.finetune,
         manifest=str(manifest),
         students_path=str(students),
         out=str(students_ft),

@@ -34,3 +34,33 @@ def test_indexing_never_imports_pipeline_or_skim():
 def test_cli_help_imports_no_heavy_library():
     loaded = _loaded_after_import(["cli"])
     assert not loaded & {"torch", "decord", "zarr", "h5py", "distributed", "av"}
+
+
+def _imported_packages(package: str) -> dict[str, set[str]]:
+    """Top-level packages each module of ``package`` imports anywhere in its source, lazy imports included."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_imports_point_one_way_even_inside_functions():
+    forbidden = {
+        "indexing": {"pipeline", "skim", "cli", "decord"},
+        "skim": {"pipeline", "cli", "decord", "av"},
+    }
+    wrong = {
+        module: sorted(names & forbidden[package])
+        for package in forbidden
+        for module, names in _imported_packages(package).items()
+        if names & forbidden[package]
+    }
+    assert _imported_packages("indexing") and not wrong, f"imports against the one-way direction: {wrong}"

@@ -1,9 +1,9 @@
 """ImgAud2Vid commands: ``distill``, ``finetune``, ``distill-report``.
 
 Thin: options -> config -> one library call -> report. Only click and the standard library are imported at
-module level (``l2l --help`` stays instant); ``cli.py`` registers :data:`COMMANDS`. The clips these
-commands train on are decoded video, so the loaders come from ``pipeline.clips``, imported when a command
-runs (the one place ``indexing`` reaches into ``pipeline``: the command line, which sits above both).
+module level (``l2l --help`` stays instant); ``cli.py`` registers :data:`COMMANDS`. The students and their
+training live in ``indexing/``; these commands sit on the pipeline side because the clips they train on are
+decoded video (``pipeline.clips``), and imports point one way: pipeline -> indexing.
 """
 
 from __future__ import annotations
