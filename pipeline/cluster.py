@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -189,7 +189,8 @@ class ClusterConfig:
         type=int,
         help="Dask threads (concurrent tasks) per local worker.  [default: 1]",
     )
-    torch_threads: int | None = None  # the command's --torch-threads, shared with the extraction config
+    # The command's --threads (not a cluster option: shared with the extraction config).
+    torch_threads: int | None = field(default=None, metadata={"shown_as": "--threads"})
     memory_limit: str | None = cli_field(
         flag="--memory-limit", help="Memory per local worker, e.g. 6GiB.  [default: auto: RAM / workers]"
     )
@@ -314,7 +315,9 @@ class ClusterConfig:
 
 # The option each field is set by, for error messages (the options are generated from the fields).
 _FLAGS = {
-    f.name: f.metadata["flag"].split("/")[0] if "flag" in f.metadata else "--" + f.name.replace("_", "-")
+    f.name: f.metadata["flag"].split("/")[0]
+    if "flag" in f.metadata
+    else f.metadata.get("shown_as", "--" + f.name.replace("_", "-"))
     for f in fields(ClusterConfig)
 }
 

@@ -202,7 +202,14 @@ def _cluster_options(values: dict[str, Any]) -> dict[str, Any]:
     help="Store backend to create.",
 )
 @config_options(ClusterConfig, param="cluster_options", build=_cluster_options)
-@click.option("--torch-threads", default=1, show_default=True, help="torch threads per task.")
+@click.option(
+    "--threads",
+    "--torch-threads",
+    "torch_threads",
+    default=1,
+    show_default=True,
+    help="torch CPU threads per task (--torch-threads: the older name).",
+)
 @click.option("--resume", is_flag=True, help="Require an existing store and complete it.")
 @click.option(
     "--dtype",

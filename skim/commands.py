@@ -24,7 +24,9 @@ from indexing.options import (
     inference_options,
     json_option,
     no_progress_option,
+    set_threads,
     show_progress,
+    threads_option,
     warnings_only,
 )
 
@@ -277,6 +279,7 @@ def train_cmd(
 )
 @click.option("--seed", type=int, help="Seed of the baselines.  [default: 0]")
 @click.option("--device", help="cpu, cuda or auto.  [default: cpu]")
+@threads_option
 @click.option("--plot", type=OutputPath(dir_okay=False), help="Write the trade-off curves PNG here.")
 @no_progress_option
 @json_option("the results")
@@ -295,6 +298,7 @@ def evaluate_cmd(
     subsample_factors,
     seed,
     device,
+    threads,
     plot,
     no_progress,
     as_json,
@@ -302,6 +306,7 @@ def evaluate_cmd(
     """Compare skimming with uniform, random and dense baselines on STORE's features."""
     from skim.evaluate import EvalConfig, evaluate
 
+    set_threads(threads)
     started = time.perf_counter()
 
     config = EvalConfig(
@@ -363,6 +368,7 @@ def echo_evaluation(result: dict) -> None:
 @_inference_options
 @click.option("--batch-size", default=64, show_default=True, help="Videos per model batch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@threads_option
 @click.option(
     "--out",
     type=OutputPath(dir_okay=False),
@@ -381,6 +387,7 @@ def query_cmd(
     inference: InferenceConfig,
     batch_size,
     device,
+    threads,
     out,
     resume,
     no_progress,
@@ -395,6 +402,7 @@ def query_cmd(
     """
     from skim.query import query
 
+    set_threads(threads)
     if bool(video_ids) == all_videos:
         raise ConfigError("give VIDEO_ID(s) or --all (not both)")
     if resume and not out:

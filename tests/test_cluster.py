@@ -99,7 +99,7 @@ def test_kind_is_inferred_from_the_connection_option():
         ({"kind": "scheduler"}, "needs --scheduler ADDRESS"),
         ({"kind": "scheduler-file"}, "needs --scheduler-file PATH"),
         ({"workers": 0}, "--workers must be a positive integer"),
-        ({"torch_threads": 2.5}, "--torch-threads must be a positive integer"),
+        ({"torch_threads": 2.5}, "--threads must be a positive integer"),
         ({"memory_limit": "lots"}, "not a size"),
         ({"lifetime": "soon"}, "not a duration"),
         ({"lifetime_stagger": "5m"}, "needs --worker-lifetime"),
@@ -434,7 +434,7 @@ def test_batch_script_runs_scheduler_workers_and_client(system, tmp_path):
         "scheduler-file",
         "--scheduler-file",
         str(sched_file),
-        "--torch-threads",
+        "--threads",
         "2",
         *EXTRA,
     ]
