@@ -375,6 +375,7 @@ def echo_evaluation(result: dict) -> None:
     help="Stream the answers to this JSON Lines file (one per line, memory bounded by the batch).",
 )
 @click.option("--resume", is_flag=True, help="With --out: skip the videos the file already answers, append.")
+@click.option("--overwrite", is_flag=True, help="With --out: replace the file instead of refusing.")
 @no_progress_option
 @json_option("the answers (with --out: what was written)")
 def query_cmd(
@@ -390,6 +391,7 @@ def query_cmd(
     threads,
     out,
     resume,
+    overwrite,
     no_progress,
     as_json,
 ) -> None:
@@ -405,8 +407,8 @@ def query_cmd(
     set_threads(threads)
     if bool(video_ids) == all_videos:
         raise ConfigError("give VIDEO_ID(s) or --all (not both)")
-    if resume and not out:
-        raise ConfigError("--resume goes on with an --out file; give --out FILE.jsonl")
+    if (resume or overwrite) and not out:
+        raise ConfigError("--resume and --overwrite apply to an --out file; give --out FILE.jsonl")
     kwargs = {
         "top_k": top_k,
         "batch_size": batch_size,
@@ -420,7 +422,7 @@ def query_cmd(
     if out:
         from skim.query import write_jsonl
 
-        done = write_jsonl(store, model_path, out, ids, resume=resume, **kwargs)
+        done = write_jsonl(store, model_path, out, ids, resume=resume, overwrite=overwrite, **kwargs)
         if as_json:
             echo_json(done)
         else:

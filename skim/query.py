@@ -188,6 +188,7 @@ def write_jsonl(
     video_ids: Sequence[str] | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Answer videos (all ``ok`` ones by default) into ``out``, one JSON answer per line, as they come.
@@ -201,20 +202,26 @@ def write_jsonl(
         model_path: Skimming checkpoint.
         out: The JSON Lines file.
         video_ids: Videos to answer (None: every ``ok`` video).
-        resume: Keep ``out`` and skip the videos it already answers (otherwise ``out`` is replaced).
+        resume: Keep ``out`` and skip the videos it already answers.
+        overwrite: Replace an existing ``out``.
         **kwargs: As :func:`iter_query`.
 
     Returns:
         ``{"out", "written", "skipped"}``.
 
     Raises:
-        ConfigError: ``out`` exists without ``resume``, or a line of it is not an answer.
+        ConfigError: ``out`` exists without ``resume`` or ``overwrite`` (or with both), or a line of it is
+            not an answer.
     """
     import json
 
     out = Path(out)
-    if out.exists() and not resume:
-        raise ConfigError(f"{out} already exists; pass --resume to go on with it or remove it")
+    if resume and overwrite:
+        raise ConfigError("--resume keeps the --out file and --overwrite replaces it; give one of them")
+    if out.exists() and not (resume or overwrite):
+        raise ConfigError(f"{out} already exists; pass --resume to go on with it or --overwrite to replace")
+    if overwrite:
+        out.unlink(missing_ok=True)
     done = answered_ids(out) if resume else set()
     written = 0
     with out.open("a", encoding="utf-8") as f:

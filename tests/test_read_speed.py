@@ -333,6 +333,12 @@ def test_query_all_streams_json_lines_and_resumes(model, tmp_path):
     bad.write_text('{"not": "an answer"}\n')
     result = CliRunner().invoke(main, [*base, "--out", str(bad), "--resume"])
     assert result.exit_code != 0 and "not a query answer" in result.output
+    # --overwrite replaces the file with every answer; with --resume too, it is refused.
+    result = CliRunner().invoke(main, [*base, "--out", str(bad), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["written"] == len(want) == len(bad.read_text().splitlines())
+    result = CliRunner().invoke(main, [*base, "--out", str(bad), "--overwrite", "--resume"])
+    assert result.exit_code == 2 and "give one of them" in result.output
 
 
 def test_train_command_takes_block_shuffle_and_length_buckets(model, tmp_path):
