@@ -27,6 +27,7 @@ from . import (
     get_store,
     index_problems,
     open_store,
+    store_format,
 )
 
 BLOCK_TARGET_ROWS = 32_768  # rows per streamed block (rounded to whole chunks)
@@ -184,6 +185,7 @@ def check_store(path: str | Path, *, quick: bool = False, progress: bool = False
         quick: Presence and sizes only (see above).
         progress: Show a progress bar over the rows (stderr).
     """
+    store_format(path)  # not a store at all is the user's mistake (ConfigError), not a problem found
     try:
         store = open_store(path)
     except (ValueError, OSError, KeyError) as exc:
