@@ -346,13 +346,18 @@ class StoreClipDataset(ClipDataset):
             from indexing.stores.reading import read_many
 
             targets = read_many(store, self.teacher_features, [(r, r + 1) for r in rows])
-        for j, (item, (v, step)) in enumerate(zip(items, pairs, strict=True)):
-            row = rows[j]
-            if self.use_inputs:  # 38 kB rows in sharded ~256 kB inner chunks: one small decode per step
-                item["frames"] = store.read_rows("inputs_frame", row, row + 1)[0]  # (112, 112, 3) uint8
-                item["mel"] = store.read_rows("inputs_logmel", row, row + 1)[0]  # (1, 101, 40) float32
+        if self.use_inputs:  # one read per array: each inner chunk of the batch decoded once (read_rows_at)
+            from indexing.stores.points import read_rows_at
+
+            frames = read_rows_at(store, "inputs_frame", rows)  # (B, 112, 112, 3) uint8
+            mels = read_rows_at(store, "inputs_logmel", rows)  # (B, 1, 101, 40) float32
+            if want_clips:
+                clips = self._decode(pairs, with_clips=True)
+        for j, item in enumerate(items):
+            if self.use_inputs:
+                item["frames"], item["mel"] = frames[j], mels[j]
                 if want_clips:
-                    item["clip"] = self._decode([(v, step)], with_clips=True)[0]["clip"]
+                    item["clip"] = clips[j]["clip"]  # (16, S, S, 3) uint8
             if self.teacher_features:
                 item["target"] = np.array(targets[j][0], np.float32)  # (512,) a copy, never a cache view
         return items
