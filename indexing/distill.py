@@ -1,11 +1,18 @@
 """ImgAud2Vid training: distil the clip teacher into image + audio students, then fine-tune a classifier.
 
-Both stages run the shared loop (:func:`indexing.training.fit`) and checkpoint after every epoch into the
-output file (see :mod:`indexing.checkpoint`) with the optimiser and RNG state; rerunning with the same
-output path and config continues after the last completed epoch, and gives the same weights as an
-uninterrupted run (each epoch's data is drawn from ``(seed, epoch)`` by :class:`pipeline.clips.ClipDataset`).
-A training-curve PNG is drawn beside the checkpoint (``students.pt`` → ``students-curve.png``) after the
-last epoch and at most once a minute before.
+Both stages run the shared loop (:func:`indexing.training.fit`): the output file (see
+:mod:`indexing.checkpoint`) always holds the weights of the best epoch by validation (distillation: the
+lowest validation L1; fine-tuning: the highest validation accuracy, ties broken by the lower validation
+loss, then the earlier epoch), and ``OUT.resume`` (:func:`indexing.training.resume_path`) the last epoch's
+weights with the optimiser and RNG state. Training stops after ``patience`` epochs without improvement, at
+``epochs`` (a maximum) or at the ``max_updates`` budget; the learning rate drops ÷10 after
+``lr_patience`` epochs without improvement (or at fixed ``milestones``, the paper's schedule). Rerunning
+with the same output path and config continues after the last completed epoch, and gives the same weights
+as an uninterrupted run (each epoch's data is drawn from ``(seed, epoch)`` by
+:class:`pipeline.clips.ClipDataset`); ``epochs``, ``patience`` and ``max_updates`` may change between the
+runs (raise ``epochs`` when validation was still improving). Without a validation split (validation on
+the training videos), the last epoch is kept. A training-curve PNG is drawn beside the checkpoint
+(``students.pt`` → ``students-curve.png``) after the last epoch and at most once a minute before.
 
 Distillation loss: ``l1_weight * |z_IA - teacher(clip)|_1`` (mean over dims and batch) plus, when
 ``kl_weight > 0``, ``kl_weight * T^2 * KL(softmax(fc(teacher)/T) || softmax(fc(z_IA)/T))`` where ``fc``
@@ -16,7 +23,7 @@ teacher's head scores it directly.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +43,29 @@ log = logging.getLogger(__name__)
 AUDIO_BASELINES = ("mean", "zero")
 
 
+# Settings that only decide when to stop: they may change when a run is resumed (raise --epochs).
+STOP_FIELDS = ("epochs", "patience", "max_updates")
+
+
 @dataclass(frozen=True)
 class _TrainConfig:
     epochs: int
+    patience: int
+    lr_patience: int
     batch_size: int = 16
     lr: float = 1e-3
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    lr_decay_at: tuple[float, ...] = (1 / 2, 5 / 6)  # fractions of `epochs` where the lr is multiplied
+    milestones: tuple[int, ...] = ()  # 0-based epochs from which the lr is multiplied by lr_decay once more
     lr_decay: float = 0.1
+    min_delta: float = 1e-3
+    max_updates: int | None = None
     device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         if self.epochs < 1:
             raise ConfigError(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
@@ -62,27 +78,45 @@ class _TrainConfig:
             raise ConfigError("nesterov needs momentum > 0; set momentum=0.9 or nesterov=False")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
-        if any(not 0 < f < 1 for f in self.lr_decay_at):
-            raise ConfigError(f"lr_decay_at={self.lr_decay_at} must be fractions of the epochs in (0, 1)")
+        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+            raise ConfigError(
+                f"milestones={list(self.milestones)} must be increasing epochs >= 1, e.g. 30,50 (the paper's)"
+            )
+        if self.lr_patience < 0:
+            raise ConfigError(f"lr_patience={self.lr_patience} must be >= 0 (0: no drops on plateaus)")
+        self.stopping()  # patience, min_delta, max_updates
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay={self.lr_decay} must be in (0, 1]; the paper uses 0.1")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r} must be cpu or cuda[:N]")
 
-    def milestones(self) -> list[int]:
-        """Epochs after which the lr decays: 30 and 50 for the paper's 60 epochs."""
-        return sorted({round(f * self.epochs) for f in self.lr_decay_at} - {0})
+    def stopping(self) -> training.Stopping:
+        """Which epoch is kept and when training stops (:class:`indexing.training.Stopping`)."""
+        raise NotImplementedError
+
+    def schedule(self) -> training.Schedule:
+        """The learning-rate schedule: drops on plateaus, at the milestones, or both."""
+        return training.Schedule(
+            lr=self.lr, milestones=self.milestones, gamma=self.lr_decay, plateau=self.lr_patience
+        )
 
 
 @dataclass(frozen=True)
 class DistillConfig(_TrainConfig):
-    """Distillation settings; defaults are the paper's (SGD Nesterov, 60 epochs, lr ÷10 at 30 and 50).
+    """Distillation settings: the paper's SGD (Nesterov, lr 1e-3, batch 16, at most its 60 epochs), stopping
+    after 10 epochs without a lower validation L1, lr ÷10 after 4 (two drops before a stop, as the paper's
+    two). The paper's fixed recipe: ``patience=0, lr_patience=0, milestones=(30, 50)``.
 
     Attributes:
-        epochs: Training epochs.
+        epochs: Maximum training epochs.
+        patience: Stop after this many epochs without improvement of the validation L1 (0: never).
+        lr_patience: Multiply the lr by ``lr_decay`` after this many epochs without improvement (0: never).
         batch_size: Clips per batch (must equal the train loader's).
         lr, momentum, nesterov, weight_decay: SGD settings.
-        lr_decay_at: Fractions of ``epochs`` after which the lr is multiplied by ``lr_decay``.
+        milestones: 0-based epochs from which the lr is multiplied by ``lr_decay`` once more.
+        lr_decay: Factor of each drop.
+        min_delta: Smallest relative decrease of the validation L1 that counts as an improvement.
+        max_updates: Budget of optimiser updates (None: none).
         l1_weight: Weight of the L1 loss to the teacher descriptor.
         kl_weight: Weight of the KL term between teacher and student class distributions (0: off).
         kl_temperature: Softmax temperature of the KL term.
@@ -91,6 +125,8 @@ class DistillConfig(_TrainConfig):
     """
 
     epochs: int = 60
+    patience: int = 10
+    lr_patience: int = 4
     l1_weight: float = 1.0
     kl_weight: float = 0.0
     kl_temperature: float = 1.0
@@ -104,19 +140,43 @@ class DistillConfig(_TrainConfig):
         if not self.kl_temperature > 0:
             raise ConfigError(f"kl_temperature={self.kl_temperature} must be > 0; use 1")
 
+    def stopping(self) -> training.Stopping:
+        return training.Stopping(
+            monitor="val_l1",
+            mode="min",
+            patience=self.patience,
+            min_delta=self.min_delta,
+            max_updates=self.max_updates,
+        )
+
 
 @dataclass(frozen=True)
 class FinetuneConfig(_TrainConfig):
-    """Fine-tuning settings: cross-entropy of the classifier on z_IA over labelled clips.
+    """Fine-tuning settings: cross-entropy of the classifier on z_IA over labelled clips; at most 40 epochs,
+    stopping after 8 without a better validation accuracy (ties: a lower validation loss), lr ÷10 after 3.
 
     Attributes:
-        epochs: Training epochs.
+        epochs: Maximum training epochs.
         freeze_students: Train only the classifier (students stay in eval mode: BatchNorm frozen).
+        min_delta: Smallest accuracy gain (absolute), or relative validation-loss decrease at equal
+            accuracy, that counts as an improvement.
         (others as in :class:`DistillConfig`)
     """
 
-    epochs: int = 10
+    epochs: int = 40
+    patience: int = 8
+    lr_patience: int = 3
     freeze_students: bool = False
+
+    def stopping(self) -> training.Stopping:
+        return training.Stopping(
+            monitor="val_accuracy",
+            mode="max",
+            tie="val_loss",
+            patience=self.patience,
+            min_delta=self.min_delta,
+            max_updates=self.max_updates,
+        )
 
 
 # ---- shared loop pieces --------------------------------------------------------------------------
@@ -130,8 +190,15 @@ def _device(name: str) -> torch.device:
 
 def _config_dict(config: _TrainConfig) -> dict[str, Any]:
     d = asdict(config)
-    d["lr_decay_at"] = list(d["lr_decay_at"])
+    d["milestones"] = list(d["milestones"])
     return d
+
+
+def outcome(history: list[dict[str, Any]], config: _TrainConfig, *, keep_best: bool = True) -> dict[str, Any]:
+    """How a distillation or fine-tuning run ended (:func:`indexing.training.outcome`): the kept epoch,
+    why it stopped, whether validation was still improving, and one line saying so."""
+    stopping = config.stopping() if keep_best else replace(config.stopping(), keep_best=False)
+    return training.outcome(history, stopping, epochs=config.epochs, plateau=config.lr_patience)
 
 
 def curve_path(out_path: str | Path) -> Path:
@@ -160,17 +227,34 @@ def _plot(history: list[dict[str, float]], png: Path, *, val_key: str, title: st
 def _resume(
     out_path: Path, *, stage: str, config: _TrainConfig, students: Students, extra: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """The checkpoint to continue from, or None for a fresh run; refuse one from another run."""
-    if not out_path.exists():
+    """The checkpoint to continue from (``OUT.resume``: the last epoch), or None for a fresh run; refuse
+    one from another run (the stopping settings ``epochs``, ``patience``, ``max_updates`` may differ)."""
+    state_path = training.resume_path(out_path)
+    if not out_path.exists() and not state_path.exists():
         return None
-    ckpt = ckpt_io.load_checkpoint(out_path, kind="students")
+    if out_path.exists():
+        found_stage = ckpt_io.load_checkpoint(out_path, kind="students")["extra"].get("stage")
+        if found_stage != stage:
+            raise CheckpointError(
+                f"{out_path} holds a {found_stage!r} checkpoint, not {stage!r}; pass a new output path"
+            )
+    if state_path.exists():
+        ckpt = ckpt_io.load_checkpoint(state_path, kind="students")
+    else:  # written before OUT.resume existed: OUT itself held the optimiser state
+        ckpt = ckpt_io.load_checkpoint(out_path, kind="students")
+        if "optimizer" not in ckpt["training"]:
+            raise CheckpointError(
+                f"{out_path} holds finished {stage} weights but its resumable state {state_path} is missing, "
+                "so it cannot be continued; pass a new output path (or restore the .resume file)"
+            )
     found_stage = ckpt["extra"].get("stage")
     if found_stage != stage:
         raise CheckpointError(
-            f"{out_path} holds a {found_stage!r} checkpoint, not {stage!r}; pass a new output path"
+            f"{state_path} holds a {found_stage!r} checkpoint, not {stage!r}; pass a new output path"
         )
     want, have = _config_dict(config), dict(ckpt["config"])
-    want.pop("device"), have.pop("device", None)  # a run may move between devices
+    for key in ("device", *STOP_FIELDS):  # a run may move between devices, and stop later or sooner
+        want.pop(key), have.pop(key, None)
     diff = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
     for key in ("teacher_sha256", "parent_sha256", "classes"):
         if key in extra and ckpt["extra"].get(key) != extra[key]:
@@ -180,9 +264,30 @@ def _resume(
     if diff:
         raise CheckpointError(
             f"{out_path} is from a run with other settings ({'; '.join(diff)}); rerun with the same "
-            "options to resume, or pass a new output path"
+            "options to resume (--epochs, --patience and --max-updates may change), or pass a new output path"
         )
     return ckpt
+
+
+def _keep_best(
+    out_path: Path, students: Students, history: list[dict[str, Any]], result: dict[str, Any], *, where: str
+) -> None:
+    """Load the kept epoch's weights from ``out_path`` into ``students`` and rewrite the file with the
+    whole history and how the run ended (the file was written when that epoch was trained)."""
+    ckpt = ckpt_io.load_checkpoint(out_path, kind="students")
+    if int(ckpt["epoch"]) != result["best_epoch"]:
+        raise CheckpointError(
+            f"{out_path} holds epoch {ckpt['epoch']}, but the history of {where} keeps epoch "
+            f"{result['best_epoch']}; was the file replaced during training? Pass a new output path"
+        )
+    ckpt_io.load_state_checked(students, ckpt["state_dict"], where=str(out_path))
+    fields = {k: ckpt[k] for k in ("models", "state_dict", "epoch", "config", "extra")}
+    ckpt_io.save_checkpoint(
+        out_path,
+        kind="students",
+        training={"history": list(history), "outcome": dict(result)},
+        **fields,
+    )
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -216,9 +321,11 @@ def _run(
     val_key: str,
     set_train_mode,
     progress: bool = True,
+    keep_best: bool = True,
 ) -> list[dict[str, float]]:
     """Distillation and fine-tuning through the shared loop (:func:`indexing.training.fit`); under
-    ``torchrun``, one part of every global batch per process (:mod:`indexing.parallel`)."""
+    ``torchrun``, one part of every global batch per process (:mod:`indexing.parallel`). Afterwards the
+    students hold the kept epoch's weights (rank 0; the others keep the last epoch's)."""
     out_path = Path(out_path)
     if getattr(train_loader, "batch_size", config.batch_size) != config.batch_size:
         raise ConfigError(
@@ -231,7 +338,7 @@ def _run(
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
-    schedule = training.Schedule(lr=config.lr, milestones=tuple(config.milestones()), gamma=config.lr_decay)
+    stopping = config.stopping() if keep_best else replace(config.stopping(), keep_best=False)
     ckpt = _resume(out_path, stage=stage, config=config, students=students, extra=extra)
     if ckpt is None:
         training.seed_all(config.seed)
@@ -241,8 +348,13 @@ def _run(
         ckpt_io.load_state_checked(students, ckpt["state_dict"], where=str(out_path))
         history = training.restore(opt, ckpt["training"])
         start = int(ckpt["epoch"])
-        if start < config.epochs:
-            log.info("resuming %s from %s after epoch %d", stage, out_path, start)
+        if (
+            training.stop_reason(
+                training.track(history, stopping, plateau=config.lr_patience), stopping, config.epochs
+            )
+            is None
+        ):
+            log.info("resuming %s from %s after epoch %d", stage, training.resume_path(out_path), start)
     forward.module = parallel.wrap(students, ctx)  # the same parameters: `opt` keeps working
 
     def batches(epoch: int):
@@ -253,32 +365,33 @@ def _run(
         loss, n = batch_loss(batch)
         return training.StepResult(*parallel.global_loss(loss, n, ctx))
 
-    def save(epoch: int, state: dict[str, Any]) -> None:
-        if not ctx.main:
-            return
-        ckpt_io.save_checkpoint(
-            out_path,
-            kind="students",
-            models=students.specs(),
-            state_dict=students.state_dict(),
-            epoch=epoch,
-            config=_config_dict(config),
-            training=state,
-            extra=dict(extra, stage=stage),
-        )
+    def write(path: Path, epoch: int, state: dict[str, Any]) -> None:
+        if ctx.main:
+            ckpt_io.save_checkpoint(
+                path,
+                kind="students",
+                models=students.specs(),
+                state_dict=students.state_dict(),
+                epoch=epoch,
+                config=_config_dict(config),
+                training=state,
+                extra=dict(extra, stage=stage),
+            )
 
-    return training.fit(
+    history = training.fit(
         stage=stage,
         epochs=config.epochs,
         optimizer=opt,
-        schedule=schedule,
+        schedule=config.schedule(),
+        stopping=stopping,
         batches=batches,
         step=step,
-        save=save,
+        save=lambda epoch, state: write(training.resume_path(out_path), epoch, state),
+        keep=lambda epoch, h: write(out_path, epoch, {"history": list(h)}),
         history=history,
         start_epoch=start,
         train_mode=set_train_mode,
-        validate=lambda: {val_key: validate()},
+        validate=lambda: validate(),
         plot=(lambda h: _plot(h, curve_path(out_path), val_key=val_key, title=f"{stage}: {out_path.name}"))
         if ctx.main
         else None,
@@ -286,6 +399,10 @@ def _run(
         progress=ctx.main and progress,
         note=None if ctx.main else (lambda _line: None),
     )
+    if ctx.main and history:
+        result = training.outcome(history, stopping, epochs=config.epochs, plateau=config.lr_patience)
+        _keep_best(out_path, students, history, result, where=str(training.resume_path(out_path)))
+    return history
 
 
 def _inputs(batch: dict[str, Tensor], dev: torch.device) -> tuple[Tensor, Tensor]:
@@ -319,6 +436,7 @@ def distill(
     *,
     extra: dict[str, Any] | None = None,
     progress: bool = True,
+    keep_best: bool = True,
 ) -> list[dict[str, float]]:
     """Train the students' z_IA to match the frozen teacher's clip descriptor (L1, optional KL).
 
@@ -327,17 +445,22 @@ def distill(
         teacher: Frozen teacher; ``None`` when the batches carry stored teacher targets
             (:class:`pipeline.clips.StoreClipDataset`) and ``kl_weight`` is 0 (the KL term needs its fc).
         train_loader: Batches of :class:`pipeline.clips.ClipDataset` items with clips (or targets).
-        val_loader: Same, for the per-epoch validation L1 (``uniform`` sampling recommended).
+        val_loader: Same, for the per-epoch validation L1 (``uniform`` sampling recommended); None: no
+            validation (the last epoch is kept).
         config: Distillation settings.
-        out_path: Checkpoint file, rewritten after every epoch; an existing one from the same run is
-            resumed, one from another run is refused.
+        out_path: Checkpoint file of the best epoch (lowest validation L1); ``OUT.resume`` holds the last
+            epoch's resumable state. An existing pair from the same run is resumed, one from another run is
+            refused.
         extra: Plain metadata stored in the checkpoint (e.g. ``teacher`` name/path,
             ``teacher_sha256``: a resume with another teacher is refused).
         progress: Show a progress bar per epoch on stderr (rank 0 only).
+        keep_best: False when ``val_loader`` holds the training videos (no validation split): the
+            validation is then monitoring only and the last epoch is kept.
 
     Returns:
-        History: one dict per epoch with ``epoch``, ``train_loss``, ``val_l1``, ``lr``, ``clips_per_s``,
-        ``seconds``.
+        History: one dict per epoch with ``epoch``, ``train_loss``, ``val_l1``, ``lr``, ``updates``,
+        ``clips_per_s``, ``seconds`` (:func:`outcome` says which epoch was kept and why training stopped).
+        The students end with the kept epoch's weights.
 
     Raises:
         ValueError: Bad device, mismatched batch size, an incompatible existing checkpoint, no clips.
@@ -369,8 +492,10 @@ def distill(
     def train_mode() -> None:
         students.train()
 
-    def validate() -> float:
-        return float(np.mean(_clip_l1(students, teacher, val_loader, dev)["l1_image_audio"]))
+    def validate() -> dict[str, float | None]:
+        if val_loader is None:
+            return {"val_l1": None}
+        return {"val_l1": float(np.mean(_clip_l1(students, teacher, val_loader, dev)["l1_image_audio"]))}
 
     params = [p for m in (students.image, students.audio, students.fusion) for p in m.parameters()]
     return _run(
@@ -388,6 +513,7 @@ def distill(
         val_key="val_l1",
         set_train_mode=train_mode,
         progress=progress,
+        keep_best=keep_best,
     )
 
 
@@ -522,6 +648,7 @@ def finetune(
     classes: list[str],
     extra: dict[str, Any] | None = None,
     progress: bool = True,
+    keep_best: bool = True,
 ) -> list[dict[str, float]]:
     """Fine-tune a classifier on z_IA (and the students unless frozen) with cross-entropy.
 
@@ -532,17 +659,19 @@ def finetune(
         students: Distilled students, trained in place.
         train_loader: Labelled :class:`pipeline.clips.ClipDataset` batches (clips not needed).
         val_loader: Same, for the per-epoch validation accuracy (clips whose label is not a known
-            class count as wrong).
+            class count as wrong) and loss (over the clips with a known class); None: no validation.
         config: Fine-tuning settings.
-        out_path: Checkpoint file (resumable as in :func:`distill`); ``classes`` are stored in it.
+        out_path: Checkpoint file of the best epoch (highest validation accuracy, ties: lower validation
+            loss, then the earlier epoch), resumable as in :func:`distill`; ``classes`` are stored in it.
         classes: Class names, index = target.
         extra: Plain metadata stored in the checkpoint (e.g. ``parent_sha256`` of the distilled
             students).
         progress: Show a progress bar per epoch on stderr (rank 0 only).
+        keep_best: As in :func:`distill`.
 
     Returns:
-        History: one dict per epoch with ``epoch``, ``train_loss``, ``val_accuracy``, ``lr``,
-        ``clips_per_s``, ``seconds``.
+        History: one dict per epoch with ``epoch``, ``train_loss``, ``val_accuracy``, ``val_loss``, ``lr``,
+        ``updates``, ``clips_per_s``, ``seconds``. The students end with the kept epoch's weights.
 
     Raises:
         ValueError: Fewer than 2 classes, bad device, mismatched batch size, incompatible checkpoint.
@@ -576,18 +705,26 @@ def finetune(
                 module.eval()
 
     @torch.no_grad()
-    def validate() -> float:
+    def validate() -> dict[str, float | None]:
+        if val_loader is None:
+            return {"val_accuracy": None, "val_loss": None}
         _set_epoch(val_loader, 0)
         students.eval()
-        correct = total = 0
+        correct = total = known = 0
+        loss_sum = 0.0
         for batch in val_loader:
             frames, mel = _inputs(batch, dev)
-            pred = students(frames, mel)["logits"].argmax(1).cpu()  # (B,)
-            correct += int((pred == batch["label"]).sum())
-            total += len(pred)
+            logits = students(frames, mel)["logits"].cpu()  # (B, C)
+            labels = batch["label"]
+            correct += int((logits.argmax(1) == labels).sum())
+            total += len(labels)
+            ok = labels >= 0  # a class no training video has is -1: wrong, and no loss
+            known += int(ok.sum())
+            if ok.any():
+                loss_sum += float(F.cross_entropy(logits[ok], labels[ok], reduction="sum"))
         if total == 0:
             raise ConfigError("the validation loader yielded no clips; check the manifest and its split")
-        return correct / total
+        return {"val_accuracy": correct / total, "val_loss": loss_sum / known if known else None}
 
     params = [p for p in students.parameters() if p.requires_grad]
     return _run(
@@ -605,4 +742,5 @@ def finetune(
         val_key="val_accuracy",
         set_train_mode=train_mode,
         progress=progress,
+        keep_best=keep_best,
     )

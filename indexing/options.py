@@ -265,3 +265,91 @@ def inference_options(
     return config_options(
         InferenceConfig, param="inference", choices={"next_input": next_inputs, "exit_on": exit_on}
     )
+
+
+# ---- adaptive training (distill, finetune, train) ----------------------------------------------------------
+
+
+def stopping_options(*, epochs: int, patience: int, lr_patience: int, paper: str) -> Callable:
+    """``--epochs`` (a maximum), ``--patience``, ``--lr-patience``, ``--milestones``, ``--min-delta`` and
+    ``--max-updates``, each delivered as its own parameter, None where not given (the config decides; the
+    defaults written in the help are the command's config's). Turn them into config fields with
+    :func:`stopping_values`.
+
+    Args:
+        epochs: The command's default maximum epochs.
+        patience: Its default patience.
+        lr_patience: Its default plateau length before a learning-rate drop.
+        paper: The paper's milestones for this stage (``30,50``), named in the help.
+    """
+    options = [
+        click.option(
+            "--epochs",
+            type=int,
+            help="Maximum epochs: training stops sooner on --patience or --max-updates.  "
+            f"[default: {epochs}]",
+        ),
+        click.option(
+            "--patience",
+            type=int,
+            help="Stop after this many epochs without validation improvement (0: never stop early).  "
+            f"[default: {patience}]",
+        ),
+        click.option(
+            "--lr-patience",
+            type=int,
+            help="Drop the lr 10x after this many epochs without improvement (0: never; 0 too when only "
+            f"--milestones is given).  [default: {lr_patience}]",
+        ),
+        click.option(
+            "--milestones",
+            help=f"Epochs where the lr drops 10x, comma-separated (the paper's fixed schedule: {paper}, with "
+            "--patience 0).  [default: none]",
+        ),
+        click.option(
+            "--min-delta",
+            type=float,
+            help="Smallest improvement that counts: an accuracy gain, or a relative loss decrease.  "
+            "[default: 0.001]",
+        ),
+        click.option(
+            "--max-updates",
+            type=int,
+            help="Budget of optimiser updates: training stops when it is reached.  [default: none]",
+        ),
+    ]
+
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def stopping_values(
+    *,
+    epochs: int | None,
+    patience: int | None,
+    lr_patience: int | None,
+    milestones: str | None,
+    min_delta: float | None,
+    max_updates: int | None,
+) -> dict[str, Any]:
+    """The config fields of :func:`stopping_options` that were given. ``--milestones`` without
+    ``--lr-patience`` means the fixed step schedule alone (no drops on plateaus).
+
+    Raises:
+        click.BadParameter: ``--milestones`` is not a list of integers.
+    """
+    steps = csv_ints(milestones)
+    if steps is not None and lr_patience is None:
+        lr_patience = 0
+    return given(
+        epochs=epochs,
+        patience=patience,
+        lr_patience=lr_patience,
+        milestones=steps,
+        min_delta=min_delta,
+        max_updates=max_updates,
+    )

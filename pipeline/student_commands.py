@@ -24,6 +24,8 @@ from indexing.options import (
     note,
     set_threads,
     show_progress,
+    stopping_options,
+    stopping_values,
     threads_option,
     warn,
 )
@@ -114,7 +116,23 @@ def _loaders(manifest: str, *, teacher_features: str | None = None, **kwargs: An
     return loaders
 
 
-def _report_history(history: list[dict], out: str, val_key: str, as_json: bool, started: float) -> None:
+def _validation(loaders) -> bool:
+    """Whether the loaders' validation split may choose the kept epoch (not the training videos), said."""
+    split = loaders.data.get("val_split")
+    if split == "train":
+        note("no validation split: the last epoch is kept; validation on training videos is monitoring only")
+        return False
+    if split == "test":
+        warn(
+            "the kept epoch and early stopping are chosen on the 'test' videos (the corpus has no 'val' "
+            "split), so accuracy measured on them afterwards is optimistic; add a val split to the manifest"
+        )
+    return True
+
+
+def _report_history(
+    history: list[dict], out: str, val_key: str, as_json: bool, started: float, result: dict[str, Any]
+) -> None:
     import os
 
     from indexing.distill import curve_path
@@ -123,13 +141,16 @@ def _report_history(history: list[dict], out: str, val_key: str, as_json: bool, 
         return
     if as_json:
         seconds = round(time.perf_counter() - started, 2)
-        echo_json({"out": out, "curve": str(curve_path(out)), "seconds": seconds, "history": history})
+        echo_json(
+            {"out": out, "curve": str(curve_path(out)), "seconds": seconds, **result, "history": history}
+        )
         return
     last = history[-1]
-    click.echo(
-        f"{last['epoch']} epochs: train loss {last['train_loss']:.4f}, {val_key} {last[val_key]:.4f}; "
-        f"wrote {out} and {curve_path(out)}"
-    )
+    shown = f", {val_key} {last[val_key]:.4f}" if last.get(val_key) is not None else ""
+    click.echo(f"{last['epoch']} epochs: train loss {last['train_loss']:.4f}{shown}")
+    click.echo(result["message"])
+    kept = f"wrote {out} (epoch {result['best_epoch']}), {out}.resume (epoch {last['epoch']})"
+    click.echo(f"{kept} and {curve_path(out)}")
 
 
 @click.command()
@@ -164,7 +185,7 @@ def _report_history(history: list[dict], out: str, val_key: str, as_json: bool, 
     type=click.Path(exists=True, dir_okay=False),
     help="torchvision resnet18 state dict (e.g. ImageNet) to initialise both trunks, as the paper.",
 )
-@click.option("--epochs", default=60, show_default=True, help="Training epochs.")
+@stopping_options(epochs=60, patience=10, lr_patience=4, paper="30,50 of 60 epochs")
 @click.option("--batch-size", default=16, show_default=True, help="Clips per batch.")
 @click.option("--lr", default=1e-3, show_default=True, help="Initial SGD learning rate.")
 @click.option("--weight-decay", default=1e-4, show_default=True, help="SGD weight decay.")
@@ -179,6 +200,11 @@ def distill(
     preset,
     init_resnet18,
     epochs,
+    patience,
+    lr_patience,
+    milestones,
+    min_delta,
+    max_updates,
     batch_size,
     lr,
     weight_decay,
@@ -197,16 +223,26 @@ def distill(
     """Distil the clip teacher into image + audio students on MANIFEST's videos, or on those a feature
     STORE indexes: with its inputs set no video is decoded, with --teacher-features the teacher never runs.
 
-    Rerunning with the same --out and options resumes after the last completed epoch.
+    --out holds the epoch with the lowest validation L1 (OUT.resume the last one). Rerunning with the same
+    --out and options resumes after the last completed epoch (--epochs, --patience, --max-updates may
+    change).
     """
     started = time.perf_counter()
     set_threads(threads)
-    from indexing.distill import DistillConfig
+    from indexing.distill import DistillConfig, outcome
     from indexing.distill import distill as run_distill
     from indexing.models import build_students
 
-    config = DistillConfig(
+    stop = stopping_values(
         epochs=epochs,
+        patience=patience,
+        lr_patience=lr_patience,
+        milestones=milestones,
+        min_delta=min_delta,
+        max_updates=max_updates,
+    )
+    config = DistillConfig(
+        **stop,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
@@ -240,10 +276,19 @@ def distill(
         "data": loaders.data,
     }
     progress = show_progress(no_progress, as_json)
+    keep_best = _validation(loaders)
     history = run_distill(
-        students, teacher, loaders.train, loaders.val, config, out, extra=extra, progress=progress
+        students,
+        teacher,
+        loaders.train,
+        loaders.val,
+        config,
+        out,
+        extra=extra,
+        progress=progress,
+        keep_best=keep_best,
     )
-    _report_history(history, out, "val_l1", as_json, started)
+    _report_history(history, out, "val_l1", as_json, started, outcome(history, config, keep_best=keep_best))
 
 
 @click.command()
@@ -258,7 +303,7 @@ def distill(
 @click.option(
     "--out", required=True, type=OutputPath(dir_okay=False), help="Fine-tuned checkpoint (resumable)."
 )
-@click.option("--epochs", default=10, show_default=True, help="Training epochs.")
+@stopping_options(epochs=40, patience=8, lr_patience=3, paper="e.g. 20,30 of 40 epochs")
 @click.option("--batch-size", default=16, show_default=True, help="Clips per batch.")
 @click.option("--lr", default=1e-3, show_default=True, help="Initial SGD learning rate.")
 @click.option("--weight-decay", default=1e-4, show_default=True, help="SGD weight decay.")
@@ -275,6 +320,11 @@ def finetune(
     students_path,
     out,
     epochs,
+    patience,
+    lr_patience,
+    milestones,
+    min_delta,
+    max_updates,
     batch_size,
     lr,
     weight_decay,
@@ -292,17 +342,29 @@ def finetune(
     as_json,
 ) -> None:
     """Fine-tune a classifier on z_IA (and the students) with MANIFEST's labels, or those of the videos a
-    feature STORE indexes (read from its inputs set when it has one)."""
+    feature STORE indexes (read from its inputs set when it has one).
+
+    --out holds the epoch with the best validation accuracy (ties: lower validation loss), OUT.resume the
+    last one; rerunning resumes as distill does.
+    """
     started = time.perf_counter()
     set_threads(threads)
-    from indexing.distill import FinetuneConfig
+    from indexing.distill import FinetuneConfig, outcome
     from indexing.distill import finetune as run_finetune
     from indexing.models import load_students
 
     if Path(out).resolve() == Path(students_path).resolve():
         raise ConfigError("--out must differ from --students (the distilled checkpoint is kept)")
-    config = FinetuneConfig(
+    stop = stopping_values(
         epochs=epochs,
+        patience=patience,
+        lr_patience=lr_patience,
+        milestones=milestones,
+        min_delta=min_delta,
+        max_updates=max_updates,
+    )
+    config = FinetuneConfig(
+        **stop,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
@@ -331,6 +393,7 @@ def finetune(
         "teacher_sha256": meta["teacher_sha256"],
         "data": loaders.data,
     }
+    keep_best = _validation(loaders)
     history = run_finetune(
         students,
         loaders.train,
@@ -340,8 +403,10 @@ def finetune(
         classes=loaders.classes,
         extra=extra,
         progress=show_progress(no_progress, as_json),
+        keep_best=keep_best,
     )
-    _report_history(history, out, "val_accuracy", as_json, started)
+    result = outcome(history, config, keep_best=keep_best)
+    _report_history(history, out, "val_accuracy", as_json, started, result)
 
 
 @click.command("distill-report")

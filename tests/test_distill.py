@@ -106,7 +106,11 @@ def teacher():
         ({"batch_size": 0}, "batch_size=0"),
         ({"lr": 0.0}, "lr=0.0"),
         ({"momentum": 1.0}, "momentum=1.0"),
-        ({"lr_decay_at": (1.5,)}, "lr_decay_at"),
+        ({"milestones": (50, 30)}, "milestones"),
+        ({"patience": -1}, "patience=-1"),
+        ({"lr_patience": -1}, "lr_patience=-1"),
+        ({"max_updates": 0}, "max_updates=0"),
+        ({"min_delta": -0.1}, "min_delta"),
         ({"device": "tpu"}, "device='tpu'"),
         ({"kl_weight": -1.0}, "kl_weight=-1.0"),
         ({"l1_weight": 0.0}, "one > 0"),
@@ -120,14 +124,18 @@ def test_config_validation(kwargs, match):
 def test_paper_defaults():
     cfg = DistillConfig()
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (60, 16, 1e-3, 0.9, 1e-4)
-    assert cfg.nesterov and cfg.kl_weight == 0 and cfg.milestones() == [30, 50]
-    assert FinetuneConfig(epochs=4).milestones() == [2, 3]
+    assert cfg.nesterov and cfg.kl_weight == 0 and cfg.milestones == ()
+    # Adaptive by default: at most the paper's 60 epochs, two plateau drops before a patience stop.
+    assert (cfg.patience, cfg.lr_patience, cfg.max_updates) == (10, 4, None)
+    assert (FinetuneConfig().epochs, FinetuneConfig().patience, FinetuneConfig().lr_patience) == (40, 8, 3)
+    paper = DistillConfig(patience=0, lr_patience=0, milestones=(30, 50)).schedule()
+    assert [paper.lr_at(e) for e in (0, 29, 30, 50)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             distill(build_students("tiny"), None, None, None, DistillConfig(device="cuda"), "never.pt")
 
 
-FULL = DistillConfig(epochs=3, batch_size=2, lr=0.05, seed=1)
+FULL = DistillConfig(epochs=3, batch_size=2, lr=0.05, seed=1, milestones=(2,), lr_patience=0)
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +153,11 @@ def test_distillation_loss_falls(full_run):
     val = [h["val_l1"] for h in history]
     assert len(history) == 3 and losses[-1] < 0.95 * losses[0], losses
     assert val[-1] < val[0], val
-    assert [h["lr"] for h in history] == pytest.approx([0.05, 0.05, 0.005])  # decays after 5/6 * 3 epochs
+    assert [h["lr"] for h in history] == pytest.approx([0.05, 0.05, 0.005])  # decays at milestone 2
     assert history[0]["clips_per_s"] > 0 and curve_path(out).stat().st_size > 1000
     _, meta = load_students(out)
-    assert meta["epoch"] == 3 and meta["config"]["lr"] == 0.05
+    best = min(history, key=lambda h: h["val_l1"])["epoch"]
+    assert meta["epoch"] == best and meta["config"]["lr"] == 0.05
 
 
 def test_kl_term_changes_training(tmp_path, teacher):
@@ -204,7 +213,7 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted_run(tmp_path, teac
             FULL,
             tmp_path / "cut.pt",
         )
-    assert load_students(tmp_path / "cut.pt")[1]["epoch"] == 1
+    assert load_students(tmp_path / "cut.pt.resume")[1]["epoch"] == 1
     resumed = build_students("tiny", seed=1)
     resumed_history = distill(resumed, teacher, train, val, FULL, tmp_path / "cut.pt")
 
@@ -215,7 +224,7 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted_run(tmp_path, teac
     # A finished run is not retrained; a run with other settings is refused.
     again = distill(build_students("tiny", seed=1), teacher, train, val, FULL, full_out)
     assert _strip(again) == _strip(full_history)
-    other = DistillConfig(epochs=3, batch_size=2, lr=0.1, seed=1)
+    other = DistillConfig(epochs=3, batch_size=2, lr=0.1, seed=1, milestones=(2,), lr_patience=0)
     with pytest.raises(ValueError, match="lr: 0.05 -> 0.1"):
         distill(build_students("tiny", seed=1), teacher, train, val, other, full_out)
     with pytest.raises(ValueError, match="batch size"):
