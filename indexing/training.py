@@ -23,6 +23,7 @@ group's ``lr_scale`` (default 1) lets a part train slower, e.g. the skimming cla
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import sys
@@ -40,6 +41,8 @@ from indexing.errors import ConfigError
 
 RESUME_SUFFIX = ".resume"  # OUT + this: the last epoch's resumable state beside the best weights in OUT
 STOP_REASONS = ("patience", "max_epochs", "budget")
+HOLDOUT = "holdout"  # the validation set carved from the training videos of a corpus without a val split
+HOLDOUT_FRACTION = 0.15
 
 
 class DivergedError(ConfigError):
@@ -50,6 +53,33 @@ def resume_path(path: str | Path) -> Path:
     """The last epoch's resumable checkpoint (optimiser, RNG state) beside the best weights ``path``."""
     path = Path(path)
     return path.with_name(path.name + RESUME_SUFFIX)
+
+
+def holdout(
+    video_ids: Sequence[str], labels: Sequence[str], *, fraction: float = HOLDOUT_FRACTION
+) -> list[str]:
+    """The training videos held out for validation when a corpus has no ``val`` split.
+
+    Per label, ``round(fraction * n)`` of its ``n`` videos (none for a class of 3 or fewer, which needs
+    them all to train): those whose sha1 of the video id sorts first. So the same videos are held out in
+    every command and run, whatever the seed, and the test split never chooses an epoch.
+
+    Args:
+        video_ids: Training video ids.
+        labels: Their labels (all equal, e.g. empty, for an unlabelled corpus: one stratum).
+        fraction: Share of each class held out.
+
+    Returns:
+        The held-out ids, in the order of ``video_ids`` (empty when no class is large enough).
+    """
+    by_label: dict[str, list[str]] = {}
+    for vid, label in zip(video_ids, labels, strict=True):
+        by_label.setdefault(str(label), []).append(str(vid))
+    held: set[str] = set()
+    for vids in by_label.values():
+        k = math.floor(fraction * len(vids) + 0.5)
+        held.update(sorted(vids, key=lambda v: hashlib.sha1(v.encode()).hexdigest())[:k])
+    return [str(v) for v in video_ids if str(v) in held]
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ and nothing but plain containers of tensors is ever unpickled. The envelope's fi
                  "recognition_store"}), store (summary of the training store), validated_on, init
                  (where Psi and the classifier started: "scratch" or the students checkpoint)
 
-Training writes two files per epoch: ``OUT`` (e.g. ``skim.pt``), the compact final model that ``query``,
-``evaluate`` and ``show`` load (weights, model and training config, provenance and history; no optimiser
-state), and ``OUT.resume`` (:func:`resume_path`), the same envelope plus the optimiser and RNG state that
-``l2l train --resume`` continues from. Delete ``OUT.resume`` once training is over; ``OUT`` alone answers
-queries.
+Training writes two files: ``OUT`` (e.g. ``skim.pt``), the compact model of the best epoch by validation
+that ``query``, ``evaluate`` and ``show`` load (weights, model and training config, provenance and history;
+no optimiser state; rewritten when an epoch beats the best, and at the end with how the run ended), and
+``OUT.resume`` (:func:`resume_path`), the last epoch's envelope plus the optimiser and RNG state that
+``l2l train --resume`` continues from, rewritten every epoch. Delete ``OUT.resume`` once training is over;
+``OUT`` alone answers queries.
 """
 
 from __future__ import annotations
@@ -91,12 +92,14 @@ def save_checkpoint(
     train_config: Mapping[str, Any],
     training: Mapping[str, Any],
     extra: Mapping[str, Any],
+    compact: bool = True,
 ) -> Path:
     """Write a skimming checkpoint atomically in the project's envelope (see the module docstring).
 
     ``training`` beyond its ``history`` (the optimiser and RNG state) goes to :func:`resume_path` only,
     written first, so a run killed between the two writes resumes from the newer epoch; ``path`` gets
-    the compact model. Returns ``path``.
+    the compact model unless ``compact`` is false (training writes the compact model only for the best
+    epoch, :mod:`skim.train`). Returns ``path``.
     """
     common = {
         "kind": KIND,
@@ -106,10 +109,12 @@ def save_checkpoint(
         "config": json_safe(dict(train_config)),
         "extra": json_safe(dict(extra)),
     }
-    compact = {"history": training["history"]} if "history" in training else {}
+    kept = {"history": training["history"]} if "history" in training else {}
     if set(training) - {"history"}:
         ckpt_io.save_checkpoint(resume_path(path), training=training, **common)
-    return ckpt_io.save_checkpoint(path, training=compact, **common)
+    if compact:
+        ckpt_io.save_checkpoint(path, training=kept, **common)
+    return path
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

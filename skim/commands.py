@@ -26,6 +26,8 @@ from indexing.options import (
     no_progress_option,
     set_threads,
     show_progress,
+    stopping_options,
+    stopping_values,
     threads_option,
     warnings_only,
 )
@@ -120,17 +122,24 @@ def _model_option(fn):
     type=click.Path(exists=True, dir_okay=False),
     help="With --init students: this students checkpoint instead of the one STORE records (same weights).",
 )
-@click.option("--epochs", type=int, help="Epochs.  [default: 25]")
-@click.option("--batch-size", type=int, help="Videos per batch.  [default: 256]")
+@stopping_options(epochs=100, patience=15, lr_patience=5, paper="15,20 of 25 epochs in batches of 256")
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Videos per batch.  [default: training videos / 8, between 8 and 256 (the paper's)]",
+)
 @click.option("--lr", type=float, help="Initial SGD learning rate.  [default: 0.01]")
 @click.option("--momentum", type=float, help="SGD momentum.  [default: 0.9]")
 @click.option("--no-nesterov", is_flag=True, help="Plain instead of Nesterov momentum.")
 @click.option("--weight-decay", type=float, help="Weight decay.  [default: 1e-4]")
-@click.option("--milestones", help="Epochs where the lr drops 10x, comma-separated.  [default: 15,20]")
 @click.option("--crop-min", type=int, help="Shortest random training crop in steps.  [default: 200]")
 @click.option("--crop-max", type=int, help="Longest random training crop in steps.  [default: 500]")
 @click.option("--train-split", help="Split to train on.  [default: train]")
-@click.option("--val-split", help="Split validated each epoch.  [default: val, else test]")
+@click.option(
+    "--val-split",
+    help="Split validated each epoch, choosing the kept epoch; none: no validation.  "
+    "[default: val, else 15% of the training videos held out]",
+)
 @click.option("--seed", type=int, help="Seed of weights, batch order and crops.  [default: 0]")
 @click.option("--workers", "num_workers", type=int, help="DataLoader worker processes.  [default: 0]")
 @click.option("--in-memory", is_flag=True, default=None, help="Load the store's arrays once.")
@@ -166,12 +175,16 @@ def train_cmd(
     init,
     students,
     epochs,
+    patience,
+    lr_patience,
+    milestones,
+    min_delta,
+    max_updates,
     batch_size,
     lr,
     momentum,
     no_nesterov,
     weight_decay,
-    milestones,
     crop_min,
     crop_max,
     train_split,
@@ -189,7 +202,12 @@ def train_cmd(
     no_progress,
     as_json,
 ) -> None:
-    """Train a skimming model on the features in STORE (paper recipe by default)."""
+    """Train a skimming model on the features in STORE (the paper's model and optimiser).
+
+    OUT holds the epoch with the best validation accuracy (ties: lower validation loss), OUT.resume the
+    last one. Training stops after --patience epochs without improvement, at --epochs or --max-updates.
+    The paper's fixed recipe: --epochs 25 --batch-size 256 --milestones 15,20 --patience 0.
+    """
     from skim.train import TrainConfig, train
 
     started = time.perf_counter()
@@ -205,14 +223,20 @@ def train_cmd(
         **inference.overrides(),
     )
     config = TrainConfig(
-        **given(
+        **stopping_values(
             epochs=epochs,
+            patience=patience,
+            lr_patience=lr_patience,
+            milestones=milestones,
+            min_delta=min_delta,
+            max_updates=max_updates,
+        ),
+        **given(
             batch_size=batch_size,
             lr=lr,
             momentum=momentum,
             nesterov=False if no_nesterov else None,
             weight_decay=weight_decay,
-            milestones=csv_ints(milestones),
             crop_min=crop_min,
             crop_max=crop_max,
             train_split=train_split,
@@ -225,7 +249,7 @@ def train_cmd(
             device=device,
             threads=threads,
             init=init,
-        )
+        ),
     )
     summary = train(
         store,
@@ -248,10 +272,12 @@ def train_cmd(
     last = summary["history"][-1] if summary["history"] else {}
     click.echo(
         f"trained {summary['model']} on {summary['train_videos']} videos, {len(summary['labels'])} classes, "
-        f"{summary['epochs']} epochs -> {summary['out']} (curves: {summary['curve']})"
+        f"{summary['epochs']} epochs in batches of {summary['batch_size']} -> {summary['out']} (epoch "
+        f"{summary['best_epoch']}; curves: {summary['curve']})"
     )
     if last.get("val_accuracy") is not None:
-        click.echo(f"{summary['validated_on']} accuracy {last['val_accuracy']:.3f}")
+        click.echo(f"{summary['validated_on']} accuracy {last['val_accuracy']:.3f} at the last epoch")
+    click.echo(summary["message"])
 
 
 @click.command("evaluate")

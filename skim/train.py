@@ -1,10 +1,15 @@
-"""Training the skimming model on a feature store (paper recipe by default, design.md §3).
+"""Training the skimming model on a feature store (the paper's optimiser, design.md §3, adaptive length).
 
-SGD with Nesterov momentum 0.9, weight decay 1e-4, lr 1e-2 divided by 10 at epochs 15 and 20, 25 epochs,
-batches of 256 videos each cropped to one random length in [200, 500] steps. After every epoch: validation
-on the ``val`` split (``test`` when the manifest has no ``val`` videos, said in the log and the checkpoint),
-a checkpoint (atomic; ``resume=True`` continues from it with the same batches) and the training-curve PNG,
-through the loop shared with distillation (:func:`indexing.training.fit`).
+SGD with Nesterov momentum 0.9, weight decay 1e-4, lr 1e-2, batches of videos each cropped to one random
+length in [200, 500] steps. The paper trains 25 epochs of batches of 256 with the lr ÷10 at epochs 15 and
+20 (``epochs=25, batch_size=256, milestones=(15, 20), patience=0``); the defaults adapt instead: batches of
+a size that gives a small corpus enough updates (:func:`auto_batch_size`), at most 100 epochs, the lr ÷10
+after 5 epochs without a better validation accuracy (ties: lower validation loss), and a stop after 15
+(:class:`indexing.training.Stopping`). After every epoch: validation on the ``val`` split (without one, on
+a held-out 15% of the training videos, :func:`indexing.training.holdout`; the test split never chooses),
+``OUT`` rewritten when the epoch is the best so far, ``OUT.resume`` (the last epoch, with the optimiser:
+``resume=True`` continues from it with the same batches) and the training-curve PNG, through the loop
+shared with distillation (:func:`indexing.training.fit`).
 
 ``Psi`` and the classifier start from the fine-tuned students checkpoint the store records (``Psi`` frozen,
 the classifier at 0.1x the learning rate), as the paper does; ``init="scratch"`` trains both from PyTorch's
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ from .checkpoint import (
     ROLE,
     flat_meta,
     json_safe,
+    read_checkpoint,
     read_resumable,
     resume_path,
     save_checkpoint,
@@ -57,11 +63,17 @@ STUDENT_FEATURES = ("image", "audio")  # the students' Psi takes concat(z_I, z_A
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (paper defaults).
+    """Optimisation settings (the paper's optimiser; adaptive length and schedule by default).
 
     Attributes:
-        epochs: Training epochs.
-        batch_size: Videos per batch.
+        epochs: Maximum training epochs.
+        patience: Stop after this many epochs without improvement of the validation accuracy (ties: a
+            lower validation loss); 0: never stop early.
+        lr_patience: Multiply the lr by ``gamma`` after this many epochs without improvement (0: never).
+        min_delta: Smallest accuracy gain, or relative validation-loss decrease at equal accuracy, that
+            counts as an improvement.
+        max_updates: Budget of optimiser updates (None: none).
+        batch_size: Videos per batch; None: :func:`auto_batch_size` of the training videos.
         lr: Initial learning rate.
         momentum: SGD momentum.
         nesterov: Nesterov momentum.
@@ -71,7 +83,9 @@ class TrainConfig:
         crop_min: Shortest random crop of a training batch, in steps.
         crop_max: Longest random crop, in steps (videos shorter than the crop are kept whole).
         train_split: Manifest split to train on.
-        val_split: Split validated after each epoch (falls back to ``test`` when ``val`` is empty).
+        val_split: Split validated after each epoch to choose the kept epoch; ``val`` without videos: a
+            held-out 15% of the training videos (:func:`indexing.training.holdout`); ``none``: no validation
+            (the last epoch is kept).
         eval_batch_size: Videos per validation batch.
         seed: Seed of the initial weights and of the batch order and crops.
         num_workers: DataLoader worker processes (0 reads in the training process).
@@ -90,13 +104,17 @@ class TrainConfig:
         classifier_lr_scale: Learning-rate factor of the classifier when ``init="students"``.
     """
 
-    epochs: int = 25
-    batch_size: int = 256
+    epochs: int = 100
+    patience: int = 15
+    lr_patience: int = 5
+    min_delta: float = 1e-3
+    max_updates: int | None = None
+    batch_size: int | None = None
     lr: float = 1e-2
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    milestones: tuple[int, ...] = (15, 20)
+    milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     crop_min: int = 200
     crop_max: int = 500
@@ -117,7 +135,7 @@ class TrainConfig:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         if self.epochs < 1:
             raise ConfigError(f"epochs={self.epochs} must be >= 1")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.eval_batch_size < 1:
             raise ConfigError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr={self.lr} must be a positive number")
@@ -151,15 +169,42 @@ class TrainConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads={self.threads} must be >= 1")
+        if self.lr_patience < 0:
+            raise ConfigError(f"lr_patience={self.lr_patience} must be >= 0 (0: no drops on plateaus)")
+        self.stopping()  # patience, min_delta, max_updates
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of 0-based ``epoch``: ``lr * gamma ** (milestones passed)``."""
-        return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+    def stopping(self, *, keep_best: bool = True) -> training.Stopping:
+        """Which epoch is kept and when training stops (:class:`indexing.training.Stopping`)."""
+        return training.Stopping(
+            monitor="val_accuracy",
+            mode="max",
+            tie="val_loss",
+            patience=self.patience,
+            min_delta=self.min_delta,
+            max_updates=self.max_updates,
+            keep_best=keep_best,
+        )
+
+    def schedule(self) -> training.Schedule:
+        """Learning-rate drops on plateaus, at the milestones, or both."""
+        return training.Schedule(
+            lr=self.lr, milestones=self.milestones, gamma=self.gamma, plateau=self.lr_patience
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+def auto_batch_size(train_videos: int) -> int:
+    """Videos per batch when none is given: an eighth of the training videos, between 8 and the paper's 256.
+
+    The attention needs a few hundred updates to leave its uniform start (:data:`MIN_UPDATES`); at least 8
+    batches per epoch give that within the default epochs on a small corpus, and from 2,048 training
+    videos on this is the paper's batch.
+    """
+    return max(8, min(256, train_videos // 8))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -191,8 +236,9 @@ def train(
 
     Args:
         store_path: Feature store to train on.
-        out: Compact model path (what query/evaluate/show load); the resumable state with the optimiser
-            goes beside it as ``OUT.resume`` (:func:`skim.checkpoint.resume_path`).
+        out: Compact model path (what query/evaluate/show load), holding the best epoch by validation;
+            the last epoch's resumable state with the optimiser goes beside it as ``OUT.resume``
+            (:func:`skim.checkpoint.resume_path`).
         labels: Labels manifest (CSV ``video_id,path,label,split``); None uses the store index's labels.
         model_name: Registered model (:func:`skim.model.available_models`).
         model_options: :class:`SkimConfig` overrides (``num_classes`` and ``dim`` come from the data).
@@ -210,7 +256,9 @@ def train(
 
     Returns:
         A summary: ``out``, ``plot``, ``model``, ``labels``, ``train_videos``, ``val_videos``,
-        ``validated_on``, ``epochs`` and ``history`` (one dict per epoch).
+        ``validated_on``, ``epochs`` (trained), ``batch_size``, how the run ended
+        (:func:`indexing.training.outcome`: ``best_epoch``, the epoch ``out`` holds, ``stopped``,
+        ``still_improving``, ``message``, ...) and ``history`` (one dict per epoch).
 
     Raises:
         ConfigError: Bad options, no training videos, or ``out`` exists without ``resume``/``overwrite``.
@@ -279,21 +327,16 @@ def _train(
 
     data_kw: dict[str, Any] = {"labels": manifest, "names": names, "recognition_store": rec_store}
     data_kw["in_memory"] = config.in_memory
-    train_ds = SkimDataset(
-        store, skim_config.batch_keys, split=config.train_split, with_time=False, **data_kw
-    )
-    if len(train_ds) == 0:
-        raise ConfigError(
-            f"no labelled ok videos in split {config.train_split!r} of {store_path} "
-            f"(skipped: {train_ds.skipped}); check the manifest's split column or pass --train-split"
-        )
+    train_ds, val_ds, validated_on = _datasets(store, store_path, skim_config, config, data_kw, note)
     untrained = classes_without_videos(train_ds, names)
     if untrained:
         note(
             f"warning: {len(untrained)} class(es) have no video in split {config.train_split!r}: "
             f"{', '.join(untrained[:10])}; the model can never learn them (move videos to that split)"
         )
-    val_ds, validated_on = _validation_set(store, skim_config, config, data_kw, note)
+    if config.batch_size is None:
+        config = replace(config, batch_size=auto_batch_size(len(train_ds)))
+        note(f"batches of {config.batch_size} videos ({len(train_ds)} training videos / 8, in [8, 256])")
 
     torch.manual_seed(config.seed)
     model = SkimModel(skim_config)
@@ -327,6 +370,8 @@ def _train(
     )
     loader = make_loader(train_ds, sampler, num_workers=config.num_workers)
     updates = len(sampler) * config.epochs
+    if config.max_updates is not None:
+        updates = min(updates, config.max_updates)
     if updates < MIN_UPDATES and not resume:
         note(
             f"warning: {len(train_ds)} training videos in batches of {config.batch_size} for {config.epochs} "
@@ -362,7 +407,7 @@ def _train(
             return {"val_loss": None, "val_accuracy": None}
         return validate(model, val_ds, batch_size=config.eval_batch_size, device=device)
 
-    def save(epoch: int, state: dict[str, Any]) -> None:
+    def write(epoch: int, state: dict[str, Any], *, compact: bool) -> None:
         save_checkpoint(
             out,
             model_name=model_name,
@@ -371,16 +416,20 @@ def _train(
             train_config=config.to_dict(),
             training={**state, "history": json_safe(state["history"])},
             extra=extra,
+            compact=compact,
         )
 
+    stopping = config.stopping(keep_best=validated_on is not None)
     history = training.fit(
         stage="train",
         epochs=config.epochs,
         optimizer=optimizer,
-        schedule=training.Schedule(lr=config.lr, milestones=config.milestones, gamma=config.gamma),
+        schedule=config.schedule(),
+        stopping=stopping,
         batches=batches,
         step=step,
-        save=save,
+        save=lambda epoch, state: write(epoch, state, compact=False),  # OUT.resume: the last epoch
+        keep=lambda epoch, h: write(epoch, {"history": h}, compact=True),  # OUT: the best epoch
         history=history,
         start_epoch=start_epoch,
         train_mode=model.train,
@@ -391,6 +440,9 @@ def _train(
         note=note,
         postfix=lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['train_accuracy']:.3f}"},
     )
+    result = training.outcome(history, stopping, epochs=config.epochs, plateau=config.lr_patience)
+    if history:
+        _keep_best(out, model, history, result)
     return {
         "out": str(out),
         "curve": str(plot_path) if history else None,
@@ -402,6 +454,8 @@ def _train(
         "val_videos": len(val_ds) if val_ds is not None else 0,
         "validated_on": validated_on,
         "epochs": len(history),
+        "batch_size": config.batch_size,
+        **result,
         "history": json_safe(history),
     }
 
@@ -538,26 +592,90 @@ def validate(
     return {"val_loss": loss_sum / max(seen, 1), "val_accuracy": correct / max(seen, 1)}
 
 
-def _validation_set(
+def _datasets(
     store: FeatureStore,
+    store_path: str | Path,
     skim_config: SkimConfig,
     config: TrainConfig,
     data_kw: Mapping[str, Any],
     note: Callable[[str], None],
-) -> tuple[SkimDataset | None, str | None]:
-    for split in dict.fromkeys(
-        [config.val_split, "test"] if config.val_split == "val" else [config.val_split]
-    ):
-        # Validation reads per video even with in_memory: a second copy of the store is not worth it.
-        ds = SkimDataset(
-            store, skim_config.batch_keys, split=split, with_time=False, **{**data_kw, "in_memory": False}
+) -> tuple[SkimDataset, SkimDataset | None, str | None]:
+    """Training and validation videos: ``(train, val, validated_on)``.
+
+    Validation is ``config.val_split``; the default ``val`` without videos holds out 15% of the training
+    videos (:func:`indexing.training.holdout`, ``validated_on="holdout"``); ``none``, or a corpus too small
+    to hold any out, validates nothing (the last epoch is kept). Validation reads per video even with
+    ``in_memory``: a second copy of the store is not worth it.
+    """
+    keys = skim_config.batch_keys
+    lazy = {**data_kw, "in_memory": False}
+
+    def empty(ds: SkimDataset) -> ConfigError:
+        return ConfigError(
+            f"no labelled ok videos in split {config.train_split!r} of {store_path} "
+            f"(skipped: {ds.skipped}); check the manifest's split column or pass --train-split"
         )
-        if len(ds):
-            if split != config.val_split:
-                note(f"no videos in split {config.val_split!r}: validating on {split!r} (monitoring only)")
-            return ds, split
-    note(f"no videos in split {config.val_split!r}: training without validation")
-    return None, None
+
+    if config.val_split not in ("val", "none"):
+        val_ds = SkimDataset(store, keys, split=config.val_split, with_time=False, **lazy)
+        if not len(val_ds):
+            raise ConfigError(
+                f"no labelled ok videos in split {config.val_split!r} of {store_path} to validate on "
+                f"(skipped: {val_ds.skipped}); pass --val-split val (default) or none"
+            )
+        if config.val_split == "test":
+            note(
+                "warning: the kept epoch and early stopping are chosen on the 'test' videos, so accuracy "
+                "measured on them afterwards is optimistic; leave --val-split at val to hold out training "
+                "videos instead"
+            )
+        train_ds = SkimDataset(store, keys, split=config.train_split, with_time=False, **data_kw)
+        if not len(train_ds):
+            raise empty(train_ds)
+        return train_ds, val_ds, config.val_split
+    if config.val_split == "val":
+        val_ds = SkimDataset(store, keys, split="val", with_time=False, **lazy)
+        if len(val_ds):
+            train_ds = SkimDataset(store, keys, split=config.train_split, with_time=False, **data_kw)
+            if not len(train_ds):
+                raise empty(train_ds)
+            return train_ds, val_ds, "val"
+    probe = SkimDataset(store, keys, split=config.train_split, with_time=False, **lazy)
+    if not len(probe):
+        raise empty(probe)
+    ids = [e.video_id for e in probe.entries]
+    held = training.holdout(ids, [e.label for e in probe.entries]) if config.val_split == "val" else []
+    if not held:
+        why = "--val-split none" if config.val_split == "none" else "too few training videos to hold any out"
+        note(f"no validation ({why}): every epoch trains to --epochs and the last epoch is kept")
+        train_ds = SkimDataset(store, keys, split=config.train_split, with_time=False, **data_kw)
+        return train_ds, None, None
+    rest = [v for v in ids if v not in set(held)]
+    note(
+        f"no videos in split 'val': validating on {len(held)} of the {len(ids)} training videos held out "
+        f"(15% per class, the same in every run), training on the other {len(rest)}"
+    )
+    train_ds = SkimDataset(store, keys, video_ids=rest, with_time=False, **data_kw)
+    val_ds = SkimDataset(store, keys, video_ids=held, with_time=False, **lazy)
+    return train_ds, val_ds, training.HOLDOUT
+
+
+def _keep_best(out: Path, model: SkimModel, history: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """Load the kept epoch's weights from ``out`` into ``model`` and rewrite ``out`` with the whole history
+    and how the run ended (it was written when that epoch was trained)."""
+    ckpt = read_checkpoint(out)
+    if int(ckpt["epoch"]) != result["best_epoch"]:
+        raise CheckpointError(
+            f"{out} holds epoch {ckpt['epoch']}, but the training history keeps epoch "
+            f"{result['best_epoch']}; was the file replaced during training? Train again with --overwrite"
+        )
+    weights = ckpt_io.split_state_dict(ckpt["state_dict"], ROLE)
+    ckpt_io.load_state_checked(model, weights, where=str(out))
+    ckpt_io.save_checkpoint(
+        out,
+        training={"history": json_safe(history), "outcome": json_safe(result)},
+        **{k: ckpt[k] for k in ("kind", "models", "state_dict", "epoch", "config", "extra")},
+    )
 
 
 def _check_resumable(
