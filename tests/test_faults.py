@@ -783,6 +783,10 @@ def test_damage_is_found_refused_and_repaired_bitwise(clean, tmp_path, fmt, kind
         "marker": ["marker"],
     }
     quick = quick.get(kind, want)
+    if fmt == "zarr" and kind in ("swap", "copy"):
+        c = clean[fmt] / "features" / "image" / "c"
+        if (c / "0" / "0").stat().st_size == (c / "3" / "0").stat().st_size:
+            quick = []  # chunks stored raw (incompressible rows) have one size: only their digests tell
     assert [p.kind for p in check_store(store, quick=True)] == quick
     if kind in ("extra", "stale_lock", "marker"):
         _read_everything(store)  # not data damage: reads are unaffected
@@ -842,6 +846,8 @@ def test_cli_check_json_quick_and_repair(clean, tmp_path):
         ["s0"],
         [0, 4],
     )
+    cut = store / "features" / "image" / "c" / "0" / "0"  # swapped chunks may share a size: cut one too
+    cut.write_bytes(cut.read_bytes()[:10])
     quick = runner.invoke(main, ["store", "check", str(store), "--quick", "--json"])
     assert quick.exit_code == 1 and json.loads(quick.stdout)["quick"]
     result = runner.invoke(main, ["store", "repair", str(store), "--workers", "0", "--json", "--no-progress"])
@@ -850,7 +856,7 @@ def test_cli_check_json_quick_and_repair(clean, tmp_path):
     assert runner.invoke(main, ["store", "check", str(store)]).stdout.strip() == f"{store}: ok"
     _assert_same_store(clean["zarr"], store)
     info = runner.invoke(main, ["store", "info", str(store)])
-    assert "checksums: zstd-xxh64" in info.output
+    assert "checksums: crc32c" in info.output
 
 
 # ---- 9. writers killed at random points: no chunk passes its checksum with wrong content ----------------

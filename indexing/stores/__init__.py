@@ -614,6 +614,12 @@ class FeatureStore(ABC):
                 raise self._narrow_damage(name, a, b, exc) from exc
         return out
 
+    def read_chunk(self, name: str, chunk: int) -> np.ndarray:
+        """Rows of chunk ``chunk`` of array ``name`` (the last one may be short): :meth:`read_rows` of its
+        range, with the same checks and errors. Backends may decode it straight from its file (zarr does)."""
+        start = chunk * self.chunk_rows
+        return self.read_rows(name, start, min(start + self.chunk_rows, self.rows))
+
     def _chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
         """``[start, stop)`` cut at chunk boundaries."""
         first = start - start % self.chunk_rows
@@ -684,7 +690,10 @@ class FeatureStore(ABC):
             self._done = self.done_ranges()
         return self._done
 
-    def _check_file(self, name: str, path: str, start: int, stop: int) -> None:
+    def _check_file(self, name: str, path: str, start: int, stop: int, data: bytes | None = None) -> None:
+        """Check that ``path`` holds what its task wrote: it exists with the recorded size and, once per file
+        and open store, the recorded digest. ``data``: the file's bytes when the caller has read them already
+        (checked instead of reading the file again)."""
         held = [(a, b) for a, b in self._chunks(start, stop) if path in self.files_of(name, a, b)]
         if held:  # name the rows this file holds, not the whole read
             start, stop = held[0][0], held[-1][1]
@@ -702,7 +711,7 @@ class FeatureStore(ABC):
                 f"`l2l extract --add-features {fs} {self.path}` to finish adding it"
             )
         try:
-            size = os.stat(self.path / path).st_size
+            size = os.stat(self.path / path).st_size if data is None else len(data)
         except FileNotFoundError:
             raise self.damage_error(name, start, stop, f"{path} is missing") from None
         if want is not None and size != want[0]:
@@ -711,7 +720,7 @@ class FeatureStore(ABC):
         if want is not None and path not in verified:
             # Once per file and open store: the bytes are the ones its task wrote *at this position* (a
             # swapped or copied chunk passes its own checksum but not this).
-            have = file_digest(self.path / path)
+            have = file_digest(self.path / path) if data is None else bytes_digest(data)
             if have != list(want):
                 raise self.damage_error(
                     name, start, stop, f"{path} is not the file its task wrote ({have[1]}, not {want[1]})"
@@ -937,6 +946,11 @@ class FeatureStore(ABC):
                 result = None
             out[(start, stop)] = result if isinstance(result, dict) else None
         return out
+
+
+def bytes_digest(data: bytes) -> list:
+    """:func:`file_digest` of bytes already read."""
+    return [len(data), f"crc32:{zlib.crc32(data):08x}"]
 
 
 def file_digest(path: Path) -> list:

@@ -152,7 +152,16 @@ def read_many(
             decoded[c] = hit
         else:
             missing.append(c)
-    # Consecutive missing chunks in one read (zarr decodes them in parallel), MAX_RUN_CHUNKS at most.
+    if type(store).read_chunk is not FeatureStore.read_chunk:
+        # The backend decodes a chunk straight from its file (zarr): one chunk at a time, no copies.
+        done = store._done_cache()
+        for c in missing:
+            decoded[c] = part = store.read_chunk(name, c)
+            a, b = c * size, min((c + 1) * size, rows)
+            if lru is not None and sum(y - x for x, y in _intersect(done, a, b)) == b - a:
+                lru.put(name, c, part)
+        missing = []
+    # Consecutive missing chunks in one read (HDF5: fewer calls), MAX_RUN_CHUNKS at most.
     runs: list[list[int]] = []
     for c in missing:
         if runs and runs[-1][-1] == c - 1 and len(runs[-1]) < MAX_RUN_CHUNKS:
