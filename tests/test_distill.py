@@ -548,13 +548,14 @@ def test_grouped_decoding_reads_each_video_once_per_batch(store_corpus):
     reads = []
     original = grouped._reader
 
-    def counting(v):
+    def counting(v, **kw):
         reads.append(v)
-        return original(v)
+        return original(v, **kw)
 
     grouped._reader = counting
     batch = next(iter(make_loader(grouped, batch_size=6, num_workers=0)))
     assert len(reads) == len(set(batch["video"].tolist())) <= 3  # one sequential read per video in the batch
+    assert not any(grouped.__dict__.get("_readers", {}).values())  # each closed after its pass, none kept
     with open_store(store) as s:  # decoded frames are the stored inputs
         rows = [int(grouped.first_row[v] + st) for v, st in zip(batch["video"], batch["step"], strict=True)]
         stored = np.stack([s.read_rows("inputs_frame", r, r + 1)[0] for r in rows])
