@@ -158,8 +158,8 @@ class FinetuneConfig(_TrainConfig):
     Attributes:
         epochs: Maximum training epochs.
         freeze_students: Train only the classifier (students stay in eval mode: BatchNorm frozen).
-        min_delta: Smallest accuracy gain (absolute), or relative validation-loss decrease at equal
-            accuracy, that counts as an improvement.
+        min_delta: Smallest accuracy gain, or validation-loss decrease at equal accuracy, that counts as
+            an improvement.
         (others as in :class:`DistillConfig`)
     """
 

@@ -117,8 +117,10 @@ class Stopping:
             keeps the earlier epoch.
         patience: Stop after this many epochs without improvement (0: never stop early).
         min_delta: Smallest change that counts as an improvement for ``patience`` and plateau drops:
-            absolute for ``mode="max"`` (0.001 of accuracy), relative for ``mode="min"`` and for ``tie``
-            (0.001 = 0.1% of the loss). The best epoch itself is chosen without it.
+            absolute for ``mode="max"`` (0.001 of accuracy) and for ``tie`` (a validation loss that keeps
+            shrinking towards 0 at 100% accuracy stops counting), relative for ``mode="min"`` (0.001 =
+            0.1% of the distillation L1, whose scale is the teacher's). The best epoch itself is chosen
+            without it.
         max_updates: Budget of optimiser updates (None: none); reaching it ends training, mid-epoch if
             need be (that epoch is validated and counts).
         keep_best: False when the validation is monitoring only (e.g. on the training videos): the last
@@ -167,7 +169,7 @@ class Stopping:
         elif a < b - self.min_delta * abs(b):
             return True
         tie_a, tie_b = self._tie(record), self._tie(ref)
-        return a == b and math.isfinite(tie_a) and tie_a < tie_b - self.min_delta * abs(tie_b)
+        return a == b and math.isfinite(tie_a) and tie_a < tie_b - self.min_delta
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,8 @@ class TrainConfig:
         patience: Stop after this many epochs without improvement of the validation accuracy (ties: a
             lower validation loss); 0: never stop early.
         lr_patience: Multiply the lr by ``gamma`` after this many epochs without improvement (0: never).
-        min_delta: Smallest accuracy gain, or relative validation-loss decrease at equal accuracy, that
-            counts as an improvement.
+        min_delta: Smallest accuracy gain, or validation-loss decrease at equal accuracy, that counts as
+            an improvement.
         max_updates: Budget of optimiser updates (None: none).
         batch_size: Videos per batch; None: :func:`auto_batch_size` of the training videos.
         lr: Initial learning rate.
