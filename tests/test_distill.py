@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -231,6 +232,74 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted_run(tmp_path, teac
         distill(build_students("tiny"), teacher, _loaders(4)[0], val, FULL, tmp_path / "other.pt")
 
 
+ADAPT = DistillConfig(epochs=8, batch_size=2, lr=0.1, seed=1, patience=2, lr_patience=0)
+
+
+def test_out_holds_the_best_epoch_patience_stops_and_resume_matches(tmp_path, teacher):
+    """lr 0.1 overshoots after epoch 3: val L1 0.71, 0.70, 0.49, 0.73, 4.8 -> patience 2 stops after epoch 5,
+    students.pt holds epoch 3 (its val L1 recomputed from the file equals the history's), .resume epoch 5.
+    A run killed in epoch 5 (one epoch into the patience count) and resumed ends identically."""
+    from indexing.distill import _clip_l1, outcome
+    from indexing.training import resume_path
+
+    train, val = _loaders()
+    out = tmp_path / "best.pt"
+    students = build_students("tiny", seed=1)
+    history = distill(students, teacher, train, val, ADAPT, out)
+    vals = [h["val_l1"] for h in history]
+    best = 1 + int(np.argmin(vals))
+    result = outcome(history, ADAPT)
+    assert 1 < best < len(history) < ADAPT.epochs, vals  # stopped early, and the best is not the last
+    assert result["stopped"] == "patience" and result["best_epoch"] == best and not result["still_improving"]
+    assert (
+        result["best_metric"] == vals[best - 1]
+        and f"best epoch {best} of {len(history)}" in result["message"]
+    )
+
+    kept, meta = load_students(out)
+    assert meta["epoch"] == best and load_students(resume_path(out))[1]["epoch"] == len(history)
+    recomputed = float(np.mean(_clip_l1(kept, teacher, val, torch.device("cpu"))["l1_image_audio"]))
+    assert recomputed == pytest.approx(vals[best - 1], rel=1e-6)
+    assert all(abs(recomputed - v) > 1e-3 for i, v in enumerate(vals) if i != best - 1)
+    for key, value in kept.state_dict().items():  # the in-memory students end as the kept epoch
+        assert torch.equal(students.state_dict()[key], value), key
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["training"]["outcome"]["stopped"] == "patience" and "optimizer" not in ckpt["training"]
+
+    cut = tmp_path / "cut.pt"
+    with pytest.raises(Interrupted):
+        distill(
+            build_students("tiny", seed=1),
+            teacher,
+            DyingLoader(train, epoch=len(history) - 1),
+            val,
+            ADAPT,
+            cut,
+        )
+    assert load_students(resume_path(cut))[1]["epoch"] == len(history) - 1
+    resumed = distill(build_students("tiny", seed=1), teacher, train, val, ADAPT, cut)
+    assert _strip(resumed) == _strip(history)
+    for a, b in ((out, cut), (resume_path(out), resume_path(cut))):
+        wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+        assert wa["epoch"] == wb["epoch"] and wa["sha256"] == wb["sha256"], (a, b)
+
+    # Raising the patience continues the finished run where it stopped (the lr schedule does not depend
+    # on it); other settings are still refused.
+    longer = distill(build_students("tiny", seed=1), teacher, train, val, replace(ADAPT, patience=3), cut)
+    assert _strip(longer[: len(history)]) == _strip(history) and len(longer) == len(history) + 1
+    with pytest.raises(ValueError, match="lr_patience: 0 -> 1"):
+        distill(build_students("tiny", seed=1), teacher, train, val, replace(ADAPT, lr_patience=1), cut)
+
+
+def test_budget_of_updates_stops_distillation(tmp_path, teacher):
+    from indexing.distill import outcome
+
+    cfg = replace(ADAPT, max_updates=5, patience=0)  # 4 batches per epoch: the second epoch stops after 1
+    history = distill(build_students("tiny", seed=1), teacher, *_loaders(), cfg, tmp_path / "b.pt")
+    assert [h["updates"] for h in history] == [4, 5]
+    assert outcome(history, cfg)["stopped"] == "budget"
+
+
 def test_finetune_learns_labels_and_freezing_keeps_students(tmp_path):
     train, val = _loaders(4)
     students = build_students("tiny", seed=0)
@@ -407,9 +476,15 @@ def test_cli_distill_finetune_report(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    history = json.loads(result.stdout)["history"]
+    report = json.loads(result.stdout)
+    history = report["history"]
     assert [h["epoch"] for h in history] == [1, 2] and all(h["val_l1"] > 0 for h in history)
     assert curve_path(out).exists()
+    # no val split and one training video per class: validation on the training videos is monitoring
+    # only, the last epoch is kept and the output says so
+    assert report["best_epoch"] == 2 and report["stopped"] == "max_epochs" and not report["validated"]
+    assert report["still_improving"] is False and "no validation split" in report["message"]
+    assert "validation on training videos is monitoring only" in result.stderr
 
     ft = tmp_path / "ft.pt"
     result = runner.invoke(
