@@ -11,6 +11,11 @@ tasks (``l2l extract --add-features teacher STORE``):
   ``inputs_frame`` ``(112, 112, 3)`` uint8 (the frame at the step start, exactly as decoded) and
   ``inputs_logmel`` ``(1, 101, 40)`` float32 (the log-mel of the step's second of audio; float32 so a
   model trained from the store sees bitwise the input it would compute from the video).
+- torchvision image models by name (``resnet18``, ``resnet50``, ... :data:`IMAGE_MODELS`): the model's
+  pooled descriptor (its classifier removed) of each step's 112x112 frame, ImageNet-normalised as the
+  image student's input, from a local state dict given as ``--model-weights NAME=PATH`` (never
+  downloaded; the weights' sha256 is recorded with the set). Stored in the store's feature dtype under
+  ``features/<name>``.
 
 Each array lives at ``features/<array>`` and has a fixed per-row shape and dtype (``"store"``: the
 store's ``--dtype``). The store's attrs ``feature_sets`` record, per set, its arrays and the model that
@@ -36,7 +41,8 @@ class FeatureSet:
     Attributes:
         name: The set's name (``--features`` / ``--add-features`` choice).
         arrays: ``{array: (row shape, dtype)}``; dtype ``"store"`` follows the store's feature dtype.
-        model: Which model makes it: ``students``, ``teacher`` or ``none`` (decoded inputs).
+        model: Which model makes it: ``students``, ``teacher``, ``torchvision`` (an image model named like
+            the set, weights from ``--model-weights``) or ``none`` (decoded inputs).
         needs_clips: Whether it needs each step's 16-frame teacher clip decoded.
         description: One line for ``--help`` and ``store info``.
         compute: ``(model, frames, audio, clips) -> {array: (B, *shape) numpy}`` for sets not made by the
@@ -152,3 +158,95 @@ register_feature_set(
         compute=_inputs_compute,
     )
 )
+
+
+# ---- torchvision image models ------------------------------------------------------------------------
+
+# name -> (pooled descriptor size, module replaced by Identity to get it, key giving the class count)
+IMAGE_MODELS: dict[str, tuple[int, str, str]] = {
+    "resnet18": (512, "fc", "fc.weight"),
+    "resnet34": (512, "fc", "fc.weight"),
+    "resnet50": (2048, "fc", "fc.weight"),
+    "resnet101": (2048, "fc", "fc.weight"),
+    "efficientnet_b0": (1280, "classifier", "classifier.1.weight"),
+    "mobilenet_v3_large": (960, "classifier", "classifier.3.weight"),
+    "convnext_tiny": (768, "classifier.2", "classifier.2.weight"),
+}
+
+
+def _image_model_compute(model: Any, frames: Any, audio: Any, clips: Any) -> dict[str, Any]:
+    import torch
+
+    from indexing.frontend import frames_to_tensor
+
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        desc = model(frames_to_tensor(torch.as_tensor(frames)).to(dev))  # (B, D) pooled descriptor
+    return {model.l2l_feature_set: desc.float().cpu().numpy()}
+
+
+def load_image_model(name: str, weights: str, *, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """The torchvision image model of feature set ``name`` with its classifier removed (it returns the pooled
+    descriptor), weights from a local state dict file; nothing is downloaded.
+
+    Args:
+        name: A key of :data:`IMAGE_MODELS` (``resnet50``).
+        weights: A file holding the model's torchvision state dict (``torch.save(model.state_dict(), path)``;
+            a ``{"state_dict": ...}`` wrapper is accepted); the class count is taken from the file.
+        device: Where to put the model.
+
+    Returns:
+        ``(model, meta)``: the frozen model in eval mode and ``{"name", "path", "sha256", "dim"}``, ``sha256``
+        of the weights' content (:func:`indexing.checkpoint.weights_sha256`).
+
+    Raises:
+        ConfigError: ``name`` is not a registered torchvision model.
+        CheckpointError: A missing or unreadable file, or one that is not ``name``'s state dict.
+    """
+    import torch
+    import torchvision
+
+    from indexing import checkpoint as ckpt_io
+    from indexing.errors import CheckpointError
+
+    if name not in IMAGE_MODELS:
+        raise ConfigError(f"Unknown torchvision image model {name!r}; available: {', '.join(IMAGE_MODELS)}")
+    dim, head, classes_key = IMAGE_MODELS[name]
+    state = ckpt_io.read_file(weights)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "format" not in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not isinstance(state.get(classes_key), torch.Tensor):
+        raise CheckpointError(
+            f"{weights}: expected a torchvision {name} state dict (with {classes_key}), found "
+            f"{ckpt_io.describe(state)}; save one with torch.save(model.state_dict(), path)"
+        )
+    model = torchvision.models.get_model(name, weights=None, num_classes=int(state[classes_key].shape[0]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{weights} is not a torchvision {name} state dict ({first})") from None
+    parent, _, leaf = head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Identity())
+    model.l2l_feature_set = name  # the array the compute function fills
+    model.eval().requires_grad_(False).to(device)
+    meta = {"name": name, "path": str(weights), "sha256": ckpt_io.weights_sha256(state), "dim": dim}
+    return model, meta
+
+
+for _name, (_dim, _, _) in IMAGE_MODELS.items():
+    register_feature_set(
+        FeatureSet(
+            _name,
+            {_name: ((_dim,), "store")},
+            "torchvision",
+            description=f"torchvision {_name}'s pooled {_dim}-d descriptor of the step's frame "
+            f"(--model-weights {_name}=PATH)",
+            compute=_image_model_compute,
+        )
+    )
+
+
+def image_model_sets() -> list[str]:
+    """The registered sets made by a torchvision image model (each needs ``--model-weights NAME=PATH``)."""
+    return [fs.name for fs in _SETS.values() if fs.model == "torchvision"]

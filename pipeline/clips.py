@@ -108,7 +108,7 @@ class ClipDataset(Dataset):
         moments: Mapping[str, Sequence[Sequence[float]]] | None = None,
     ):
         from indexing.errors import MediaError
-        from pipeline.media import probe_video
+        from pipeline.media import preload_decoders, probe_video
 
         self.config = config or ClipConfig()
         if classes is None:
@@ -135,6 +135,7 @@ class ClipDataset(Dataset):
                 f"none of {len(entries)} videos could be read ({self.skipped[:3]}); check the manifest"
             )
         self._setup([info.num_steps for info in self.infos], class_index, require_labels, moments)
+        preload_decoders()
 
     def _setup(
         self,
@@ -339,6 +340,10 @@ class StoreClipDataset(ClipDataset):
         if not self.entries:
             raise ConfigError(f"none of {len(records)} videos of {store} is ok ({self.skipped[:3]})")
         self.first_row = np.array([r.first_row for r in self.entries], np.int64)  # (V,)
+        if not self.use_inputs or (self.config.with_clips and not teacher_features):
+            from pipeline.media import preload_decoders
+
+            preload_decoders()
         class_index = {c: i for i, c in enumerate(self.classes)}
         self._setup([r.steps for r in self.entries], class_index, require_labels, moments)
 

@@ -194,6 +194,13 @@ def _cluster_options(values: dict[str, Any]) -> dict[str, Any]:
     "--teacher-preset", help="Seeded random teacher preset instead of weights (tiny: tests, demos)."
 )
 @click.option(
+    "--model-weights",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Local state dict of a torchvision image-model feature set named in --features / --add-features "
+    "(e.g. resnet50=resnet50.pth; never downloaded); repeat for several.",
+)
+@click.option(
     "--format",
     "fmt",
     type=RegistryChoice(available_stores),
@@ -233,6 +240,7 @@ def extract(
     add_features,
     teacher_weights,
     teacher_preset,
+    model_weights,
     fmt,
     cluster_options,
     torch_threads,
@@ -291,11 +299,13 @@ def extract(
                 max_tasks,
                 no_progress,
                 as_json,
+                model_weights=model_weights,
             )
         config = ExtractConfig(
             students=students,
             features=features,
             teacher=teacher,
+            model_weights=model_weights,
             store=fmt,
             dtype=dtype,
             chunk_rows=chunk_rows,
@@ -331,7 +341,17 @@ def extract(
 
 
 def _add_features(
-    store, sets, teacher, cluster_options, serial, torch_threads, max_tasks, no_progress, as_json
+    store,
+    sets,
+    teacher,
+    cluster_options,
+    serial,
+    torch_threads,
+    max_tasks,
+    no_progress,
+    as_json,
+    *,
+    model_weights=(),
 ) -> None:
     """``l2l extract --add-features SETS STORE``: the same tasks, cluster options and reports."""
     from contextlib import nullcontext
@@ -345,6 +365,7 @@ def _add_features(
             store,
             sets,
             teacher=teacher,
+            model_weights=model_weights,
             client=client,
             max_tasks=max_tasks,
             progress=show_progress(no_progress),

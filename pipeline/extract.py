@@ -64,7 +64,8 @@ if TYPE_CHECKING:
 IMAGE_SIZE = 112
 # Config fields that change which rows exist or what bytes they hold: a resume must match them.
 _RESUME_KEYS = ("store", "dtype", "chunk_rows", "task_steps", "batch_steps", "torch_threads")
-_CONFIG_DEFAULTS = {"features": list(STUDENT_SETS), "teacher": ""}  # of stores written before these fields
+# Of stores written before these fields:
+_CONFIG_DEFAULTS = {"features": list(STUDENT_SETS), "teacher": "", "model_weights": []}
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class ExtractConfig:
             ``audio`` and ``fused`` are always among them.
         teacher: The teacher of the ``teacher`` set: a torchvision r2plus1d_18 state dict file, or
             ``preset:NAME`` for a seeded random preset teacher (``preset:tiny`` in tests). Empty otherwise.
+        model_weights: ``NAME=PATH`` for each torchvision image-model set among ``features``
+            (:data:`indexing.feature_sets.IMAGE_MODELS`): its local state dict file; none for other sets.
 
     Raises:
         ConfigError: A bad value; the message names the value and the fix.
@@ -109,6 +112,7 @@ class ExtractConfig:
     compression: str = "default"
     features: tuple[str, ...] = STUDENT_SETS
     teacher: str = ""
+    model_weights: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", parse_feature_sets(self.features))
@@ -125,6 +129,7 @@ class ExtractConfig:
                 "the teacher feature set needs a teacher and only it takes one: pass --teacher-weights PATH "
                 "or --teacher-preset NAME exactly when --features / --add-features name teacher"
             )
+        self._check_model_weights()
         if not str(self.students).strip():
             raise ConfigError("students is empty; pass --students CHECKPOINT or --students random:SEED")
         object.__setattr__(self, "students", str(self.students))
@@ -149,10 +154,45 @@ class ExtractConfig:
         if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"device {self.device!r} is not supported; use cpu, cuda or cuda:N")
 
+    def _check_model_weights(self) -> None:
+        """``model_weights`` as sorted ``NAME=PATH`` entries, one for each image-model set and no other."""
+        from indexing.feature_sets import image_model_sets
+
+        given = (self.model_weights,) if isinstance(self.model_weights, str) else tuple(self.model_weights)
+        weights: dict[str, str] = {}
+        for entry in given:
+            name, sep, path = str(entry).partition("=")
+            name = name.strip()
+            if not sep or not path or name not in image_model_sets():
+                raise ConfigError(
+                    f"model weights {entry!r}: give NAME=PATH, NAME one of {', '.join(image_model_sets())}"
+                )
+            if name in weights and weights[name] != path:
+                raise ConfigError(f"model weights for {name} given twice ({weights[name]}, {path}); give one")
+            weights[name] = path
+        wanted = [s for s in self.features if s in image_model_sets()]
+        missing = [s for s in wanted if s not in weights]
+        if missing:
+            raise ConfigError(
+                f"feature set(s) {', '.join(missing)} need local weights: pass --model-weights "
+                f"{missing[0]}=PATH (a torchvision state dict file; nothing is downloaded)"
+            )
+        unused = sorted(set(weights) - set(wanted))
+        if unused:
+            raise ConfigError(
+                f"--model-weights {', '.join(unused)}: not among the feature sets; add them to --features"
+            )
+        object.__setattr__(self, "model_weights", tuple(f"{n}={weights[n]}" for n in sorted(weights)))
+
+    def weights_of(self, name: str) -> str:
+        """The weights file of image-model set ``name`` (from ``model_weights``)."""
+        return dict(entry.split("=", 1) for entry in self.model_weights)[name]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain fields, as stored in the store attrs under ``extraction``."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["features"] = list(self.features)
+        out["model_weights"] = list(self.model_weights)
         return out
 
     @classmethod
@@ -391,12 +431,34 @@ def cached_teacher(spec: str, device: str) -> tuple[Any, dict[str, Any]]:
         return _TEACHERS[key]
 
 
+_IMAGE_MODELS: dict[tuple, tuple[Any, dict]] = {}
+
+
+def cached_image_model(name: str, weights: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """The torchvision image model of set ``name`` from its local weights, loaded once per process."""
+    from indexing.feature_sets import load_image_model
+
+    path = Path(weights)
+    if not path.is_file():
+        raise ConfigError(f"--model-weights {name}={weights}: no such file; give a local state dict file")
+    key = (name, weights, device, path.stat().st_size, path.stat().st_mtime_ns)
+    with _STUDENTS_LOCK:
+        if key not in _IMAGE_MODELS:
+            _IMAGE_MODELS[key] = load_image_model(name, weights, device=device)
+        return _IMAGE_MODELS[key]
+
+
 def _set_models(sets: Sequence[str], config: ExtractConfig) -> dict[str, Any]:
     """The model each extra feature set runs (``None`` for sets made from the decoded inputs alone)."""
     models: dict[str, Any] = {}
     for name in sets:
         fs = get_feature_set(name)
-        models[name] = cached_teacher(config.teacher, config.device)[0] if fs.model == "teacher" else None
+        if fs.model == "teacher":
+            models[name] = cached_teacher(config.teacher, config.device)[0]
+        elif fs.model == "torchvision":
+            models[name] = cached_image_model(name, config.weights_of(name), config.device)[0]
+        else:
+            models[name] = None
     return models
 
 
@@ -603,6 +665,15 @@ def _model_meta(name: str, config: ExtractConfig) -> dict[str, Any]:
     if fs.model == "students":
         meta = cached_students(config.students, config.device)[1]
         return {"model": "students", "spec": config.students, "sha256": meta.get("sha256")}
+    if fs.model == "torchvision":
+        meta = cached_image_model(name, config.weights_of(name), config.device)[1]
+        return {
+            "model": f"torchvision:{name}",
+            "spec": config.weights_of(name),
+            "name": name,
+            "sha256": meta["sha256"],
+            "input": "the step's 112x112 frame, ImageNet mean/std",
+        }
     return {"model": "none", "spec": "decoded video", "sha256": None}
 
 
@@ -926,6 +997,7 @@ def add_features(
     sets: str | Sequence[str],
     *,
     teacher: str = "",
+    model_weights: Sequence[str] = (),
     client: Client | None = None,
     max_tasks: int | None = None,
     progress: bool = False,
@@ -942,6 +1014,7 @@ def add_features(
         store_path: A finished format-2 zarr store written by ``l2l extract``.
         sets: Feature set names (``"teacher"``, ``"inputs,teacher"``); not the students' three.
         teacher: The teacher spec (state dict file or ``preset:NAME``) when ``teacher`` is among ``sets``.
+        model_weights: ``NAME=PATH`` for each torchvision image-model set among ``sets``.
         client: A Dask client (``None``: serially, here).
         max_tasks: Run at most this many tasks, then stop (a later run continues).
         progress: Show a progress bar on stderr.
@@ -977,7 +1050,12 @@ def add_features(
             )
         base = ExtractConfig.from_dict(old)
         features = parse_feature_sets(base.features + sets)
-        config = replace(base, features=features, teacher=teacher or base.teacher)
+        config = replace(
+            base,
+            features=features,
+            teacher=teacher or base.teacher,
+            model_weights=tuple(base.model_weights) + tuple(model_weights),
+        )
         if "teacher" in sets and not teacher:
             raise ConfigError("--add-features teacher needs --teacher-weights PATH or --teacher-preset NAME")
         recorded = store.attrs.get("plan", {})

@@ -527,3 +527,55 @@ def test_export_carries_feature_sets_or_refuses(with_sets, tmp_path):
         with pytest.raises(ConfigError, match="export it to zarr"):
             export_store(with_sets, tmp_path / fmt, fmt)
         assert not (tmp_path / fmt).exists()
+
+
+def test_torchvision_image_model_sets_from_local_weights(corpus, reference, tmp_path):
+    import torch
+    import torchvision
+
+    from cli import main
+    from indexing.checkpoint import weights_sha256
+    from indexing.errors import CheckpointError, ConfigError
+    from indexing.feature_sets import IMAGE_MODELS, image_model_sets, load_image_model
+    from indexing.frontend import frames_to_tensor
+    from indexing.stores.tools import check_store, store_info
+    from pipeline.media import read_steps
+
+    assert image_model_sets() == list(IMAGE_MODELS)
+    for name, (dim, head, _) in IMAGE_MODELS.items():  # the registered sizes (meta device: no weights, no time)
+        with torch.device("meta"):
+            net = torchvision.models.get_model(name, weights=None)
+        parent, _, leaf = head.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, leaf, torch.nn.Identity())
+        assert net.eval()(torch.empty(2, 3, 112, 112, device="meta")).shape == (2, dim), name
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()  # a random-init model saved as a user would
+    weights = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), weights)
+    store = tmp_path / "store"
+    shutil.copytree(reference["zarr"], store)
+    args = ["extract", "--add-features", "resnet18", str(store), "--model-weights", f"resnet18={weights}"]
+    result = CliRunner().invoke(main, [*args, "--workers", "0", "--json"])
+    assert result.exit_code == 1 and json.loads(result.stdout)["complete"], result.output  # 1: failed videos
+    fs = store_info(store)["feature_sets"]["resnet18"]
+    assert fs["model"] == "torchvision:resnet18" and fs["spec"] == str(weights)
+    assert fs["sha256"] == weights_sha256(model.state_dict()) and fs["tasks_done"] == 3
+    with open_store(store) as s:
+        assert s.feature_sets()["resnet18"]["shapes"]["resnet18"] == {"shape": [512], "dtype": "float16"}
+        rec = s.video("a/x")
+        got = s.read_video("a/x", names=("resnet18",))["resnet18"]  # (6, 512) float16
+    frames = read_steps(corpus.parent / "a" / "x.mp4", range(rec.steps)).frames
+    model.fc = torch.nn.Identity()
+    with torch.no_grad():
+        want = model(frames_to_tensor(torch.as_tensor(frames))).numpy()  # (6, 512) pooled descriptor
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    assert check_store(store) == []
+    listing = CliRunner().invoke(main, ["store", "ls", str(store)])
+    assert f"resnet18 (torchvision:resnet18 {fs['sha256'][:12]})" in listing.stderr
+    # Refused: a set without weights, weights of a set not asked for, another model's weights.
+    with pytest.raises(ConfigError, match="--model-weights resnet18=PATH"):
+        ExtractConfig(students=STUDENTS, features="image,audio,fused,resnet18")
+    with pytest.raises(ConfigError, match="not among the feature sets"):
+        ExtractConfig(students=STUDENTS, model_weights=(f"resnet50={weights}",))
+    with pytest.raises(CheckpointError, match="not a torchvision resnet34 state dict"):
+        load_image_model("resnet34", str(weights))
