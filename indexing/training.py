@@ -114,7 +114,9 @@ class Stopping:
             holds None there were not validated, and then the last epoch is kept.
         mode: ``max`` (accuracy) or ``min`` (a loss).
         tie: History key, lower is better, that breaks ties of ``monitor`` (``val_loss``); a complete tie
-            keeps the earlier epoch.
+            keeps the earlier epoch. An epoch that lowers it below every epoch before by ``min_delta`` also
+            counts as an improvement for patience and plateau drops: a falling validation loss means the
+            model is still learning where a small validation set's accuracy does not move yet.
         patience: Stop after this many epochs without improvement (0: never stop early).
         min_delta: Smallest change that counts as an improvement for ``patience`` and plateau drops:
             absolute for ``mode="max"`` (0.001 of accuracy) and for ``tie`` (a validation loss that keeps
@@ -160,16 +162,18 @@ class Stopping:
             return a > b if self.mode == "max" else a < b
         return self._tie(record) < self._tie(than)
 
-    def improved(self, record: Mapping[str, Any], ref: Mapping[str, Any]) -> bool:
-        """``record`` improves on ``ref`` by at least ``min_delta`` (what resets patience)."""
-        a, b = self._value(record), self._value(ref)
-        if self.mode == "max":
-            if a > b + self.min_delta:
-                return True
-        elif a < b - self.min_delta * abs(b):
+    def improved(self, record: Mapping[str, Any], best_value: float | None, best_tie: float) -> bool:
+        """``record`` beats the best metric so far, or the lowest ``tie`` so far, by at least ``min_delta``
+        (what resets patience and the plateau count; ``best_value`` None: the first validated epoch)."""
+        a = self._value(record)
+        if best_value is None:
             return True
-        tie_a, tie_b = self._tie(record), self._tie(ref)
-        return a == b and math.isfinite(tie_a) and tie_a < tie_b - self.min_delta
+        if self.mode == "max" and a > best_value + self.min_delta:
+            return True
+        if self.mode == "min" and a < best_value - self.min_delta * abs(best_value):
+            return True
+        tie = self._tie(record)
+        return math.isfinite(tie) and tie < best_tie - self.min_delta
 
 
 @dataclass(frozen=True)
@@ -183,9 +187,10 @@ class Progress:
             one, and patience never stops).
         best_epoch: The kept epoch (1-based; 0 before any epoch).
         best: Its record.
-        since_improvement: Epochs since the last improvement by ``min_delta`` (0: the last epoch was one).
+        since_improvement: Epochs since the last improvement by ``min_delta`` (0: the last epoch was one):
+            of the metric over its best so far, or of ``tie`` under its lowest so far.
         lr_drops: Plateau drops of the learning rate so far.
-        last_improved: The last epoch improved on every epoch before it by ``min_delta``.
+        last_improved: The last epoch improved (as in ``since_improvement``) on every epoch before it.
     """
 
     epochs: int = 0
@@ -204,24 +209,29 @@ def track(history: Sequence[Mapping[str, Any]], stopping: Stopping, *, plateau: 
     A pure function of the history, so a resumed run (history restored from the checkpoint) decides
     exactly as the uninterrupted one did.
     """
-    best = ref = None
+    best = None
+    best_value: float | None = None  # the best metric so far, and the lowest tie, each on its own
+    best_tie = math.inf
     improved_at = dropped_at = 0
     drops = 0
     last_improved = False
     measured = False
     for record in history:
         epoch = int(record["epoch"])
-        if stopping._value(record) is None:  # not validated: keep the last epoch
-            best, ref, improved_at, last_improved = record, record, epoch, False
+        value = stopping._value(record)
+        if value is None or math.isnan(value):  # not validated (or NaN): never kept over a validated one
+            if not measured:
+                best, improved_at, last_improved = record, epoch, False
             continue
+        if not stopping.keep_best or not measured or stopping.better(record, best):
+            best = record
         measured = True
-        if not stopping.keep_best or best is None or stopping._value(best) is None:
-            best = record
-        elif stopping.better(record, best):
-            best = record
-        last_improved = ref is None or stopping._value(ref) is None or stopping.improved(record, ref)
+        last_improved = stopping.improved(record, best_value, best_tie)
         if last_improved:
-            ref, improved_at = record, epoch
+            improved_at = epoch
+        if best_value is None or (value > best_value if stopping.mode == "max" else value < best_value):
+            best_value = value
+        best_tie = min(best_tie, stopping._tie(record))
         if plateau and epoch - max(improved_at, dropped_at) >= plateau:
             drops, dropped_at = drops + 1, epoch
     last = int(history[-1]["epoch"]) if history else 0

@@ -252,7 +252,7 @@ def train(
         plot: Training-curve PNG (default: ``out`` with suffix ``.png``), redrawn after the last epoch and
             after any epoch ending a minute or more after the previous drawing.
         progress: Show progress bars.
-        log: Where to print notes (default: ``tqdm.write``).
+        log: Where to print notes (default: ``tqdm.write`` to stderr).
 
     Returns:
         A summary: ``out``, ``plot``, ``model``, ``labels``, ``train_videos``, ``val_videos``,
@@ -263,9 +263,7 @@ def train(
     Raises:
         ConfigError: Bad options, no training videos, or ``out`` exists without ``resume``/``overwrite``.
     """
-    from tqdm.auto import tqdm
-
-    note = log or tqdm.write
+    note = log or training.default_note  # stderr: stdout stays for results
     out = Path(out)
     plot_path = Path(plot) if plot is not None else out.with_suffix(".png")
     if out.exists() and not (resume or overwrite):

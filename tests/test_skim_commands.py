@@ -307,6 +307,84 @@ def test_resume_continues_exactly(corpus, tmp_path):
         torch.testing.assert_close(a[name], b[name])
 
 
+def test_train_keeps_the_best_epoch_stops_on_patience_and_resumes_exactly(corpus, tmp_path):
+    """skim.pt holds the best epoch by validation accuracy (ties: val loss), checked by re-validating the
+    file against the per-epoch history; skim.pt.resume the last epoch. A run cut inside the patience count
+    and resumed with --resume ends on the same epoch with the same files; the JSON and text say why."""
+    from indexing.training import Stopping, track
+    from skim.checkpoint import load_checkpoint, resume_path
+    from skim.train import validate
+
+    args = ["train", str(corpus["store"]), "--labels", str(corpus["labels"]), *SMALL_MODEL, *FAST_TRAIN]
+    adapt = ["--patience", "3", "--lr-patience", "2"]
+    straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
+    full = run(*args, *adapt, "--epochs", "40", "--out", str(straight))
+    history = full["history"]
+    assert full["stopped"] == "patience" and len(history) == full["epochs"] < 40, full["message"]
+    best = max(history, key=lambda h: (h["val_accuracy"], -h["val_loss"], -h["epoch"]))
+    assert full["best_epoch"] == best["epoch"] and full["best_metric"] == best["val_accuracy"]
+    assert f"best epoch {best['epoch']} of {len(history)}" in full["message"] and not full["still_improving"]
+    assert full["batch_size"] == 16 and {h["lr"] for h in history} != {0.1}  # a plateau drop happened
+
+    ckpt = load_checkpoint(straight)
+    assert ckpt.meta["epoch"] == best["epoch"] and len(ckpt.meta["history"]) == len(history)
+    names = ckpt.labels
+    val_ds = SkimDataset(
+        open_store(corpus["store"]), ckpt.config.batch_keys, labels=read_labels(corpus["labels"]),
+        names=names, split="val", with_time=False,
+    )  # fmt: skip
+    again = validate(ckpt.model, val_ds, batch_size=64, device=torch.device("cpu"))
+    assert again["val_accuracy"] == best["val_accuracy"]
+    assert again["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5, abs=1e-7)
+    assert torch.load(resume_path(straight), weights_only=True)["epoch"] == len(history)
+
+    # Cut where the patience count is running (the epoch after the last improvement), then resume.
+    stopping = Stopping(monitor="val_accuracy", tie="val_loss", patience=3)
+    cut = next(e for e in range(2, len(history)) if track(history[:e], stopping, plateau=2).since_improvement)
+    first = CliRunner().invoke(main, [*args, *adapt, "--epochs", str(cut), "--out", str(split), "--json"])
+    assert first.exit_code == 0 and json.loads(first.stdout)["stopped"] == "max_epochs", first.output
+    resumed = run(*args, *adapt, "--epochs", "40", "--out", str(split), "--resume")
+    strip = [{k: v for k, v in h.items() if k not in ("seconds", "train_videos_per_s")} for h in history]
+    assert [{k: v for k, v in h.items() if k not in ("seconds", "train_videos_per_s")}
+            for h in resumed["history"]] == strip  # fmt: skip
+    for a, b in ((straight, split), (resume_path(straight), resume_path(split))):
+        assert torch.load(a, weights_only=True)["sha256"] == torch.load(b, weights_only=True)["sha256"], a
+    assert resumed["best_epoch"] == full["best_epoch"] and resumed["stopped"] == "patience"
+
+    # Three epochs while validation still rises: the text output says to raise --epochs.
+    short = CliRunner().invoke(main, [*args, *adapt, "--epochs", "3", "--out", str(tmp_path / "short.pt")])
+    assert short.exit_code == 0, short.output
+    assert "stopped: max epochs (3)" in short.stdout
+    assert "validation still improving at the last epoch; raise --epochs" in short.stdout
+
+
+def test_train_defaults_hold_out_validation_videos_and_size_batches(corpus, tmp_path):
+    """Without a val split the default holds out 15% of the training videos (never the test split) and
+    the batch is an eighth of the training videos; --val-split none keeps the last epoch, said."""
+    from indexing.training import holdout
+
+    labels = read_labels(corpus["labels"])
+    no_val = tmp_path / "no-val.csv"
+    rows = ["video_id,path,label,split"] + [
+        f"{vid},{e.path},{e.label},{'train' if e.split == 'val' else e.split}" for vid, e in labels.items()
+    ]
+    no_val.write_text("\n".join(rows) + "\n")
+    args = ["train", str(corpus["store"]), "--labels", str(no_val), *SMALL_MODEL, "--init", "scratch"]
+    summary = run(*args, "--epochs", "1", "--out", str(tmp_path / "h.pt"))
+    train_ids = [vid for vid, e in labels.items() if e.split in ("train", "val")]
+    held = holdout(train_ids, [labels[v].label for v in train_ids])
+    assert summary["validated_on"] == "holdout" and summary["val_videos"] == len(held) > 0
+    assert summary["train_videos"] == len(train_ids) - len(held)
+    assert summary["batch_size"] == max(8, summary["train_videos"] // 8)
+
+    result = CliRunner().invoke(
+        main, [*args, "--epochs", "2", "--val-split", "none", "--out", str(tmp_path / "n.pt")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "no validation (--val-split none)" in result.stderr
+    assert "no validation split: kept the last epoch (2)" in result.stdout
+
+
 @pytest.mark.parametrize("name", available_models())
 def test_every_registered_model_trains_and_answers(name, corpus, tmp_path):
     out = tmp_path / f"{name}.pt"

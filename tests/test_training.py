@@ -95,6 +95,18 @@ def test_ties_are_broken_by_the_validation_loss_then_the_earlier_epoch():
     assert track(small, ACC).best_epoch == 2 and track(small, ACC).since_improvement == 1
 
 
+def test_a_falling_validation_loss_keeps_training_and_nan_is_never_kept():
+    # accuracy flat, then worse, while the loss falls: still learning; patience counts from the last fall
+    history = Toy([0.5, 0.5, 0.4, 0.4, 0.4, 0.4, 0.4, 0.9], [1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.7, 0.1]).run(
+        ACC, epochs=9
+    )
+    assert len(history) == 7 and outcome(history, ACC, epochs=9)["stopped"] == "patience"
+    assert track(history, ACC).best_epoch == 2  # kept by accuracy first, the loss only breaks its ties
+    nan = Toy([float("nan"), 0.5, float("nan"), 0.4]).run(ACC, epochs=4)
+    p = track(nan, ACC)
+    assert p.best_epoch == 2 and p.since_improvement == 2
+
+
 def test_min_delta_is_relative_for_a_loss_monitor():
     l1 = Stopping(monitor="val_accuracy", mode="min", patience=2, min_delta=0.01)
     history = Toy([1.0, 0.995, 0.98, 0.979, 0.975]).run(l1, epochs=5)  # -0.5%: no; -2%: yes; then < 1%
