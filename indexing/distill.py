@@ -275,6 +275,9 @@ def _keep_best(
     """Load the kept epoch's weights from ``out_path`` into ``students`` and rewrite the file with the
     whole history and how the run ended (the file was written when that epoch was trained)."""
     ckpt = ckpt_io.load_checkpoint(out_path, kind="students")
+    if "optimizer" in ckpt["training"] and not training.resume_path(out_path).exists():
+        log.warning("%s was written before l2l kept the best epoch: it holds the last epoch", out_path)
+        return
     if int(ckpt["epoch"]) != result["best_epoch"]:
         raise CheckpointError(
             f"{out_path} holds epoch {ckpt['epoch']}, but the history of {where} keeps epoch "
