@@ -86,10 +86,47 @@ def demo(
         return
     click.secho("\n== summary ==", bold=True)
     skim_commands.echo_evaluation(summary["evaluation"])
+    click.echo(_students_line(summary["students"]))
     click.echo("\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items()))
     click.echo(f"total {summary['seconds'] / 60:.1f} min. Files in {out}/:")
     for path, what in summary["files"].values():
         click.echo(f"  {Path(path).relative_to(out).as_posix():20} {what}")
+
+
+def _students_line(students: dict) -> str:
+    """The students' line under the evaluation table: a weak stage shows here, not only in skim's numbers."""
+    acc = students["val_accuracy"]
+    line = (
+        f"students (fine-tuned): trimmed-clip validation accuracy "
+        f"{'-' if acc is None else format(acc, '.3f')} on split {students['val_split']!r}, "
+        f"epoch {students['epoch']} of {students['epochs']}"
+    )
+    if students.get("still_improving"):
+        line += " (still improving at the end)"
+    return line
+
+
+def students_validation(path) -> dict:
+    """The fine-tuned students' trimmed-clip validation accuracy, read from their checkpoint.
+
+    It is that of the epoch whose weights the file holds (the best one where training keeps the best), with
+    the run's length and how it ended.
+    """
+    from indexing.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, kind="students")
+    record = ckpt.get("training") or {}
+    history = record.get("history") or []
+    ended = record.get("outcome") or {}
+    kept = next((h for h in history if int(h["epoch"]) == int(ckpt["epoch"])), history[-1] if history else {})
+    return {
+        "val_accuracy": kept.get("val_accuracy"),
+        "val_split": (ckpt["extra"].get("data") or {}).get("val_split"),
+        "epoch": int(ckpt["epoch"]),
+        "epochs": int(history[-1]["epoch"]) if history else 0,
+        "stopped": ended.get("stopped"),
+        "still_improving": ended.get("still_improving"),
+    }
 
 
 def _demo(ctx: click.Context, root, *, videos: int, classes: int, workers: int, seed: int) -> dict:
@@ -233,6 +270,7 @@ def _demo(ctx: click.Context, root, *, videos: int, classes: int, workers: int, 
         "out": str(root),
         "seconds": round(time.perf_counter() - started, 1),
         "stage_seconds": timings,
+        "students": students_validation(students_ft),
         "evaluation": result,
         "files": {k: (str(path), what) for k, (path, what) in files.items()},
     }
