@@ -2,9 +2,13 @@
 
 Data: a planted-signal feature store (:func:`skim.synthetic.write_planted_store`; the cost of skimming
 depends only on the shapes) of 1,000 videos of 100-500 steps, 512-d image and audio features, 200 classes,
-in both store formats with their defaults (zarr float16 zstd, HDF5 float16), format 2 (checksums verified on
-every read), plus the public reference's layout: one float32 ``.npy`` per video and feature. torch runs with
-2 threads (``--threads``). Every measurement runs in its own fresh process, so its peak RSS is its own.
+in both store formats with their defaults (zarr float16 blosc-lz4hc + crc32c, HDF5 float16 + fletcher32),
+format 2 (checksums verified on every read), a zarr copy in zstd (the default before issue 14; reads only),
+plus the public reference's layout: one float32 ``.npy`` per video and feature. The planted features are
+Gaussian noise, which no codec compresses much: the MB on disk column is not what real features take
+(bench/store.py is). torch runs with 2 threads (``--threads``). Every measurement runs in its own fresh
+process, so its peak RSS is its own; rates are also given per CPU-second of that process, which the load
+of other users changes less than wall time.
 
 - **reads**: batches of 256 whole videos (image + audio): per video (``read_rows``, the old loader), grouped
   by chunk (:func:`indexing.stores.reading.read_many`, each chunk decoded once per batch), in block-shuffled
@@ -44,6 +48,11 @@ from _common import fmt, fresh, log, machine, machine_line, parser, ratio, table
 
 NAME = "skimming"
 KEYS = ("image", "audio")
+READ_STORES = {  # reads are measured on each: the defaults, and zarr's default before issue 14
+    "zarr": "zarr (default: float16, blosc-lz4hc + crc32c)",
+    "zarr-zstd": "zarr float16 zstd (old default)",
+    "hdf5": "hdf5 (default: float16, fletcher32)",
+}
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------
@@ -51,10 +60,11 @@ KEYS = ("image", "audio")
 
 def planted_stores(work: Path, spec: Any) -> dict[str, Path]:
     """The planted store in each format, and the npy layout (cached by spec)."""
+    from indexing.stores.zarr_store import DEFAULT_COMPRESSION
     from skim.synthetic import write_planted_store
 
     out = {}
-    want = json.loads(json.dumps(asdict(spec)))
+    want = json.loads(json.dumps({**asdict(spec), "zarr_default": DEFAULT_COMPRESSION}))
     for fmt_name in ("zarr", "hdf5"):
         store, stamp = work / f"planted-{fmt_name}", work / f"planted-{fmt_name}.json"
         if not (store.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == want):
@@ -64,7 +74,16 @@ def planted_stores(work: Path, spec: Any) -> dict[str, Path]:
             stamp.write_text(json.dumps(want))
             log(f"  written in {time.perf_counter() - t0:.1f} s")
         out[fmt_name] = store
+    zstd, stamp = work / "planted-zarr-zstd", work / "planted-zarr-zstd.json"
+    if not (zstd.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == want):
+        from indexing.stores.tools import export_store
+
+        log("copying the planted zarr store with zstd (the default before issue 14) ...")
+        export_store(out["zarr"], fresh(zstd), "zarr", compression="zstd")
+        stamp.write_text(json.dumps(want))
+    out["zarr-zstd"] = zstd
     npy, stamp = work / "npy", work / "npy.json"
+    want = json.loads(json.dumps(asdict(spec)))  # the npy files do not depend on the store's codec
     if not (npy.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == want):
         import numpy as np
 
@@ -218,23 +237,24 @@ def phase_reads(store_path: str, npy: str, *, batch: int, batches: int, seed: in
         warm = max(timed(fn, videos) for _ in range(2))
         out[name] = {"warm": warm, "cold": cold}
     out["memory"] = {"warm": timed(in_memory, n_videos), "cold": None}
-    if store.name == "zarr" and store.compression == "zstd":
-        # The codec's own limit: read every chunk file of both features and zstd-decode it (numcodecs, one
-        # thread, the frame checksum checked), as videos/s of the corpus's mean length.
-        from numcodecs import Zstd
-
-        codec, raw = Zstd(), 0
-        files = [Path(store_path) / p for key in KEYS for p in store.files_of(key, 0, store.rows)]
+    if store.name == "zarr" and store._decoder(KEYS[0]) is not None:
+        # The codec's own limit: read every chunk file of both features and decode it (one thread, its
+        # checksum checked), as videos/s of the corpus's mean length.
+        raw = 0
+        files = [(key, Path(store_path) / p) for key in KEYS for p in store.files_of(key, 0, store.rows)]
         t0 = time.perf_counter()
-        for f in files:
-            raw += len(codec.decode(f.read_bytes()))
+        for key, f in files:
+            raw += store._decoder(key).decode(f.read_bytes()).nbytes
         wall = time.perf_counter() - t0
         video_bytes = float(np.mean(steps)) * store.dim * np.dtype(store.dtype).itemsize * len(KEYS)
-        out["zstd_decode_limit"] = {
+        out["decode_limit"] = {
             "warm": raw / wall / video_bytes,
             "cold": None,
             "mb_per_s": raw / wall / 1e6,
+            "codec": store.compression,
         }
+    out["disk_mb"] = _feature_disk_mb(store, store_path)
+    out["npy_disk_mb"] = sum(os.path.getsize(os.path.join(npy, f)) for f in os.listdir(npy)) / 1e6
     size = store.chunk_rows
     out["chunks_per_video_feature"] = {
         "per_video": sum(chunks_touched([r], size) for b in random_batches for r in ranges(b)) / n_videos,
@@ -249,6 +269,27 @@ def phase_reads(store_path: str, npy: str, *, batch: int, batches: int, seed: in
     return out
 
 
+def _feature_disk_mb(store: Any, store_path: str) -> float:
+    """MB on disk of the image and audio features (what the npy layout holds)."""
+    if store.name == "zarr":
+        return (
+            sum(
+                os.path.getsize(os.path.join(r, f))
+                for key in KEYS
+                for r, _, fs in os.walk(Path(store_path) / "features" / key)
+                for f in fs
+            )
+            / 1e6
+        )
+    import h5py
+
+    total = 0
+    for part in sorted((Path(store_path) / "parts").glob("*.h5")):
+        with h5py.File(part, "r") as f:
+            total += sum(f[f"features/{key}"].id.get_storage_size() for key in KEYS)
+    return total / 1e6
+
+
 def phase_train(
     store_path: str, labels: str, out: str, *, threads: int, batch: int, profile: bool, **options: Any
 ) -> dict[str, Any]:
@@ -259,11 +300,17 @@ def phase_train(
     config = TrainConfig(
         epochs=1, batch_size=batch, threads=threads, val_split="none", init="scratch", **options
     )
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     summary = train(
         store_path, fresh(Path(out)), labels=labels, config=config, progress=False, log=lambda _l: None
     )
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    rate = float(summary["history"][-1]["train_videos_per_s"])
     result = {
-        "videos_per_s": float(summary["history"][-1]["train_videos_per_s"]),
+        "videos_per_s": rate,
+        # load-independent: videos per CPU-second of this process (all its threads), set-up included
+        "videos_per_cpu_s": rate * wall / cpu,
+        "cpu_s": cpu,
         "peak_rss_mb": peak_rss_mb(),
         "train_loss": float(summary["history"][-1]["train_loss"]),
     }
@@ -324,7 +371,7 @@ def phase_naive(
     )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(ids))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     read_s = 0.0
     for b0 in range(0, len(order), batch):
         r0 = time.perf_counter()
@@ -352,8 +399,14 @@ def phase_naive(
         opt.zero_grad()
         loss.backward()
         opt.step()
-    wall = time.perf_counter() - t0
-    return {"videos_per_s": len(ids) / wall, "read_s": read_s, "wall_s": wall, "peak_rss_mb": peak_rss_mb()}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {
+        "videos_per_s": len(ids) / wall,
+        "videos_per_cpu_s": len(ids) / cpu,
+        "read_s": read_s,
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def phase_eval(
@@ -368,12 +421,13 @@ def phase_eval(
     ckpt = load_checkpoint(ckpt_path)
     with open_store(store_path) as s:
         ds = SkimDataset(s, ckpt.config.batch_keys, require_label=False, in_memory=in_memory)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         videos = 0
         for batch_data, out in iter_outputs(ckpt.model, ds, batch_size=batch):
             out.logits.argmax(1)
             videos += len(batch_data["video_ids"])
         rate = videos / (time.perf_counter() - t0)
+        per_cpu = videos / (time.process_time() - cpu0)
         rss = peak_rss_mb()
         from indexing.stores.reading import chunk_cache
 
@@ -382,7 +436,13 @@ def phase_eval(
         for _ in make_loader(ds, eval_sampler(ds, batch_size=batch), read_ahead=0):
             pass
         loader_s = time.perf_counter() - t0
-    return {"videos_per_s": rate, "videos": videos, "peak_rss_mb": rss, "loader_s": loader_s}
+    return {
+        "videos_per_s": rate,
+        "videos_per_cpu_s": per_cpu,
+        "videos": videos,
+        "peak_rss_mb": rss,
+        "loader_s": loader_s,
+    }
 
 
 def phase_forward(
@@ -412,7 +472,7 @@ def phase_forward(
             batches = [collate([ds[i] for i in b]) for b in LengthBatchSampler(ds.steps, batch_size=size)]
             with torch.no_grad():
                 model(batches[0]["features"], batches[0]["mask"])  # warm
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 gflop = 0.0
                 for b in batches:
                     o = model(b["features"], b["mask"])
@@ -421,8 +481,12 @@ def phase_forward(
                         model.gflops(int(n), int(u))
                         for n, u in zip(lengths, o.steps_used.tolist(), strict=True)
                     )
-                wall = time.perf_counter() - t0
-            out[size] = {"videos_per_s": len(ds) / wall, "gflop_per_s": gflop / wall}
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            out[size] = {
+                "videos_per_s": len(ds) / wall,
+                "videos_per_cpu_s": len(ds) / cpu,
+                "gflop_per_s": gflop / wall,
+            }
             del batches
     return out
 
@@ -451,6 +515,27 @@ def phase_query(
             for _batch, o in iter_outputs(ckpt.model, ds, batch_size=1):
                 o.logits.softmax(1)
             times.append(time.perf_counter() - t0)
+        # Where the one-video latency goes: the forward alone on the collated batch, and the read alone.
+        import torch
+
+        from skim.data import collate
+
+        ds = SkimDataset(s, ckpt.config.batch_keys, video_ids=[vid], require_label=False)
+        one = collate([ds[0]])
+        model = ckpt.model.eval()
+        fwd, rd = [], []
+        with torch.no_grad():
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                model(one["features"], one["mask"])
+                fwd.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                collate(
+                    SkimDataset(s, ckpt.config.batch_keys, video_ids=[vid], require_label=False).__getitems__(
+                        [0]
+                    )
+                )
+                rd.append(time.perf_counter() - t0)
     warm = statistics.median(times[1:])
     t0 = time.perf_counter()
     query(store_path, ckpt_path, [vid])
@@ -460,6 +545,8 @@ def phase_query(
     all_s = time.perf_counter() - t0
     return {
         "one_video_warm_s": warm,
+        "one_video_forward_s": statistics.median(fwd[1:]),
+        "one_video_read_s": statistics.median(rd[1:]),
         "one_video_steps": steps,
         "query_end_to_end_s": end_to_end,
         "query_all_videos_per_s": done["written"] / all_s,
@@ -498,7 +585,7 @@ def main() -> None:
     fast = {"shuffle": "block", "length_buckets": True}
     res: dict[str, Any] = {"reads": {}, "train": {}, "eval": {}}
 
-    for fmt_name in ("zarr", "hdf5"):
+    for fmt_name in READ_STORES:
         log(f"reads, {fmt_name} ...")
         res["reads"][fmt_name] = in_child(
             phase_reads, str(data[fmt_name]), str(data["npy"]), batch=batch, batches=2, seed=1
@@ -572,52 +659,63 @@ def main() -> None:
 
     # ---- tables ----
     r_rows = []
-    for fmt_name in ("zarr", "hdf5"):
+    for fmt_name in READ_STORES:
         r = res["reads"][fmt_name]
-        npy_w, npy_c = r["npy"]["warm"], r["npy"]["cold"]
+        npy_w, npy_c = r["npy"]["warm"], r["npy"]["cold"]  # measured in the same process as this store's
         cpv = r["chunks_per_video_feature"]
         for method, what in (
-            ("per_video", "per video (read_rows, the old loader)"),
+            ("per_video", "per video (read_rows)"),
             ("grouped", "random batch, each chunk decoded once"),
             ("block", "block-shuffled epoch (what training reads)"),
         ):
             m = r[method]
             r_rows.append(
                 [
-                    f"{fmt_name}: {what}",
+                    f"{READ_STORES[fmt_name]}: {what}",
                     m["warm"],
                     ratio(m["warm"], npy_w),
                     m["cold"],
                     ratio(m["cold"], npy_c),
                     fmt(cpv[method], 2),
+                    fmt(r["disk_mb"], 0),
                 ]
             )
+        if "decode_limit" in r:
+            lim = r["decode_limit"]
+            r_rows.append(
+                [
+                    f"{READ_STORES[fmt_name]}: decode alone, every chunk once ({lim['mb_per_s']:.0f} MB/s)",
+                    lim["warm"],
+                    ratio(lim["warm"], npy_w),
+                    "-",
+                    "-",
+                    "1 per chunk",
+                    "-",
+                ]
+            )
+        r_rows.append(
+            [
+                f"npy float32, one file per video and feature (beside {fmt_name})",
+                npy_w,
+                "1.00x",
+                npy_c,
+                "1.00x",
+                "-",
+                fmt(r["npy_disk_mb"], 0),
+            ]
+        )
     z = res["reads"]["zarr"]
     r_rows.append(
         [
-            "npy float32, one file per video and feature",
-            z["npy"]["warm"],
-            "1.00x",
-            z["npy"]["cold"],
-            "1.00x",
+            "memory (slices)",
+            z["memory"]["warm"],
+            ratio(z["memory"]["warm"], z["npy"]["warm"]),
+            "-",
+            "-",
+            "-",
             "-",
         ]
     )
-    r_rows.append(
-        ["memory (slices)", z["memory"]["warm"], ratio(z["memory"]["warm"], z["npy"]["warm"]), "-", "-", "-"]
-    )
-    if "zstd_decode_limit" in z:
-        lim = z["zstd_decode_limit"]
-        r_rows.append(
-            [
-                f"zstd decode alone, every zarr chunk once ({lim['mb_per_s']:.0f} MB/s, 1 thread)",
-                lim["warm"],
-                ratio(lim["warm"], z["npy"]["warm"]),
-                "-",
-                "-",
-                "1 per chunk",
-            ]
-        )
     r_text, r_md = table(
         [
             "reads of 256 whole videos (image + audio)",
@@ -626,34 +724,38 @@ def main() -> None:
             "videos/s cold",
             "vs npy",
             "chunks decoded per video+feature",
+            "MB on disk (image+audio)",
         ],
         r_rows,
     )
 
     t = res["train"]
-    mem, naive = t["memory (limit), same batches"]["videos_per_s"], t["naive"]["videos_per_s"]
+    mem, naive = t["memory (limit), same batches"], t["naive"]
     t_rows = [
         [
-            k,
+            k if k != "naive" else "naive loop (reference manner: npy float32, padded to longest, one mask)",
             v["videos_per_s"],
-            ratio(v["videos_per_s"], mem),
-            ratio(v["videos_per_s"], naive),
+            ratio(v["videos_per_s"], mem["videos_per_s"]),
+            ratio(v["videos_per_s"], naive["videos_per_s"]),
+            fmt(v["videos_per_cpu_s"], 2),
+            ratio(v["videos_per_cpu_s"], mem["videos_per_cpu_s"]),
+            ratio(v["videos_per_cpu_s"], naive["videos_per_cpu_s"]),
             fmt(v["peak_rss_mb"], 0),
         ]
         for k, v in t.items()
-        if k != "naive"
     ]
-    t_rows.append(
-        [
-            "naive loop (reference manner: npy float32, padded to longest, one mask)",
-            naive,
-            ratio(naive, mem),
-            "1.00x",
-            fmt(t["naive"]["peak_rss_mb"], 0),
-        ]
-    )
     t_text, t_md = table(
-        ["train, one epoch, batch 256", "videos/s", "vs memory", "vs naive", "peak RSS MB"], t_rows
+        [
+            "train, one epoch, batch 256",
+            "videos/s",
+            "vs memory",
+            "vs naive",
+            "videos/CPU-s",
+            "vs memory (CPU)",
+            "vs naive (CPU)",
+            "peak RSS MB",
+        ],
+        t_rows,
     )
 
     e = res["eval"]
@@ -662,6 +764,8 @@ def main() -> None:
             f"eval from {k}",
             v["videos_per_s"],
             ratio(v["videos_per_s"], limit["videos_per_s"]),
+            fmt(v["videos_per_cpu_s"], 2),
+            ratio(v["videos_per_cpu_s"], limit["videos_per_cpu_s"]),
             fmt(v["peak_rss_mb"], 0),
         ]
         for k, v in e.items()
@@ -672,6 +776,8 @@ def main() -> None:
                 f"forward alone, in memory, batch {size}" + (" (limit)" if size == best else ""),
                 v["videos_per_s"],
                 ratio(v["videos_per_s"], limit["videos_per_s"]),
+                fmt(v["videos_per_cpu_s"], 2),
+                ratio(v["videos_per_cpu_s"], limit["videos_per_cpu_s"]),
                 f"{v['gflop_per_s']:.1f} GFLOP/s",
             ]
         )
@@ -681,11 +787,21 @@ def main() -> None:
             "l2l query --all --out (JSON Lines, zarr)",
             q["query_all_videos_per_s"],
             ratio(q["query_all_videos_per_s"], limit["videos_per_s"]),
+            "-",
+            "-",
             fmt(q["peak_rss_mb"], 0),
         ]
     )
     e_text, e_md = table(
-        ["evaluation and query", "videos/s", "vs forward limit", "peak RSS MB / GFLOP/s"], e_rows
+        [
+            "evaluation and query",
+            "videos/s",
+            "vs forward limit",
+            "videos/CPU-s",
+            "vs limit (CPU)",
+            "peak RSS MB / GFLOP/s",
+        ],
+        e_rows,
     )
 
     zt = t["zarr, block shuffle + length buckets"]
@@ -714,6 +830,11 @@ def main() -> None:
             f"one {q['one_video_steps']}-step video, model loaded (read + forward)",
             fmt(1000 * q["one_video_warm_s"], 1),
         ],
+        [
+            "  of which the model's forward alone (features already collated)",
+            fmt(1000 * q["one_video_forward_s"], 1),
+        ],
+        ["  of which the read + collate alone", fmt(1000 * q["one_video_read_s"], 1)],
         [
             "query() end to end (load checkpoint, open store, read, forward)",
             fmt(1000 * q["query_end_to_end_s"], 0),

@@ -356,11 +356,13 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     feats = {}
     for key in keys:
         d = items[0]["features"][key].shape[1]
-        arr = np.zeros((b, n, d), dtype=np.float32)  # (B, N, D), padding zero
+        out = torch.from_numpy(np.zeros((b, n, d), dtype=np.float32))  # (B, N, D), padding zero
         for i, it in enumerate(items):
             x = it["features"][key]
-            arr[i, : len(x)] = x
-        feats[key] = torch.from_numpy(arr)
+            # torch casts float16 -> float32 ~6x faster than numpy (measured: 3.4-4.2 vs 0.57 GB/s); DLPack
+            # wraps the read-only decoded chunks without a copy (from_numpy would warn about them)
+            out[i, : len(x)].copy_(torch.from_dlpack(np.ascontiguousarray(x)))
+        feats[key] = out
     mask = np.zeros((b, n), dtype=bool)  # (B, N)
     time_s = np.zeros((b, n), dtype=np.float64)  # (B, N)
     for i, it in enumerate(items):

@@ -553,6 +553,10 @@ class FeatureStore(ABC):
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of one array as stored (no marker gating); may raise on damaged bytes."""
 
+    def _read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """:meth:`_read` into ``out`` (C-contiguous rows of the right shape); backends may skip the copy."""
+        out[...] = self._read(name, start, stop)
+
     @abstractmethod
     def files_of(self, name: str, start: int, stop: int) -> list[str]:
         """Paths (relative to the store directory) of the files holding rows ``[start, stop)`` of ``name``."""
@@ -609,7 +613,7 @@ class FeatureStore(ABC):
                 merged.append([a, b])
         for a, b in merged:
             try:
-                out[a - start : b - start] = self._read(name, a, b)
+                self._read_into(name, a, b, out[a - start : b - start])
             except Exception as exc:  # noqa: BLE001 - codecs raise many types; all mean damaged bytes
                 raise self._narrow_damage(name, a, b, exc) from exc
         return out

@@ -333,7 +333,21 @@ class Hdf5Store(FeatureStore):
         return columns_to_records(self.index_columns())
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self._handle()[_dataset_path(name)][start:stop]
+        return self._dataset(name)[start:stop]
+
+    def _read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        if stop > start:
+            self._dataset(name).read_direct(out, np.s_[start:stop])  # no temporary array, no copy
+
+    def _dataset(self, name: str) -> Any:
+        f = self._handle()
+        cache = self.__dict__.get("_datasets")
+        if cache is None or cache[0] is not f:  # a reopened store.h5 has new datasets
+            cache = self.__dict__["_datasets"] = (f, {})
+        ds = cache[1].get(name)
+        if ds is None:
+            ds = cache[1][name] = f[_dataset_path(name)]  # the lookup costs ~0.5 ms a read (measured)
+        return ds
 
     def files_of(self, name: str, start: int, stop: int) -> list[str]:
         _dataset_path(name)
@@ -416,6 +430,7 @@ class Hdf5Store(FeatureStore):
         # h5py handles do not pickle; a copy sent to another process reopens store.h5 on first read.
         state = dict(self.__dict__)
         state["_file"] = None
+        state.pop("_datasets", None)
         return state
 
     # ---- helpers -----------------------------------------------------------------------------------
