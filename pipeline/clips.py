@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from indexing.errors import ConfigError
 
@@ -209,8 +208,17 @@ class ClipDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """The items of a batch; each video of the batch is decoded once, its steps in one sequential read
         (the items are those :meth:`__getitem__` gives one by one)."""
-        pairs = [(int(self.index[i][0]), int(self.index[i][1])) for i in indices]
+        pairs = self._pairs(indices)
         return self._decode(pairs, with_clips=self.config.with_clips)
+
+    def _pairs(self, indices: Sequence[Any]) -> list[tuple[int, int]]:
+        """The ``(video, step)`` of each index: a position in the current epoch, or ``(epoch, position)`` as
+        :func:`make_loader`'s sampler gives them (a persistent worker's copy of the dataset follows the epoch
+        of the process that iterates)."""
+        if len(indices) and isinstance(indices[0], (tuple, list)):
+            self.set_epoch(int(indices[0][0]))
+            indices = [int(i) for _, i in indices]
+        return [(int(self.index[i][0]), int(self.index[i][1])) for i in indices]
 
     def _decode(self, pairs: Sequence[tuple[int, int]], *, with_clips: bool) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = [{} for _ in pairs]
@@ -350,7 +358,7 @@ class StoreClipDataset(ClipDataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         from indexing.grid import STEP_S
 
-        pairs = [(int(self.index[i][0]), int(self.index[i][1])) for i in indices]
+        pairs = self._pairs(indices)
         want_clips = self.config.with_clips and not self.teacher_features
         if self.use_inputs:
             items = [
@@ -422,6 +430,22 @@ def store_feature_sets(store: str | os.PathLike, required: Sequence[str]) -> dic
     return sets
 
 
+class EpochSampler(Sampler):
+    """The positions of the dataset's current epoch as ``(epoch, position)``, read when an epoch's iteration
+    starts: persistent DataLoader workers hold their own copy of the dataset, and the epoch travels with
+    the indices instead of being set in each copy."""
+
+    def __init__(self, dataset: ClipDataset):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = int(self.dataset.epoch)
+        return iter([(epoch, i) for i in range(len(self.dataset))])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
 def make_loader(
     dataset: ClipDataset,
     *,
@@ -431,9 +455,10 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over ``dataset`` in its own (seeded, per-epoch) order.
 
-    Call ``dataset.set_epoch(e)`` before iterating epoch ``e``; workers are not persistent, so each
-    epoch's iterator sees the new index. The order comes from the dataset (no sampler shuffling), so
-    results do not depend on ``num_workers``.
+    Call ``dataset.set_epoch(e)`` before iterating epoch ``e``. Workers are persistent (started once, not
+    every epoch: forking, importing the decoders and verifying the store's files cost more than a small
+    epoch's reads); the epoch reaches them with each index (:class:`EpochSampler`). The order comes from the
+    dataset (no sampler shuffling), so results do not depend on ``num_workers``.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
@@ -442,10 +467,10 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=False,
+        sampler=EpochSampler(dataset),
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         pin_memory=str(device).startswith("cuda"),
-        generator=torch.Generator().manual_seed(dataset.config.seed),
     )
 
 

@@ -639,6 +639,37 @@ def test_grouped_decoding_reads_each_video_once_per_batch(store_corpus):
         ClipConfig(order="random")
 
 
+def test_persistent_loader_workers_follow_the_epoch(store_corpus):
+    from indexing.stores import open_store
+    from pipeline.clips import ClipConfig, StoreClipDataset, make_loader
+
+    _, store = store_corpus
+    with open_store(store) as s:
+        records = s.videos()
+
+    def epochs(workers: int) -> list[list[tuple]]:
+        data = StoreClipDataset(
+            store, records, ClipConfig(clips_per_video=3, seed=4), teacher_features="teacher"
+        )
+        loader = make_loader(data, batch_size=4, num_workers=workers)
+        out = []
+        for epoch in range(3):  # workers start once (persistent) and still serve each epoch's own draw
+            data.set_epoch(epoch)
+            out.append([(b["video"].tolist(), b["step"].tolist(), b["frames"], b["target"]) for b in loader])
+        assert loader.persistent_workers == (workers > 0)
+        return out
+
+    serial, parallel = epochs(0), epochs(2)
+    order = [[(v, s) for b in e for v, s in zip(b[0], b[1], strict=True)] for e in serial]
+    assert order[0] != order[1] != order[2]  # the epochs draw different clips or orders
+    for e_serial, e_parallel in zip(serial, parallel, strict=True):
+        assert len(e_serial) == len(e_parallel)
+        for a, b in zip(e_serial, e_parallel, strict=True):
+            assert a[:2] == b[:2]
+            torch.testing.assert_close(a[2], b[2], rtol=0, atol=0)
+            torch.testing.assert_close(a[3], b[3], rtol=0, atol=0)
+
+
 def test_cli_distill_finetune_report_from_a_store(store_corpus, tmp_path):
     from cli import main
     from indexing import checkpoint as ckpt_io
