@@ -127,6 +127,9 @@ class Stopping:
             need be (that epoch is validated and counts).
         keep_best: False when the validation is monitoring only (e.g. on the training videos): the last
             epoch is kept and patience never stops, while plateau drops still follow the metric.
+        min_updates: Neither patience nor plateau drops count before this many optimiser updates (a model
+            whose validation stays flat for a while before it learns, as the skimming attention does,
+            is not stopped or slowed in that time); they count from the epoch that reaches it.
     """
 
     monitor: str
@@ -136,6 +139,7 @@ class Stopping:
     min_delta: float = 1e-3
     max_updates: int | None = None
     keep_best: bool = True
+    min_updates: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("max", "min"):
@@ -146,6 +150,8 @@ class Stopping:
             raise ConfigError(f"min_delta={self.min_delta} must be >= 0, e.g. 0.001")
         if self.max_updates is not None and self.max_updates < 1:
             raise ConfigError(f"max_updates={self.max_updates} must be >= 1 (or none for no budget)")
+        if self.min_updates < 0:
+            raise ConfigError(f"min_updates={self.min_updates} must be >= 0")
 
     def _value(self, record: Mapping[str, Any]) -> float | None:
         value = record.get(self.monitor)
@@ -189,6 +195,7 @@ class Progress:
         best: Its record.
         since_improvement: Epochs since the last improvement by ``min_delta`` (0: the last epoch was one):
             of the metric over its best so far, or of ``tie`` under its lowest so far.
+        patience_count: The epochs without improvement that patience counts (those after ``min_updates``).
         lr_drops: Plateau drops of the learning rate so far.
         last_improved: The last epoch improved (as in ``since_improvement``) on every epoch before it.
     """
@@ -199,6 +206,7 @@ class Progress:
     best_epoch: int = 0
     best: Mapping[str, Any] | None = None
     since_improvement: int = 0
+    patience_count: int = 0
     lr_drops: int = 0
     last_improved: bool = False
 
@@ -213,11 +221,14 @@ def track(history: Sequence[Mapping[str, Any]], stopping: Stopping, *, plateau: 
     best_value: float | None = None  # the best metric so far, and the lowest tie, each on its own
     best_tie = math.inf
     improved_at = dropped_at = 0
+    warm_at = 0 if stopping.min_updates == 0 else None  # the epoch that reached min_updates
     drops = 0
     last_improved = False
     measured = False
     for record in history:
         epoch = int(record["epoch"])
+        if warm_at is None and int(record.get("updates", 0)) >= stopping.min_updates:
+            warm_at = epoch
         value = stopping._value(record)
         if value is None or math.isnan(value):  # not validated (or NaN): never kept over a validated one
             if not measured:
@@ -232,7 +243,7 @@ def track(history: Sequence[Mapping[str, Any]], stopping: Stopping, *, plateau: 
         if best_value is None or (value > best_value if stopping.mode == "max" else value < best_value):
             best_value = value
         best_tie = min(best_tie, stopping._tie(record))
-        if plateau and epoch - max(improved_at, dropped_at) >= plateau:
+        if plateau and warm_at is not None and epoch - max(improved_at, dropped_at, warm_at) >= plateau:
             drops, dropped_at = drops + 1, epoch
     last = int(history[-1]["epoch"]) if history else 0
     validated = measured and stopping.keep_best
@@ -243,6 +254,7 @@ def track(history: Sequence[Mapping[str, Any]], stopping: Stopping, *, plateau: 
         best_epoch=int(best["epoch"]) if best is not None else 0,
         best=best,
         since_improvement=last - improved_at if measured else 0,
+        patience_count=last - max(improved_at, warm_at) if measured and warm_at is not None else 0,
         lr_drops=drops,
         last_improved=last_improved,
     )
@@ -252,7 +264,7 @@ def stop_reason(progress: Progress, stopping: Stopping, epochs: int) -> str | No
     """Why training ends after ``progress`` (one of :data:`STOP_REASONS`), or None to go on."""
     if stopping.max_updates is not None and progress.updates >= stopping.max_updates:
         return "budget"
-    if stopping.patience and progress.validated and progress.since_improvement >= stopping.patience:
+    if stopping.patience and progress.validated and progress.patience_count >= stopping.patience:
         return "patience"
     if progress.epochs >= epochs:
         return "max_epochs"
@@ -280,7 +292,7 @@ def outcome(
     stopped = stop_reason(p, stopping, epochs) if history else None
     still = bool(p.validated and p.last_improved and p.epochs > 1 and stopped in ("max_epochs", "budget"))
     why = {
-        "patience": f"patience ({p.since_improvement} epochs without improvement, --patience "
+        "patience": f"patience ({p.patience_count} epochs without improvement, --patience "
         f"{stopping.patience})",
         "max_epochs": f"max epochs ({epochs})",
         "budget": f"budget of {stopping.max_updates} optimiser updates ({p.updates} done)",

@@ -122,7 +122,13 @@ def _model_option(fn):
     type=click.Path(exists=True, dir_okay=False),
     help="With --init students: this students checkpoint instead of the one STORE records (same weights).",
 )
-@stopping_options(epochs=100, patience=15, lr_patience=5, paper="15,20 of 25 epochs in batches of 256")
+@stopping_options(epochs=200, patience=15, lr_patience=5, paper="15,20 of 25 epochs in batches of 256")
+@click.option(
+    "--min-updates",
+    type=int,
+    help="Patience and lr drops count only after this many optimiser updates (the attention needs a few "
+    "hundred to leave its uniform start).  [default: 400]",
+)
 @click.option(
     "--batch-size",
     type=int,
@@ -180,6 +186,7 @@ def train_cmd(
     milestones,
     min_delta,
     max_updates,
+    min_updates,
     batch_size,
     lr,
     momentum,
@@ -232,6 +239,7 @@ def train_cmd(
             max_updates=max_updates,
         ),
         **given(
+            min_updates=min_updates,
             batch_size=batch_size,
             lr=lr,
             momentum=momentum,

@@ -3,13 +3,13 @@
 SGD with Nesterov momentum 0.9, weight decay 1e-4, lr 1e-2, batches of videos each cropped to one random
 length in [200, 500] steps. The paper trains 25 epochs of batches of 256 with the lr ÷10 at epochs 15 and
 20 (``epochs=25, batch_size=256, milestones=(15, 20), patience=0``); the defaults adapt instead: batches of
-a size that gives a small corpus enough updates (:func:`auto_batch_size`), at most 100 epochs, the lr ÷10
-after 5 epochs without a better validation accuracy (ties: lower validation loss), and a stop after 15
-(:class:`indexing.training.Stopping`). After every epoch: validation on the ``val`` split (without one, on
-a held-out 15% of the training videos, :func:`indexing.training.holdout`; the test split never chooses),
-``OUT`` rewritten when the epoch is the best so far, ``OUT.resume`` (the last epoch, with the optimiser:
-``resume=True`` continues from it with the same batches) and the training-curve PNG, through the loop
-shared with distillation (:func:`indexing.training.fit`).
+a size that gives a small corpus enough updates (:func:`auto_batch_size`), at most 200 epochs, the lr ÷10
+after 5 epochs without a better validation accuracy or loss, and a stop after 15, both counted only after
+the first 400 updates (:class:`indexing.training.Stopping`). After every epoch: validation on the ``val``
+split (without one, on a held-out 15% of the training videos, :func:`indexing.training.holdout`; the test
+split never chooses), ``OUT`` rewritten when the epoch is the best so far, ``OUT.resume`` (the last
+epoch, with the optimiser: ``resume=True`` continues from it with the same batches) and the training-curve
+PNG, through the loop shared with distillation (:func:`indexing.training.fit`).
 
 ``Psi`` and the classifier start from the fine-tuned students checkpoint the store records (``Psi`` frozen,
 the classifier at 0.1x the learning rate), as the paper does; ``init="scratch"`` trains both from PyTorch's
@@ -57,6 +57,9 @@ from .model import SkimConfig, SkimModel, model_config
 # Fewer optimiser updates than this leave the attention near its uniform start (measured on synthetic
 # corpora: 120 updates learned nothing, 360-480 found the evidence); train() warns below it.
 MIN_UPDATES = 200
+# Patience and plateau drops wait this many updates by default (TrainConfig.min_updates): until then the
+# validation accuracy of a small corpus sits at chance and would stop a run that is about to learn.
+WARMUP_UPDATES = 400
 INITS = ("students", "scratch")  # where Psi and the classifier start (TrainConfig.init)
 STUDENT_FEATURES = ("image", "audio")  # the students' Psi takes concat(z_I, z_A)
 
@@ -73,6 +76,7 @@ class TrainConfig:
         min_delta: Smallest accuracy gain, or validation-loss decrease at equal accuracy, that counts as
             an improvement.
         max_updates: Budget of optimiser updates (None: none).
+        min_updates: Patience and plateau drops count only after this many updates (:data:`WARMUP_UPDATES`).
         batch_size: Videos per batch; None: :func:`auto_batch_size` of the training videos.
         lr: Initial learning rate.
         momentum: SGD momentum.
@@ -104,11 +108,12 @@ class TrainConfig:
         classifier_lr_scale: Learning-rate factor of the classifier when ``init="students"``.
     """
 
-    epochs: int = 100
+    epochs: int = 200
     patience: int = 15
     lr_patience: int = 5
     min_delta: float = 1e-3
     max_updates: int | None = None
+    min_updates: int = WARMUP_UPDATES
     batch_size: int | None = None
     lr: float = 1e-2
     momentum: float = 0.9
@@ -183,6 +188,7 @@ class TrainConfig:
             min_delta=self.min_delta,
             max_updates=self.max_updates,
             keep_best=keep_best,
+            min_updates=self.min_updates,
         )
 
     def schedule(self) -> training.Schedule:
@@ -201,8 +207,9 @@ def auto_batch_size(train_videos: int) -> int:
     """Videos per batch when none is given: an eighth of the training videos, between 8 and the paper's 256.
 
     The attention needs a few hundred updates to leave its uniform start (:data:`MIN_UPDATES`); at least 8
-    batches per epoch give that within the default epochs on a small corpus, and from 2,048 training
-    videos on this is the paper's batch.
+    batches per epoch give that within the default 200 epochs on a corpus of 64 training videos or more
+    (fewer: batches of 8, fewer updates, warned about), and from 2,048 training videos on this is the
+    paper's batch.
     """
     return max(8, min(256, train_videos // 8))
 

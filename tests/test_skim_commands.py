@@ -316,7 +316,7 @@ def test_train_keeps_the_best_epoch_stops_on_patience_and_resumes_exactly(corpus
     from skim.train import validate
 
     args = ["train", str(corpus["store"]), "--labels", str(corpus["labels"]), *SMALL_MODEL, *FAST_TRAIN]
-    adapt = ["--patience", "3", "--lr-patience", "2"]
+    adapt = ["--patience", "3", "--lr-patience", "2", "--min-updates", "0"]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
     full = run(*args, *adapt, "--epochs", "40", "--out", str(straight))
     history = full["history"]

@@ -123,6 +123,21 @@ def test_plateau_drops_the_learning_rate_and_patience_counts_on():
     assert outcome(history, stopping, epochs=7, plateau=2)["lr_drops"] == 2
 
 
+def test_patience_and_plateau_drops_wait_for_min_updates():
+    # flat validation: without a warm-up, a drop after epoch 2 and a stop after 3; with 8 updates of
+    # warm-up (2 per epoch: reached at epoch 4) both count from there, so the stop comes 4 epochs later
+    flat = [0.5] * 12
+    plain = Stopping(monitor="val_accuracy", patience=3)
+    history = Toy(flat).run(plain, epochs=12, plateau=2)
+    assert len(history) == 4 and track(history, plain, plateau=2).lr_drops == 1
+    warm = Stopping(monitor="val_accuracy", patience=3, min_updates=8)
+    history = Toy(flat).run(warm, epochs=12, plateau=2)
+    p = track(history, warm, plateau=2)
+    assert len(history) == 7 and p.lr_drops == 1 and p.since_improvement == 6 and p.patience_count == 3
+    assert [h["lr"] for h in history] == pytest.approx([0.1] * 6 + [0.01])  # the drop after epoch 6
+    assert "patience (3 epochs without improvement" in outcome(history, warm, epochs=12, plateau=2)["message"]
+
+
 def test_budget_of_updates_ends_mid_epoch_and_is_said():
     stopping = Stopping(monitor="val_accuracy", patience=5, max_updates=7)
     history = Toy([0.1, 0.2, 0.3, 0.4], batches=3).run(stopping, epochs=4)
