@@ -153,13 +153,14 @@ class DistillConfig(_TrainConfig):
 @dataclass(frozen=True)
 class FinetuneConfig(_TrainConfig):
     """Fine-tuning settings: cross-entropy of the classifier on z_IA over labelled clips; at most 40 epochs,
-    stopping after 8 without a better validation accuracy (ties: a lower validation loss), lr ÷10 after 3.
+    stopping after 8 without a better validation accuracy or loss, lr ÷10 after 3; the kept epoch has the
+    best validation accuracy (ties: the lower validation loss).
 
     Attributes:
         epochs: Maximum training epochs.
         freeze_students: Train only the classifier (students stay in eval mode: BatchNorm frozen).
-        min_delta: Smallest accuracy gain, or validation-loss decrease at equal accuracy, that counts as
-            an improvement.
+        min_delta: Smallest accuracy gain over its best, or validation-loss decrease under its lowest,
+            that counts as an improvement.
         (others as in :class:`DistillConfig`)
     """
 

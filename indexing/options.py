@@ -309,8 +309,8 @@ def stopping_options(*, epochs: int, patience: int, lr_patience: int, paper: str
         click.option(
             "--min-delta",
             type=float,
-            help="Smallest improvement that counts: accuracy gain, validation-loss decrease at equal "
-            "accuracy, or relative decrease of the distillation L1.  [default: 0.001]",
+            help="Smallest improvement that counts: accuracy gain, validation-loss decrease, or relative "
+            "decrease of the distillation L1.  [default: 0.001]",
         ),
         click.option(
             "--max-updates",

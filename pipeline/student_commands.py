@@ -45,7 +45,11 @@ def _clip_options(fn):
             "--train-split", default="train", show_default=True, help="Split of the training videos."
         ),
         click.option(
-            "--val-split", default="auto", show_default=True, help="Validation split; auto: val, else test."
+            "--val-split",
+            default="auto",
+            show_default=True,
+            help="Validation split, choosing the kept epoch; auto: val, else 15% of the training videos held "
+            "out (never test unless named).",
         ),
         click.option("--workers", default=2, show_default=True, help="DataLoader worker processes."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),

@@ -70,11 +70,11 @@ class TrainConfig:
 
     Attributes:
         epochs: Maximum training epochs.
-        patience: Stop after this many epochs without improvement of the validation accuracy (ties: a
-            lower validation loss); 0: never stop early.
+        patience: Stop after this many epochs in which neither the validation accuracy nor the validation
+            loss improved on its best (0: never stop early).
         lr_patience: Multiply the lr by ``gamma`` after this many epochs without improvement (0: never).
-        min_delta: Smallest accuracy gain, or validation-loss decrease at equal accuracy, that counts as
-            an improvement.
+        min_delta: Smallest accuracy gain over its best, or validation-loss decrease under its lowest,
+            that counts as an improvement.
         max_updates: Budget of optimiser updates (None: none).
         min_updates: Patience and plateau drops count only after this many updates (:data:`WARMUP_UPDATES`).
         batch_size: Videos per batch; None: :func:`auto_batch_size` of the training videos.
