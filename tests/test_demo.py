@@ -64,3 +64,28 @@ def test_demo_summary_has_students():
     source = inspect.getsource(cli._demo)
     assert '"students": students_validation(' in source
     assert "_students_line(" in inspect.getsource(cli.demo.callback)
+
+
+def test_finetune_from_scratch_random_students(tmp_path):
+    """The demo's recipe fine-tunes from ``random:SEED:PRESET`` (no distillation); a folder is refused."""
+    import json
+
+    from click.testing import CliRunner
+    from test_distill import _write_corpus
+
+    from indexing.models import load_students
+
+    manifest = _write_corpus(tmp_path)
+    common = ["--epochs", "1", "--batch-size", "2", "--workers", "0", "--clips-per-video", "2", "--json"]
+    ft = tmp_path / "ft.pt"
+    result = CliRunner().invoke(
+        cli.main, ["finetune", str(manifest), "--students", "random:3:tiny", "--out", str(ft), *common]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["history"][-1]["epoch"] == 1
+    students, meta = load_students(ft)
+    assert students.classifier.num_classes == 2 and meta["models"]["image"]["name"] == "image_resnet18_tiny"
+    result = CliRunner().invoke(
+        cli.main, ["finetune", str(manifest), "--students", str(tmp_path), "--out", str(ft), *common]
+    )
+    assert result.exit_code == 2 and "is a directory" in result.output
