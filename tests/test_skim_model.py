@@ -674,3 +674,38 @@ def test_students_start_refuses_what_it_cannot_use(planted, tmp_path):
             students_start(open_store(planted["store"]), cfg, names)
     finally:
         group.attrs.put(attrs)
+
+
+def test_eval_reuses_lstm_weights_only_while_the_parameters_are_unchanged():
+    """Without autograd the weight-normed LSTM weights are computed once and reused across forwards: equal to
+    the per-forward computation, and recomputed after an optimiser step or a load_state_dict."""
+    cfg = SkimConfig(**SMALL)
+    model = SkimModel(cfg)
+    warm_up(model, cfg)
+    feats, mask = make_batch(cfg, [9, 4, 7], seed=5)
+
+    def fresh() -> torch.Tensor:  # the per-forward path (autograd on: no reuse)
+        with torch.enable_grad():
+            return model(feats, mask).logits.detach()
+
+    with torch.no_grad():
+        first = model(feats, mask).logits
+        assert "_eval_lstm_weights" in model.__dict__
+        torch.testing.assert_close(first, fresh(), rtol=0, atol=0)
+        torch.testing.assert_close(model(feats, mask).logits, first, rtol=0, atol=0)
+    opt = torch.optim.SGD(model.lstm.parameters(), lr=0.5)
+    model.train()
+    model(feats, mask).logits.sum().backward()
+    opt.step()  # in place: bumps the parameters' versions
+    model.eval()
+    with torch.no_grad():
+        after = model(feats, mask).logits
+    assert not torch.equal(after, first)
+    torch.testing.assert_close(after, fresh(), rtol=0, atol=0)
+    other = SkimModel(cfg)
+    model.load_state_dict(other.state_dict())  # copy_ into the same storage
+    with torch.no_grad():
+        torch.testing.assert_close(model(feats, mask).logits, fresh(), rtol=0, atol=0)
+    with torch.no_grad():
+        other.eval()
+        torch.testing.assert_close(model(feats, mask).logits, other(feats, mask).logits, rtol=0, atol=0)
