@@ -252,6 +252,7 @@ class ZarrStore(FeatureStore):
         # The open group holds the old consolidated metadata (old index shapes): reopen it.
         self._group = zarr.open_group(str(self.path), mode=self.mode)
         self._arrays.clear()
+        self.__dict__.pop("_decoders", None)  # decoders follow the arrays they were made from
         self._columns = None
 
     # ---- reading -----------------------------------------------------------------------------------
@@ -476,6 +477,7 @@ class ZarrStore(FeatureStore):
         _consolidate(self.path)
         self._group = zarr.open_group(str(self.path), mode=self.mode)
         self._arrays.clear()
+        self.__dict__.pop("_decoders", None)  # decoders follow the arrays they were made from
 
     # ---- helpers -----------------------------------------------------------------------------------
     def _array(self, name: str) -> Any:
