@@ -19,7 +19,16 @@ segment) as mean and spread (min-max) over the seeds, the best variant marked. F
 recipe's first seed is also evaluated against uniform, random and dense sampling (:func:`skim.evaluate.
 evaluate`, the library call behind ``l2l evaluate --json``) with GFLOPs per video.
 
-Run from the repository root: ``.venv/bin/python bench/accuracy.py [--quick]``.
+Cross-corpus mode (``--corpora``, issue 18): the demo's recipe, unchanged (``l2l demo FOLDER --videos V
+--classes C --seed S`` per cell, exactly the demo's stages), on 3 seeds x {4, 6, 8} classes x {60, 150}
+videos, run in priority order (seed 0 of every (classes, videos) first, then the other seeds); each cell is
+cached in its own folder with the recipe's digest, so a rerun continues where it stopped. One table, mean
+and spread (min-max) per (classes, videos): the students' trimmed-clip validation accuracy, skim, uniform,
+random and dense accuracy at 10 steps, evidence precision, the uniform ceiling (``synth.json``), seconds per
+stage, which of issue 18's targets each cell meets and, where one is missed, which stage limited it.
+Results in ``bench/results/accuracy_corpora.{md,json}``, rewritten after every cell.
+
+Run from the repository root: ``.venv/bin/python bench/accuracy.py [--quick]`` or ``... --corpora``.
 """
 
 from __future__ import annotations
@@ -140,7 +149,20 @@ def main() -> None:
         help="reuse runs of the same settings from the work folder's runs*.json",
     )
     p.add_argument("--threads", type=int, help="torch threads per skimming run (default torch's)")
+    p.add_argument(
+        "--corpora",
+        action="store_true",
+        help="cross-corpus mode: the demo's recipe, unchanged, per (classes, videos, seed) cell, each cell "
+        "cached in its own folder (a rerun continues); writes accuracy_corpora.{md,json}",
+    )
+    p.add_argument("--corpora-seeds", default="0,1,2", help="--corpora: seeds")
+    p.add_argument("--corpora-classes", default="4,6,8", help="--corpora: class counts")
+    p.add_argument("--corpora-videos", default="60,150", help="--corpora: video counts")
+    p.add_argument("--max-cells", type=int, help="--corpora: stop after this many cells (priority order)")
     args = p.parse_args()
+    if args.corpora:
+        corpora(args)
+        return
 
     quick = args.quick
     corpus_spec = {
@@ -379,6 +401,212 @@ def main() -> None:
     }
     j, m = write_results(NAME, args.out, data, markdown)
     log(f"wrote {j} and {m}")
+
+
+# ==== cross-corpus mode (--corpora) ====================================================================
+
+CORPORA_NAME = "accuracy_corpora"
+CORPORA_SEEDS = (0, 1, 2)
+CORPORA_CLASSES = (4, 6, 8)
+CORPORA_VIDEOS = (60, 150)
+STUDENTS_TARGET = 0.8  # issue 18: students' trimmed-clip validation accuracy
+SKIM_MARGIN = 0.10  # skim >= uniform + this, and >= dense
+EVIDENCE_FACTOR = 2.0  # skim's evidence precision >= this x uniform's
+METHODS = ("skim", "uniform", "random", "dense")
+
+
+def corpora_cells(seeds, classes, videos) -> list[tuple[int, int, int]]:
+    """``(classes, videos, seed)`` in priority order: every (classes, videos) of one seed before the next."""
+    return [(c, v, s) for s in seeds for v in videos for c in classes]
+
+
+def recipe_digest() -> str:
+    """sha256 (12 hex) of the demo's recipe (:data:`cli.DEMO_RECIPE`): a cell measured with another
+    recipe is not reused."""
+    import hashlib
+
+    sys.path.insert(0, str(REPO))
+    from cli import DEMO_RECIPE
+
+    return hashlib.sha256(json.dumps(DEMO_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_cell(folder: Path, classes: int, videos: int, seed: int, digest: str) -> dict[str, Any]:
+    """One cell: ``l2l demo FOLDER --videos V --classes C --seed S --json``, exactly the demo's stages (it
+    resumes an interrupted cell); the result is cached in ``FOLDER/cell.json`` with the recipe digest."""
+    import shutil
+
+    done = folder / "cell.json"
+    if done.is_file():
+        found = json.loads(done.read_text())
+        if found.get("recipe") == digest:
+            return found
+        log(f"  {folder.name}: measured with recipe {found.get('recipe')}, now {digest}: rerun")
+        shutil.rmtree(folder)
+    started = folder / "recipe.txt"
+    if folder.exists() and (not started.is_file() or started.read_text() != digest):
+        shutil.rmtree(folder)  # a partial run of another recipe cannot resume
+    folder.mkdir(parents=True, exist_ok=True)
+    started.write_text(digest)
+    load_start = os.getloadavg()[0]
+    summary, seconds = l2l(
+        "demo", str(folder / "run"), *("--videos", str(videos), "--classes", str(classes)),
+        *("--seed", str(seed), "--json"), stage=f"demo {folder.name}",
+    )  # fmt: skip
+    synth = json.loads((folder / "run" / "corpus" / "synth.json").read_text())
+    cell = {
+        "classes": classes,
+        "videos": videos,
+        "seed": seed,
+        "recipe": digest,
+        "seconds": seconds,
+        "load_avg_1m": [load_start, os.getloadavg()[0]],
+        "students": summary.get("students"),
+        "stage_seconds": summary["stage_seconds"],
+        "methods": {
+            m: {k: r.get(k) for k in ("accuracy", "map", "evidence_precision", "steps_used")}
+            for m, r in summary["evaluation"]["methods"].items()
+        },
+        "test_videos": summary["evaluation"]["videos"],
+        "uniform_ceiling": synth["uniform_baseline"],
+    }
+    cell.update(targets(cell))
+    done.write_text(json.dumps(cell, indent=1))
+    shutil.rmtree(folder / "run" / "inputs.zarr", ignore_errors=True)  # the students' decoded inputs: disk
+    return cell
+
+
+def targets(cell: dict[str, Any]) -> dict[str, Any]:
+    """Which of issue 18's targets a cell meets, and which stage limited it, from its numbers."""
+    m = cell["methods"]
+    students = (cell.get("students") or {}).get("val_accuracy")
+    skim, uni, dense = (m[k]["accuracy"] for k in ("skim", "uniform", "dense"))
+    ev_skim, ev_uni = m["skim"]["evidence_precision"], m["uniform"]["evidence_precision"]
+    met = {
+        "students": students is not None and students >= STUDENTS_TARGET,
+        "skim_vs_uniform": skim >= uni + SKIM_MARGIN - 1e-9,
+        "skim_vs_dense": skim >= dense - 1e-9,
+        "evidence": ev_skim is not None and ev_uni is not None and ev_skim >= EVIDENCE_FACTOR * ev_uni,
+    }
+    why = []
+    ceiling = cell["uniform_ceiling"]["ceiling_accuracy"]
+    if not met["students"]:
+        why.append(f"students: val accuracy {fmt(students, 2)} < {STUDENTS_TARGET}")
+    if not met["evidence"]:
+        why.append(
+            f"indexing: skim evidence {fmt(ev_skim, 2)} < {EVIDENCE_FACTOR:g}x uniform {fmt(ev_uni, 2)}"
+        )
+    if not (met["skim_vs_uniform"] and met["skim_vs_dense"]):
+        if met["evidence"] and not met["students"]:
+            why.append(f"recognition: skim finds evidence ({fmt(ev_skim, 2)}) but the students' features "
+                       f"separate the classes only to {fmt(students, 2)}")  # fmt: skip
+        elif met["evidence"]:
+            why.append(f"skimming head: evidence found ({fmt(ev_skim, 2)}), students {fmt(students, 2)}, "
+                       f"skim {skim:.2f}")  # fmt: skip
+        if uni >= ceiling - 0.05:
+            why.append(f"uniform {uni:.2f} is at its ceiling {ceiling:.2f}: little room above it")
+        if dense > skim:
+            why.append(f"dense {dense:.2f} > skim {skim:.2f}")
+    return {"met": met, "all_met": all(met.values()), "limited_by": why}
+
+
+def corpora_table(cells: list[dict[str, Any]], planned) -> tuple[str, str, list[dict[str, Any]]]:
+    """One row per (classes, videos): mean (min-max) over the measured seeds, targets met per cell."""
+    rows, groups = [], []
+    for c, v in sorted({(c, v) for c, v, _ in planned}, key=lambda cv: (cv[1], cv[0])):
+        group = [x for x in cells if x["classes"] == c and x["videos"] == v]
+        seeds_planned = sorted(s for cc, vv, s in planned if (cc, vv) == (c, v))
+        if not group:
+            rows.append([str(c), str(v), f"0/{len(seeds_planned)}", *["-"] * 9])
+            groups.append({"classes": c, "videos": v, "seeds": [], "measured": 0})
+            continue
+
+        def stat(fn, group=group):
+            return spread([fn(x) for x in group])
+
+        g = {
+            "classes": c,
+            "videos": v,
+            "seeds": sorted(x["seed"] for x in group),
+            "measured": len(group),
+            "students": stat(lambda x: (x.get("students") or {}).get("val_accuracy")),
+            **{m: stat(lambda x, m=m: x["methods"][m]["accuracy"]) for m in METHODS},
+            "evidence_skim": stat(lambda x: x["methods"]["skim"]["evidence_precision"]),
+            "evidence_uniform": stat(lambda x: x["methods"]["uniform"]["evidence_precision"]),
+            "uniform_ceiling": stat(lambda x: x["uniform_ceiling"]["ceiling_accuracy"]),
+            "minutes": stat(lambda x: x["seconds"] / 60),
+            "stage_seconds": {k: statistics.fmean(x["stage_seconds"].get(k, 0) for x in group)
+                              for k in group[0]["stage_seconds"]},
+            "met": {k: sum(x["met"][k] for x in group) for k in group[0]["met"]},
+        }  # fmt: skip
+        groups.append(g)
+        n = len(group)
+        rows.append(
+            [str(c), str(v), f"{n}/{len(seeds_planned)} (seeds {','.join(map(str, g['seeds']))})",
+             cell(g["students"]), cell(g["skim"]), cell(g["uniform"]), cell(g["random"]), cell(g["dense"]),
+             f"{cell(g['evidence_skim'])} vs {cell(g['evidence_uniform'])}", cell(g["uniform_ceiling"]),
+             " ".join(f"{k} {s:.0f}" for k, s in g["stage_seconds"].items())
+             + f" = {g['minutes']['mean']:.1f} min",
+             " ".join(f"{k.replace('_vs_', '>')} {g['met'][k]}/{n}" for k in g["met"])]
+        )  # fmt: skip
+    headers = ["classes", "videos", "cells measured", "students val acc", *METHODS,
+               "evidence skim vs uniform", "uniform ceiling", "seconds per stage (mean)",
+               "targets met"]  # fmt: skip
+    text, md = table(headers, rows)
+    return text, md, groups
+
+
+def corpora(args) -> None:
+    """``--corpora``: the demo's recipe, unchanged, on each (classes, videos, seed) cell in priority order."""
+    seeds = [int(s) for s in args.corpora_seeds.split(",")]
+    classes = [int(s) for s in args.corpora_classes.split(",")]
+    videos = [int(s) for s in args.corpora_videos.split(",")]
+    planned = corpora_cells(seeds, classes, videos)
+    digest = recipe_digest()
+    work = args.work / CORPORA_NAME
+    info = machine()
+    cells: list[dict[str, Any]] = []
+    for i, (c, v, s) in enumerate(planned):
+        if args.max_cells is not None and i >= args.max_cells:
+            break
+        folder = work / f"c{c}-v{v}-s{s}"
+        log(f"cell {i + 1}/{len(planned)}: {c} classes, {v} videos, seed {s} (load {os.getloadavg()[0]:.1f})")
+        cells.append(run_cell(folder, c, v, s, digest))
+        write_corpora(args, cells, planned, digest, info)
+        x = cells[-1]
+        log(f"  students {fmt((x.get('students') or {}).get('val_accuracy'), 3)}, skim "
+            f"{x['methods']['skim']['accuracy']:.3f}, uniform {x['methods']['uniform']['accuracy']:.3f}, "
+            f"dense {x['methods']['dense']['accuracy']:.3f}, {x['seconds'] / 60:.1f} min; "
+            f"{'all targets met' if x['all_met'] else '; '.join(x['limited_by'])}")  # fmt: skip
+    write_corpora(args, cells, planned, digest, info)
+
+
+def write_corpora(args, cells, planned, digest, info) -> None:
+    text, md, groups = corpora_table(cells, planned)
+    per_cell = [
+        [f"{x['classes']}/{x['videos']}/{x['seed']}", fmt((x.get("students") or {}).get("val_accuracy"), 3),
+         *(fmt(x["methods"][m]["accuracy"], 3) for m in METHODS),
+         f"{fmt(x['methods']['skim']['evidence_precision'], 3)} vs "
+         f"{fmt(x['methods']['uniform']['evidence_precision'], 3)}",
+         fmt(x["uniform_ceiling"]["ceiling_accuracy"], 3), f"{x['seconds'] / 60:.1f}",
+         f"{x['load_avg_1m'][0]:.1f}-{x['load_avg_1m'][1]:.1f}",
+         "all met" if x["all_met"] else "; ".join(x["limited_by"])]
+        for x in cells
+    ]  # fmt: skip
+    cell_text, cell_md = table(
+        ["classes/videos/seed", "students", "skim", "uniform", "random", "dense", "evidence skim vs uniform",
+         "uniform ceiling", "min", "load", "limited by"], per_cell)  # fmt: skip
+    header = (
+        f"**The demo's recipe across corpora** (`l2l demo --videos V --classes C --seed S` per cell, recipe "
+        f"{digest}; {len(cells)} of {len(planned)} cells measured; test split, 10 steps; mean (min-max) over "
+        f"the measured seeds; targets of issue 18: students >= {STUDENTS_TARGET}, skim >= uniform + "
+        f"{SKIM_MARGIN:g} and >= dense, evidence precision >= {EVIDENCE_FACTOR:g}x uniform; "
+        f"{machine_line(info)})"
+    )
+    print(f"\n{header}\n\n{text}\n\n{cell_text}\n")
+    data = {"benchmark": CORPORA_NAME, "recipe": digest, "machine": info,
+            "planned": [list(p) for p in planned], "groups": groups, "cells": cells}  # fmt: skip
+    write_results(CORPORA_NAME, args.out, data, "\n".join([header, "", md, "", "Per cell:", "", cell_md]))
 
 
 if __name__ == "__main__":
