@@ -287,6 +287,11 @@ def test_out_holds_the_best_epoch_patience_stops_and_resume_matches(tmp_path, te
     # on it); other settings are still refused.
     longer = distill(build_students("tiny", seed=1), teacher, train, val, replace(ADAPT, patience=3), cut)
     assert _strip(longer[: len(history)]) == _strip(history) and len(longer) == len(history) + 1
+    # The kept epoch's file removed with its .resume left: refused before training, not after it.
+    lost = tmp_path / "lost.pt"
+    resume_path(lost).write_bytes(resume_path(cut).read_bytes())
+    with pytest.raises(ValueError, match="holds the kept .best. epoch, is missing"):
+        distill(build_students("tiny", seed=1), teacher, train, val, ADAPT, lost)
     with pytest.raises(ValueError, match="lr_patience: 0 -> 1"):
         distill(build_students("tiny", seed=1), teacher, train, val, replace(ADAPT, lr_patience=1), cut)
 

@@ -291,6 +291,8 @@ def test_show_draws_png_and_notes_missing_video(trained, corpus, tmp_path):
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
+    from skim.checkpoint import resume_path
+
     args = ["train", str(corpus["store"]), "--labels", str(corpus["labels"]), *SMALL_MODEL, *FAST_TRAIN]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
     run(*args, "--out", str(straight), "--epochs", "2")
@@ -299,6 +301,10 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert "make only 3 optimiser updates" in few.stderr  # 48 train videos / batch 16 x 1 epoch
     refused = CliRunner().invoke(main, [*args, "--out", str(split), "--epochs", "2"])
     assert refused.exit_code == 2 and "--resume" in refused.output
+    lost = tmp_path / "lost.pt"
+    resume_path(lost).write_bytes(resume_path(split).read_bytes())
+    gone = CliRunner().invoke(main, [*args, "--out", str(lost), "--epochs", "2", "--resume"])
+    assert gone.exit_code == 2 and "holds the kept (best) epoch, is missing" in gone.output, gone.output
     resumed = run(*args, "--out", str(split), "--epochs", "2", "--resume")
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     a = torch.load(straight, weights_only=True)["state_dict"]
