@@ -236,7 +236,8 @@ def _resume(
     if not out_path.exists():  # OUT is written before OUT.resume in every epoch: it was removed
         raise CheckpointError(
             f"{state_path} exists but {out_path}, which holds the kept (best) epoch, is missing, so the run "
-            f"cannot be continued without losing it; delete {state_path} to start over, or pass a new output path"
+            f"cannot be continued without losing it; delete {state_path} to start over, or pass a new "
+            "output path"
         )
     if out_path.exists():
         found_stage = ckpt_io.load_checkpoint(out_path, kind="students")["extra"].get("stage")

@@ -360,7 +360,7 @@ def _train(
         if not out.exists():  # OUT is written before OUT.resume: it was removed
             raise CheckpointError(
                 f"{resume_path(out)} exists but {out}, which holds the kept (best) epoch, is missing, so the "
-                f"run cannot be continued without losing it; train again with --overwrite, or pass a new --out"
+                "run cannot be continued without losing it; train again with --overwrite, or pass a new --out"
             )
         ckpt = read_resumable(out)  # OUT.resume holds the optimiser state; OUT is the compact model
         _check_resumable(flat_meta(ckpt), out, model_name, skim_config, names)
