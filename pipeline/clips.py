@@ -583,22 +583,7 @@ def clip_loaders(
     )
     train_set = ClipDataset(train_entries, train_cfg, require_labels=require_labels, moments=segments)
     val_set = ClipDataset(val_entries, val_cfg, classes=train_set.classes, moments=segments)
-    notes = []
-    unseen = sorted({str(e.label) for e in val_set.entries if e.label and e.label not in train_set.classes})
-    if unseen:
-        n = sum(1 for e in val_set.entries if e.label in unseen)
-        notes.append(
-            f"warning: {n} validation videos are of class(es) {', '.join(unseen[:10])} that no training "
-            f"video has (split {train_split!r}); the model cannot learn them and they count as wrong"
-        )
-    for name, ds in (("train", train_set), ("val", val_set)):
-        if ds.skipped:
-            notes.append(f"warning: {len(ds.skipped)} unreadable {name} videos skipped")
-        if segments is not None and ds.untrimmed:
-            notes.append(
-                f"warning: {len(ds.untrimmed)} {name} videos have no segment in {moments} "
-                f"(e.g. {ds.untrimmed[0]}); their clips come from the whole video"
-            )
+    notes = _warnings(train_set, val_set, train_split=train_split, moments=moments, skipped="unreadable")
     notes.append(
         f"{len(train_set.entries)} train videos ({len(train_set)} clips/epoch), "
         f"{len(val_set.entries)} validation videos from split {val_name!r} ({len(val_set)} clips)"
@@ -618,6 +603,35 @@ def clip_loaders(
         data=data,
         notes=notes,
     )
+
+
+def _warnings(
+    train_set: ClipDataset,
+    val_set: ClipDataset,
+    *,
+    train_split: str,
+    moments: str | os.PathLike | None,
+    skipped: str,
+) -> list[str]:
+    """The ``warning: ...`` lines both loaders print: validation classes no training video has, skipped
+    videos (``skipped`` says why: ``unreadable``, ``not-ok``), videos without a segment in ``moments``."""
+    notes = []
+    unseen = sorted({str(e.label) for e in val_set.entries if e.label and e.label not in train_set.classes})
+    if unseen:
+        n = sum(1 for e in val_set.entries if e.label in unseen)
+        notes.append(
+            f"warning: {n} validation videos are of class(es) {', '.join(unseen[:10])} that no training "
+            f"video has (split {train_split!r}); the model cannot learn them and they count as wrong"
+        )
+    for name, ds in (("train", train_set), ("val", val_set)):
+        if ds.skipped:
+            notes.append(f"warning: {len(ds.skipped)} {skipped} {name} videos skipped")
+        if moments is not None and ds.untrimmed:
+            notes.append(
+                f"warning: {len(ds.untrimmed)} {name} videos have no segment in {moments} "
+                f"(e.g. {ds.untrimmed[0]}); their clips come from the whole video"
+            )
+    return notes
 
 
 def store_loaders(
@@ -674,11 +688,9 @@ def store_loaders(
     sets = store_feature_sets(store, [])
     used = ["inputs"] if train_set.use_inputs else []
     used += [teacher_features] if kw["teacher_features"] else []
-    notes = [
-        f"warning: {len(ds.skipped)} {name} videos of {store} are not ok; skipped"
-        for name, ds in (("train", train_set), ("val", val_set))
-        if ds.skipped
-    ]
+    notes = _warnings(
+        train_set, val_set, train_split=train_split, moments=moments, skipped=f"not-ok (in {store})"
+    )
     notes.append(
         f"{len(train_set.entries)} train videos ({len(train_set)} clips/epoch), {len(val_set.entries)} "
         f"validation videos from split {val_name!r} ({len(val_set)} clips); from store {store}: "

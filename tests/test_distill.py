@@ -826,3 +826,22 @@ def test_skimming_recognises_with_the_stores_teacher_features(store_corpus, tmp_
     other = ["train", str(store), "--out", str(tmp_path / "x.pt"), "--recognition-features", "inputs_frame"]
     result = CliRunner().invoke(main, other)
     assert result.exit_code == 2 and "choose from image, audio, fused, teacher" in result.output
+
+
+def test_store_loaders_warn_as_the_manifest_loaders_do(store_corpus, tmp_path):
+    """Reading clips from a store says the same warnings as reading them from the manifest: videos
+    without a segment in moments.json (their clips come from the whole video)."""
+    from pipeline.clips import clip_loaders, store_loaders
+
+    manifest, store = store_corpus
+    moments = tmp_path / "moments.json"
+    moments.write_text(json.dumps({"v0": {"label": "red", "segments": [[0.5, 1.2]]}}))
+    kw = {"with_clips": False, "clips_per_video": 2, "batch_size": 2, "workers": 0, "val_split": "test"}
+    from_store = store_loaders(store, moments=moments, **kw).notes
+    from_manifest = clip_loaders(manifest, moments=moments, **kw).notes
+    tail = "their clips come from the whole video"
+    want = [
+        f"warning: 1 train videos have no segment in {moments} (e.g. v1); {tail}",
+        f"warning: 2 val videos have no segment in {moments} (e.g. v2); {tail}",
+    ]
+    assert from_store[:-1] == from_manifest[:-1] == want
