@@ -426,3 +426,23 @@ def test_direct_chunk_decoding_equals_zarr_and_checks_damage(compression, tmp_pa
     ):
         with pytest.raises(StoreError, match="image"):
             read(open_store(tmp_path / "s"))
+
+
+def test_collate_casts_exactly_like_numpy_across_its_copy_blocks():
+    """collate copies float16 rows in blocks under torch's parallel grain: every row lands, exactly cast,
+    padding stays zero, read-only inputs are fine."""
+    rng = np.random.default_rng(3)
+    lengths = [1, 63, 64, 65, 130, 200]
+    items = []
+    for i, n in enumerate(lengths):
+        x = rng.standard_normal((n, 512)).astype(np.float16)
+        x.flags.writeable = False  # as the decoded chunks the cache serves
+        items.append(
+            {"features": {"image": x}, "valid": np.ones(n, bool), "time_s": np.arange(n) * 0.5,
+             "label": 0, "offset": 0, "video_id": f"v{i}"}
+        )  # fmt: skip
+    got = collate(items)["features"]["image"].numpy()  # (B, N, D)
+    want = np.zeros((len(lengths), max(lengths), 512), np.float32)
+    for i, it in enumerate(items):
+        want[i, : lengths[i]] = it["features"]["image"]
+    np.testing.assert_array_equal(got, want)
