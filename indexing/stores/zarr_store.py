@@ -13,8 +13,10 @@ Layout of a store directory (plain ``zarr.open_group(path)`` reads all of it)::
 Compression, measured on float16 rows like the students' (post-ReLU pooled trunk features correlated over
 steps, and signed fused embeddings; 1024-row chunks): reads of whole videos are bound by the chunk decode,
 so the default since issue 14 is ``blosc-lz4hc`` (blosc's LZ4HC level 5, no shuffle, then ``crc32c``): it
-stores 0.76 of the raw bytes against zstd level 3's 0.69 and decodes at ~4 GB/s against ~0.7-1 GB/s for
-zstd (one core; bench/store.py ``codecs``), writing at ~35 MB/s (~35k rows/s, far above extraction speed).
+decodes at ~4 GB/s against ~0.7-1 GB/s for zstd (one core) and writes at ~35 MB/s (~35k rows/s, far above
+extraction speed), but compresses less: 0.76 of the raw bytes against zstd level 3's 0.69 on synthetic
+sparse rows, 0.98 against 0.85 on the paper students' features (bench/store.py --quick: 114.5 vs 99.6 kB
+per video-minute and feature; float16 either way, half the float32 .npy layout).
 ``zstd`` (level 3, frame checksum; the default before, still read and written) saves ~10% more disk;
 ``blosc-lz4`` with shuffle saves less (0.9); ``none`` stores raw bytes. Feature-set arrays added to a
 ``blosc-lz4hc`` store (:meth:`ZarrStore.add_arrays`) use zstd: they are read a row at a time from ~256 kB
