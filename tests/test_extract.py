@@ -542,7 +542,8 @@ def test_torchvision_image_model_sets_from_local_weights(corpus, reference, tmp_
     from pipeline.media import read_steps
 
     assert image_model_sets() == list(IMAGE_MODELS)
-    for name, (dim, head, _) in IMAGE_MODELS.items():  # the registered sizes (meta device: no weights, no time)
+    # The registered sizes (meta device: no weights, no time).
+    for name, (dim, head, _) in IMAGE_MODELS.items():
         with torch.device("meta"):
             net = torchvision.models.get_model(name, weights=None)
         parent, _, leaf = head.rpartition(".")
