@@ -193,7 +193,9 @@ def test_clip_loaders_warn_about_a_class_only_in_validation(tmp_path, make_video
         make_video(tmp_path / f"v{i}.mp4", 0.6, seed=i)
         rows.append(f"v{i},v{i}.mp4,{label},{split}")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
-    loaders = clip_loaders(tmp_path / "m.csv", with_clips=False, clips_per_video=1, batch_size=2, workers=0)
+    loaders = clip_loaders(
+        tmp_path / "m.csv", with_clips=False, clips_per_video=1, batch_size=2, workers=0, val_split="test"
+    )
     assert loaders.classes == ["cat", "dog"]
     warned = "1 validation videos are of class(es) cow that no training video has"
     assert any(warned in note for note in loaders.notes)
