@@ -138,7 +138,8 @@ def students_validation(path) -> dict:
     record = ckpt.get("training") or {}
     history = record.get("history") or []
     ended = record.get("outcome") or {}
-    kept = next((h for h in history if int(h["epoch"]) == int(ckpt["epoch"])), history[-1] if history else {})
+    # No record of the held epoch: no figure, rather than another epoch's accuracy.
+    kept = next((h for h in history if int(h["epoch"]) == int(ckpt["epoch"])), {})
     return {
         "val_accuracy": kept.get("val_accuracy"),
         "val_split": (ckpt["extra"].get("data") or {}).get("val_split"),

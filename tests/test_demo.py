@@ -45,6 +45,13 @@ def test_students_validation_is_the_kept_epochs(tmp_path):
     assert "0.900" in line and "'test'" in line and "epoch 2 of 4" in line and "still" not in line
 
 
+def test_students_validation_without_a_record_of_the_held_epoch_shows_none(tmp_path):
+    history = [{"epoch": 1, "val_accuracy": 0.3}, {"epoch": 2, "val_accuracy": 0.5}]
+    path = _students_checkpoint(tmp_path / "ft.pt", epoch=3, history=history, outcome={})
+    got = cli.students_validation(path)
+    assert got["val_accuracy"] is None and "accuracy - on" in cli._students_line(got)
+
+
 def test_students_line_says_still_improving(tmp_path):
     history = [{"epoch": 1, "val_accuracy": 0.3}, {"epoch": 2, "val_accuracy": 0.5}]
     path = _students_checkpoint(
