@@ -440,6 +440,10 @@ def run_cell(folder: Path, classes: int, videos: int, seed: int, digest: str) ->
     if done.is_file():
         found = json.loads(done.read_text())
         if found.get("recipe") == digest:
+            if found.get("diagnosis") is None and (diagnosis := diagnose(folder / "run")) is not None:
+                found["diagnosis"] = diagnosis  # cells measured before the diagnosis existed
+                found.update(targets(found))
+                done.write_text(json.dumps(found, indent=1))
             return found
         log(f"  {folder.name}: measured with recipe {found.get('recipe')}, now {digest}: rerun")
         shutil.rmtree(folder)
@@ -470,14 +474,50 @@ def run_cell(folder: Path, classes: int, videos: int, seed: int, digest: str) ->
         "test_videos": summary["evaluation"]["videos"],
         "uniform_ceiling": synth["uniform_baseline"],
     }
+    cell["diagnosis"] = diagnose(folder / "run")
     cell.update(targets(cell))
     done.write_text(json.dumps(cell, indent=1))
     shutil.rmtree(folder / "run" / "inputs.zarr", ignore_errors=True)  # the students' decoded inputs: disk
     return cell
 
 
+def diagnose(run: Path) -> dict[str, Any] | None:
+    """The numbers behind a cell's weak stage, from its own run folder: videos per split (the holdout as
+    every command draws it), and the kept epoch of the students and of skimming (train against val)."""
+    import csv
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from indexing.training import holdout
+
+    manifest = run / "corpus" / "manifest.csv"
+    ckpts = {"students": run / "students-ft.pt", "skim": run / "skim.pt"}
+    if not manifest.is_file() or not all(p.is_file() for p in ckpts.values()):
+        return None
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r["split"] == "train"]
+    held = holdout([r["video_id"] for r in train], [r["label"] for r in train])
+    out: dict[str, Any] = {
+        "videos": {"train": len(train) - len(held), "val": len(held),
+                   "test": sum(r["split"] == "test" for r in rows)},
+    }  # fmt: skip
+    for stage, path in ckpts.items():
+        training = torch.load(path, map_location="cpu", weights_only=False)["training"]
+        best = training["outcome"]["best_epoch"]
+        kept = next(e for e in training["history"] if e["epoch"] == best)
+        out[stage] = {
+            "epoch": best,
+            "epochs": len(training["history"]),
+            **{k: kept.get(k) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
+        }
+    return out  # fmt: skip
+
+
 def targets(cell: dict[str, Any]) -> dict[str, Any]:
-    """Which of issue 18's targets a cell meets, and which stage limited it, from its numbers."""
+    """Which of issue 18's targets a cell meets, and which stage limited it, from its numbers (with
+    ``cell["diagnosis"]``, from :func:`diagnose`, the train/val gap and split sizes behind it)."""
     m = cell["methods"]
     students = (cell.get("students") or {}).get("val_accuracy")
     skim, uni, dense = (m[k]["accuracy"] for k in ("skim", "uniform", "dense"))
@@ -490,8 +530,14 @@ def targets(cell: dict[str, Any]) -> dict[str, Any]:
     }
     why = []
     ceiling = cell["uniform_ceiling"]["ceiling_accuracy"]
+    d = cell.get("diagnosis")
     if not met["students"]:
         why.append(f"students: val accuracy {fmt(students, 2)} < {STUDENTS_TARGET}")
+        if d:
+            s = d["students"]
+            why.append(f"they overfit {d['videos']['train']} training videos (train loss "
+                       f"{fmt(s['train_loss'], 2)} vs val loss {fmt(s['val_loss'], 2)} at the kept epoch "
+                       f"{s['epoch']}/{s['epochs']}; val = {d['videos']['val']} videos)")  # fmt: skip
     if not met["evidence"]:
         why.append(
             f"indexing: skim evidence {fmt(ev_skim, 2)} < {EVIDENCE_FACTOR:g}x uniform {fmt(ev_uni, 2)}"
@@ -503,6 +549,16 @@ def targets(cell: dict[str, Any]) -> dict[str, Any]:
         elif met["evidence"]:
             why.append(f"skimming head: evidence found ({fmt(ev_skim, 2)}), students {fmt(students, 2)}, "
                        f"skim {skim:.2f}")  # fmt: skip
+            if d:
+                k, v = d["skim"], d["videos"]
+                why.append(f"it memorises {v['train']} training videos (train accuracy "
+                           f"{fmt(k['train_accuracy'], 2)} vs val {fmt(k['val_accuracy'], 2)} at the kept "
+                           f"epoch {k['epoch']}/{k['epochs']}); {v['val']} val videos choose the epoch "
+                           f"(1 video = {1 / max(v['val'], 1):.2f})")  # fmt: skip
+        if d:
+            n = d["videos"]["test"]
+            why.append(f"{n} test videos: 1 video = {1 / max(n, 1):.3f}, the +{SKIM_MARGIN:g} margin = "
+                       f"{SKIM_MARGIN * n:.1f} videos")  # fmt: skip
         if uni >= ceiling - 0.05:
             why.append(f"uniform {uni:.2f} is at its ceiling {ceiling:.2f}: little room above it")
         if dense > skim:
