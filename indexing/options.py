@@ -270,11 +270,14 @@ def inference_options(
 # ---- adaptive training (distill, finetune, train) ----------------------------------------------------------
 
 
+STOPPING_PARAMS = ("epochs", "patience", "lr_patience", "milestones", "min_delta", "max_updates")
+
+
 def stopping_options(*, epochs: int, patience: int, lr_patience: int, paper: str) -> Callable:
     """``--epochs`` (a maximum), ``--patience``, ``--lr-patience``, ``--milestones``, ``--min-delta`` and
-    ``--max-updates``, each delivered as its own parameter, None where not given (the config decides; the
-    defaults written in the help are the command's config's). Turn them into config fields with
-    :func:`stopping_values`.
+    ``--max-updates``, delivered as ONE parameter ``stopping``: the config fields that were given
+    (:func:`stopping_values`; the config decides the rest, and the defaults written in the help are the
+    command's config's).
 
     Args:
         epochs: The command's default maximum epochs.
@@ -320,9 +323,14 @@ def stopping_options(*, epochs: int, patience: int, lr_patience: int, paper: str
     ]
 
     def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs["stopping"] = stopping_values(**{k: kwargs.pop(k) for k in STOPPING_PARAMS})
+            return fn(*args, **kwargs)
+
         for option in reversed(options):
-            fn = option(fn)
-        return fn
+            wrapper = option(wrapper)
+        return wrapper
 
     return decorate
 

@@ -25,7 +25,6 @@ from indexing.options import (
     set_threads,
     show_progress,
     stopping_options,
-    stopping_values,
     threads_option,
     warn,
 )
@@ -203,12 +202,6 @@ def distill(
     out,
     preset,
     init_resnet18,
-    epochs,
-    patience,
-    lr_patience,
-    milestones,
-    min_delta,
-    max_updates,
     batch_size,
     lr,
     weight_decay,
@@ -223,6 +216,7 @@ def distill(
     threads,
     no_progress,
     as_json,
+    stopping,
 ) -> None:
     """Distil the clip teacher into image + audio students on MANIFEST's videos, or on those a feature
     STORE indexes: with its inputs set no video is decoded, with --teacher-features the teacher never runs.
@@ -237,16 +231,8 @@ def distill(
     from indexing.distill import distill as run_distill
     from indexing.models import build_students
 
-    stop = stopping_values(
-        epochs=epochs,
-        patience=patience,
-        lr_patience=lr_patience,
-        milestones=milestones,
-        min_delta=min_delta,
-        max_updates=max_updates,
-    )
     config = DistillConfig(
-        **stop,
+        **stopping,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
@@ -335,12 +321,6 @@ def finetune(
     manifest,
     students_path,
     out,
-    epochs,
-    patience,
-    lr_patience,
-    milestones,
-    min_delta,
-    max_updates,
     batch_size,
     lr,
     weight_decay,
@@ -356,6 +336,7 @@ def finetune(
     threads,
     no_progress,
     as_json,
+    stopping,
 ) -> None:
     """Fine-tune a classifier on z_IA (and the students) with MANIFEST's labels, or those of the videos a
     feature STORE indexes (read from its inputs set when it has one).
@@ -371,16 +352,8 @@ def finetune(
 
     if Path(out).resolve() == Path(students_path).resolve():
         raise ConfigError("--out must differ from --students (the distilled checkpoint is kept)")
-    stop = stopping_values(
-        epochs=epochs,
-        patience=patience,
-        lr_patience=lr_patience,
-        milestones=milestones,
-        min_delta=min_delta,
-        max_updates=max_updates,
-    )
     config = FinetuneConfig(
-        **stop,
+        **stopping,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,

@@ -27,7 +27,6 @@ from indexing.options import (
     set_threads,
     show_progress,
     stopping_options,
-    stopping_values,
     threads_option,
     warnings_only,
 )
@@ -180,12 +179,6 @@ def train_cmd(
     inference: InferenceConfig,
     init,
     students,
-    epochs,
-    patience,
-    lr_patience,
-    milestones,
-    min_delta,
-    max_updates,
     min_updates,
     batch_size,
     lr,
@@ -208,6 +201,7 @@ def train_cmd(
     overwrite,
     no_progress,
     as_json,
+    stopping,
 ) -> None:
     """Train a skimming model on the features in STORE (the paper's model and optimiser).
 
@@ -230,14 +224,7 @@ def train_cmd(
         **inference.overrides(),
     )
     config = TrainConfig(
-        **stopping_values(
-            epochs=epochs,
-            patience=patience,
-            lr_patience=lr_patience,
-            milestones=milestones,
-            min_delta=min_delta,
-            max_updates=max_updates,
-        ),
+        **stopping,
         **given(
             min_updates=min_updates,
             batch_size=batch_size,
