@@ -67,6 +67,70 @@ def test_cache_never_returns_rows_of_another_chunk(planted):
         img[0, 0] = 1
 
 
+def test_recycled_buffers_never_change_rows_already_served(planted):
+    """Evicted chunk buffers and the spanning-range arena are reused only once no served view of them is
+    alive: rows a caller still holds keep their values while other chunks are decoded into recycled buffers;
+    dropped ones are reused (so a warm read allocates nothing)."""
+    store = open_store(planted["store"])
+    size, rows = store.chunk_rows, store.rows
+    chunk_cache(store, 2 * store.read_rows("image", 0, size).nbytes)
+    truth = store.read_rows("image", 0, rows)
+    held = read_many(store, "image", [(0, 5), (size - 3, size + 4)])  # one chunk's view, one arena range
+    kept = [h.copy() for h in held]
+    rng = np.random.default_rng(2)
+    for _ in range(30):  # evicts chunk 0 many times over; each round's results are dropped at once
+        ranges = [(a := int(rng.integers(0, rows - 20)), a + int(rng.integers(1, 20))) for _ in range(3)]
+        for got, (a, b) in zip(read_many(store, "image", ranges), ranges, strict=True):
+            np.testing.assert_array_equal(got, truth[a:b])
+    for h, k in zip(held, kept, strict=True):
+        np.testing.assert_array_equal(h, k)
+    assert chunk_cache(store).reused > 0
+
+
+def test_read_chunk_into_ignores_what_the_buffer_held(planted):
+    """read_chunk_into writes every row of its chunk into a buffer full of garbage: equal to read_chunk."""
+    store = open_store(planted["store"])
+    size = store.chunk_rows
+    for name in ("image", "valid", "time_s"):
+        for c in range(-(-store.rows // size)):
+            want = store.read_chunk(name, c)
+            buf = np.empty((size, *want.shape[1:]), want.dtype)
+            buf.view(np.uint8)[...] = 0xA5
+            got = store.read_chunk_into(name, c, buf)
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_read_chunk_into_fills_unfinished_rows(fmt, tmp_path):
+    """Rows of a task without a done marker read as zeros through read_chunk_into too, whatever the buffer
+    held before (a recycled buffer holds another chunk's rows)."""
+    from indexing.stores import FEATURES, VideoRecord, get_store
+
+    rows, dim, size = 48, 8, 16
+    tasks = [(0, 16), (16, 48)]
+    index = [
+        VideoRecord("v0", "/v0.mp4", 0, 16, status="ok"),
+        VideoRecord("v1", "/v1.mp4", 16, 32, status="pending"),
+    ]
+    store = get_store(fmt).create(
+        tmp_path / "s", index=index, rows=rows, chunk_rows=size, dim=dim, tasks=tasks
+    )
+    ones = {k: np.ones((rows, dim), np.float16) for k in FEATURES}
+    ones |= {"valid": np.ones(rows, bool), "audio_valid": np.ones(rows, bool), "time_s": np.arange(rows) / 2}
+    for a, b in tasks:
+        store.write_rows(a, b, {k: v[a:b] for k, v in ones.items()})
+    store.mark_done(0, 16)  # the second task wrote its rows but is not done
+    store.close()
+    store = open_store(tmp_path / "s")
+    for c in range(3):
+        buf = np.full((size, dim), 7, np.float16)
+        got = store.read_chunk_into("image", c, buf)
+        np.testing.assert_array_equal(got, np.full((size, dim), 1 if c == 0 else 0, np.float16))
+    (got,) = read_many(store, "image", [(8, 40)])
+    np.testing.assert_array_equal(got[:8], 1)
+    np.testing.assert_array_equal(got[8:], 0)
+
+
 def test_chunk_cache_is_a_byte_bounded_lru():
     cache = ChunkCache(max_bytes=3 * 80)
     for c in range(4):

@@ -600,10 +600,21 @@ class FeatureStore(ABC):
         if not self.verified:
             return self._read(name, start, stop)
         out = np.zeros((stop - start, *row_shape(name, self.dim)), dtype)
+        self._read_checked_into(name, start, stop, out, zeroed=True)
+        return out
+
+    def _read_checked_into(self, name: str, start: int, stop: int, out: np.ndarray, *, zeroed: bool) -> None:
+        """The body of :meth:`read_rows` (format 2) into ``out`` (``stop - start`` C-contiguous rows); rows of
+        unfinished tasks are set to fill (zeros) unless ``zeroed`` says ``out`` holds zeros already."""
         merged: list[list[int]] = []
         segments = self._done_segments(start, stop)
         if sum(b - a for a, b in segments) < stop - start:
             self._check_unfinished_rows(name, start, stop, segments)
+            if not zeroed:
+                at = start
+                for a, b in [*segments, (stop, stop)]:
+                    out[at - start : a - start] = 0
+                    at = b
         for a, b in segments:
             for path in self.files_of(name, a, b):
                 self._check_file(name, path, a, b)
@@ -616,13 +627,30 @@ class FeatureStore(ABC):
                 self._read_into(name, a, b, out[a - start : b - start])
             except Exception as exc:  # noqa: BLE001 - codecs raise many types; all mean damaged bytes
                 raise self._narrow_damage(name, a, b, exc) from exc
-        return out
 
     def read_chunk(self, name: str, chunk: int) -> np.ndarray:
         """Rows of chunk ``chunk`` of array ``name`` (the last one may be short): :meth:`read_rows` of its
         range, with the same checks and errors. Backends may decode it straight from its file (zarr does)."""
         start = chunk * self.chunk_rows
         return self.read_rows(name, start, min(start + self.chunk_rows, self.rows))
+
+    def read_chunk_into(self, name: str, chunk: int, out: np.ndarray) -> np.ndarray:
+        """:meth:`read_chunk` into ``out``, a C-contiguous ``(chunk_rows, *row shape)`` array of the array's
+        dtype that may hold anything (a recycled buffer: no allocation, no page faults). Format 2 only.
+
+        Returns:
+            ``out`` cut to the chunk's rows (the last chunk may be short); rows past them are undefined.
+
+        Raises:
+            StoreError / ConfigError: As :meth:`read_rows`.
+        """
+        start = chunk * self.chunk_rows
+        stop = min(start + self.chunk_rows, self.rows)
+        check_row_range(start, stop, rows=self.rows)
+        if not self.verified:
+            raise ConfigError(f"store {getattr(self, 'path', '')}: read_chunk_into needs format 2")
+        self._read_checked_into(name, start, stop, out[: stop - start], zeroed=False)
+        return out[: stop - start]
 
     def _chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
         """``[start, stop)`` cut at chunk boundaries."""

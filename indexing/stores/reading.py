@@ -21,19 +21,42 @@ each when grouped, against about 1.3 per video read alone), and 0.3 per video wi
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
-from . import FeatureStore, _intersect
+from . import FeatureStore, _intersect, array_dtype, row_shape
 
 DEFAULT_CACHE_BYTES = 256 << 20  # per open store: 128 float16 chunks of 1,024 x 512 per feature, two features
 MAX_RUN_CHUNKS = 8  # consecutive chunks decoded in one read_rows call (bounds the temporary buffer)
+FREE_BUFFERS = 4  # evicted chunk buffers kept for reuse
+
+
+def _refs(arr: np.ndarray) -> int:
+    return sys.getrefcount(arr)
+
+
+def _unshared_refs() -> int:
+    """What :func:`_refs` says of an array held by one local variable only (the pattern of
+    :meth:`ChunkCache.put`), measured rather than assumed: interpreters count differently."""
+    box = {0: np.empty(1)}
+    held = box.pop(0)
+    return _refs(held)
+
+
+_UNSHARED = _unshared_refs()
 
 
 class ChunkCache:
     """A least-recently-used map ``(array, chunk index) -> decoded rows``, bounded in bytes.
+
+    Evicted chunks nobody else holds (no view of them is alive: the reference count says so) go to a short
+    free list, and :meth:`buffer` hands them out again to decode the next chunk into: a warm read then
+    allocates no fresh megabytes (their page faults cost more than the decode, measured). A chunk that is
+    still viewed is never reused, so a served view keeps its rows.
 
     Args:
         max_bytes: Most bytes of decoded rows held (0 holds none).
@@ -44,8 +67,12 @@ class ChunkCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self.reused = 0
         self._items: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._free: list[np.ndarray] = []
+        self._arena: np.ndarray | None = None
         self._done_of: object = None  # the done listing the entries were read under
+        self.lock = threading.RLock()  # one reader of the cache at a time (the read-ahead thread and others)
 
     def get(self, name: str, chunk: int) -> np.ndarray | None:
         arr = self._items.get((name, chunk))
@@ -69,9 +96,44 @@ class ChunkCache:
         while self.bytes > self.max_bytes:
             _, dropped = self._items.popitem(last=False)
             self.bytes -= dropped.nbytes
+            self._recycle(dropped)
+            del dropped
+
+    def _recycle(self, arr: np.ndarray) -> None:
+        # arr is held here and by the caller's one local: anything more is a live view (or a user's
+        # reference) and the buffer must keep its rows.
+        if arr.base is None and len(self._free) < FREE_BUFFERS and _refs(arr) == _UNSHARED + 1:
+            self._free.append(arr)
+
+    def buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A writable C-contiguous array of ``shape`` and ``dtype`` to decode a chunk into: a recycled one
+        (see the class docstring) or a new one. Its contents are undefined."""
+        dtype = np.dtype(dtype)
+        for i, arr in enumerate(self._free):
+            if arr.shape == shape and arr.dtype == dtype:
+                del self._free[i]
+                arr.flags.writeable = True  # it owns its memory and no view of it is alive
+                self.reused += 1
+                return arr
+        return np.empty(shape, dtype)
+
+    def arena(self, nbytes: int) -> np.ndarray:
+        """A writable ``uint8`` array of at least ``nbytes`` for rows copied out of several chunks: the
+        cache's arena again when no view of it is alive any more, else a new one (contents undefined)."""
+        arena = self._arena
+        if arena is not None and arena.nbytes >= nbytes and _refs(arena) == _UNSHARED + 1:
+            arena.flags.writeable = True  # it owns its memory and no view of it is alive
+            self.reused += 1
+            return arena[:nbytes]
+        del arena
+        self._arena = np.empty(max(nbytes, 1), np.uint8)
+        return self._arena[:nbytes]
 
     def clear(self) -> None:
-        self._items.clear()
+        while self._items:
+            _, dropped = self._items.popitem(last=False)
+            self._recycle(dropped)
+            del dropped
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -133,11 +195,21 @@ def read_many(
     if not getattr(store, "verified", False):
         # Format 1 has no done markers to say when rows stop changing: nothing is cached, nothing grouped.
         return [store.read_rows(name, a, b) for a, b in ranges]
-    rows, size = store.rows, store.chunk_rows
+    rows = store.rows
     for a, b in ranges:
         if not 0 <= a <= b <= rows:
             return [store.read_rows(name, a, b) for a, b in ranges]  # read_rows raises the usual error
     lru = chunk_cache(store) if cache else None
+    if lru is None:
+        return _read_grouped(store, name, ranges, None)
+    with lru.lock:
+        return _read_grouped(store, name, ranges, lru)
+
+
+def _read_grouped(
+    store: FeatureStore, name: str, ranges: Sequence[tuple[int, int]], lru: ChunkCache | None
+) -> list[np.ndarray]:
+    rows, size = store.rows, store.chunk_rows
     if lru is not None:
         done = store._done_cache()
         if lru._done_of is not done:
@@ -152,14 +224,21 @@ def read_many(
             decoded[c] = hit
         else:
             missing.append(c)
-    if type(store).read_chunk is not FeatureStore.read_chunk:
-        # The backend decodes a chunk straight from its file (zarr): one chunk at a time, no copies.
-        done = store._done_cache()
+    if getattr(store, "_per_chunk_reads", True):
+        # Each chunk decoded straight into a buffer of its own (a recycled one when the cache has one).
+        shape = (size, *row_shape(name, store.dim))
+        dtype = array_dtype(name, store.dtype)
         for c in missing:
-            decoded[c] = part = store.read_chunk(name, c)
+            buf = lru.buffer(shape, dtype) if lru is not None else np.empty(shape, dtype)
+            part = store.read_chunk_into(name, c, buf)
             a, b = c * size, min((c + 1) * size, rows)
-            if lru is not None and sum(y - x for x, y in _intersect(done, a, b)) == b - a:
+            if b - a == size:
+                part = buf  # the owner itself: a cached one can be recycled once nobody views it
+            if lru is not None and sum(y - x for x, y in _intersect(store._done_cache(), a, b)) == b - a:
                 lru.put(name, c, part)
+            part.flags.writeable = False  # callers get views of it
+            decoded[c] = part
+            del buf, part
         missing = []
     # Consecutive missing chunks in one read (HDF5: fewer calls), MAX_RUN_CHUNKS at most.
     runs: list[list[int]] = []
@@ -181,6 +260,13 @@ def read_many(
             if lru is not None and sum(y - x for x, y in _intersect(done, a, b)) == b - a:
                 lru.put(name, c, part)
     out = []
+    # Ranges over several chunks are copied into one arena per call (recycled like the chunk buffers).
+    shape = row_shape(name, store.dim)
+    dtype = array_dtype(name, store.dtype)
+    row_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    spanning = sum(b - a for a, b in ranges if b > a and a // size != (b - 1) // size)
+    arena = lru.arena(spanning * row_bytes) if lru is not None else np.empty(spanning * row_bytes, np.uint8)
+    at = 0
     for a, b in ranges:
         first, last = a // size, (b - 1) // size
         if b <= a:
@@ -188,9 +274,12 @@ def read_many(
         elif first == last:
             out.append(decoded[first][a - first * size : b - first * size])
         else:
-            pieces = [
-                decoded[c][max(a, c * size) - c * size : min(b, (c + 1) * size) - c * size]
-                for c in range(first, last + 1)
-            ]
-            out.append(np.concatenate(pieces))
+            rows_ab = arena[at : at + (b - a) * row_bytes].view(dtype).reshape(b - a, *shape)
+            at += (b - a) * row_bytes
+            for c in range(first, last + 1):
+                x, y = max(a, c * size), min(b, (c + 1) * size)
+                rows_ab[x - a : y - a] = decoded[c][x - c * size : y - c * size]
+            rows_ab.flags.writeable = False
+            out.append(rows_ab)
+    del arena
     return out
