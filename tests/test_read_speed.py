@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexing.errors import StoreError
+from indexing.errors import ConfigError, StoreError
 from indexing.stores import open_store
 from indexing.stores.reading import ChunkCache, chunk_cache, chunks_touched, read_many
 from skim.data import CropBatchSampler, LengthBatchSampler, SkimDataset, collate
@@ -250,6 +250,37 @@ def test_block_shuffling_decodes_fewer_chunks_and_buckets_cut_padding():
     # about once per chunk and epoch (videos running into the next chunk share it with another block)
     assert block_decodes <= 1.6 * 5 * chunks, (block_decodes, both_decodes, plain_decodes, 5 * chunks)
     assert bucket_pad < plain_pad - 0.05 and both_pad < plain_pad - 0.05 and bucket_pad >= 1.0
+
+
+def test_two_chunk_blocks_decode_fewer_chunks_than_one_chunk_blocks(planted):
+    """block_options groups consecutive chunks into blocks: a video running into the next chunk then shares
+    it with its own block more often, so whole-video epochs decode fewer chunks (same videos, once each)."""
+    from skim.data import block_options
+
+    first = np.cumsum([0] + STEPS[:-1])
+    chunks = -(-sum(STEPS) // 1024)
+
+    def decodes(per_block):
+        blocks = (first // (1024 * per_block)).tolist()
+        sampler = CropBatchSampler(STEPS, batch_size=32, crop_min=600, crop_max=600, seed=0, blocks=blocks)
+        batches = [b for epoch in range(5) for b in _epoch(sampler, epoch)]
+        assert sorted(i for b in batches[: len(sampler)] for i, _, _ in b) == list(range(len(STEPS)))
+        return _decodes(batches, first, 2 * 14)
+
+    one, two = decodes(1), decodes(2)
+    assert two < one and two <= 1.3 * 5 * chunks, (one, two, 5 * chunks)
+
+    class Config:
+        shuffle, length_buckets, batch_size = "block", False, 4
+
+    ds = SkimDataset(open_store(planted["store"]), ("image",), require_label=False)
+    size = ds.store.chunk_rows
+    assert block_options(ds, Config)["blocks"] == [e.first_row // (2 * size) for e in ds.entries]
+    assert block_options(ds, Config, chunks_per_block=1)["blocks"] == [
+        e.first_row // size for e in ds.entries
+    ]
+    with pytest.raises(ConfigError):
+        block_options(ds, Config, chunks_per_block=0)
 
 
 def test_buckets_keep_the_crop_distribution():
