@@ -417,7 +417,7 @@ def _run(
 
 def _inputs(batch: dict[str, Tensor], dev: torch.device) -> tuple[Tensor, Tensor]:
     frames = frames_to_tensor(batch["frames"].to(dev, non_blocking=True))  # (B, 3, 112, 112)
-    if "mel" in batch:  # read from a store's inputs set (what log_mel gave at extraction)
+    if "mel" in batch:  # from a store: its inputs set, or log_mel of the decoded audio in the loader
         return frames, batch["mel"].to(dev, non_blocking=True)  # (B, 1, 101, 40)
     mel = log_mel(batch["audio"].to(dev, non_blocking=True))  # (B, 1, 101, 40)
     return frames, mel

@@ -255,15 +255,16 @@ class ClipDataset(Dataset):
 
         Opening a video indexes the whole file, which costs far more than reading one step, so with clips in
         random order each (worker) process keeps its most recently used readers open. With grouped decoding
-        a video's steps are read in one pass, and the reader is closed at once: an open decord reader keeps
-        decoding ahead after each read (about 0.3 s of CPU, measured), time taken from training.
+        a video's steps are read in one forward pass (:class:`pipeline.media.StepReader` ``one_pass``: only
+        the pictures the steps need are decoded, no decoder runs after the read; the file's packet index is
+        cached per process, so a persistent worker demuxes a video once) and the reader is closed at once.
         """
         from pipeline.media import StepReader, probe_video
 
         if not keep:
             if self.infos[v] is None:
                 self.infos[v] = probe_video(self.entries[v].path)
-            return StepReader(self.entries[v].path, info=self.infos[v], size=self.config.size)
+            return StepReader(self.entries[v].path, info=self.infos[v], size=self.config.size, one_pass=True)
 
         # Keyed by process: a forked loader worker inherits its parent's open readers, and decoder
         # handles must never be used (or even closed) across a fork, so each process opens its own.
@@ -307,7 +308,8 @@ class StoreClipDataset(ClipDataset):
         use_inputs: Read the stored ``inputs`` (``None``: when the store has them).
 
     Items are dicts as :class:`ClipDataset`'s, with ``mel`` ``(1, 101, 40)`` float32 instead of ``audio``
-    when inputs are stored, and ``target`` ``(512,)`` float32 instead of ``clip`` with ``teacher_features``.
+    (read from the stored inputs, or the log-mel of the decoded audio computed per batch in the loader
+    process), and ``target`` ``(512,)`` float32 instead of ``clip`` with ``teacher_features``.
 
     Raises:
         ConfigError: No ok video, a set the store lacks or has not finished, or unlabelled videos with
@@ -367,6 +369,7 @@ class StoreClipDataset(ClipDataset):
             ]
         else:
             items = self._decode(pairs, with_clips=want_clips)
+            _mel_items(items)
         store = self._store()
         rows = [int(self.first_row[v] + step) for v, step in pairs]
         if self.teacher_features:  # 1 kB rows: whole chunks decoded once per batch and kept (read_many)
@@ -400,6 +403,23 @@ class StoreClipDataset(ClipDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_stores")}
+
+
+def _mel_items(items: list[dict[str, Any]]) -> None:
+    """Replace each item's ``audio`` by its ``mel`` ``(1, 101, 40)`` float32, computed for the whole batch in
+    the loader (worker) process: the training process, the one that limits, then only trains (the log-mel
+    is what it would compute from the same batch)."""
+    import torch
+
+    from indexing.frontend import log_mel
+
+    if not items:
+        return
+    audio = np.stack([item.pop("audio") for item in items])  # (B, 16000) float32
+    with torch.no_grad():
+        mels = log_mel(torch.from_numpy(audio)).numpy()  # (B, 1, 101, 40)
+    for item, mel in zip(items, mels, strict=True):
+        item["mel"] = mel
 
 
 def store_feature_sets(store: str | os.PathLike, required: Sequence[str]) -> dict[str, dict[str, Any]]:

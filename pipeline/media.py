@@ -5,7 +5,8 @@
 * :func:`iter_step_batches` streams every step of a video as :class:`StepBatch` es; memory is bounded by
   one batch whatever the length (frames are decoded per batch, audio is decoded packet by packet).
 * :func:`read_steps` (and :class:`StepReader` for many calls on one file) fetches a few steps for
-  training loaders; the content is that of the stream for those steps.
+  training loaders; the content is that of the stream for those steps. ``StepReader(one_pass=True)``
+  decodes each read in one forward pass (PyAV, only the pictures the steps need; grouped clip loading).
 
 Clock: ``t = 0`` is the start time of the video stream (the first frame's presentation time, which is
 what decord measures from). Audio is put on the same clock by its own timestamps, so a track that starts
@@ -46,7 +47,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -719,17 +720,29 @@ class StepReader:
         info: Its :class:`VideoInfo` (probed if omitted).
         size: Output side in pixels.
         num_threads: Decoder threads.
+        one_pass: Decode each :meth:`read`'s frames in one forward pass from the keyframe before its first
+            frame, converting only the frames returned, with no decoder running between reads (PyAV, the
+            same pixels as decord's): for reads of sorted steps spread over the video, as grouped clip
+            loading makes (about half the CPU of decord's random access there, measured). ``False``:
+            decord, whose open reader suits many small reads of one file.
     """
 
     def __init__(
-        self, path: str | Path, *, info: VideoInfo | None = None, size: int = 112, num_threads: int = 1
+        self,
+        path: str | Path,
+        *,
+        info: VideoInfo | None = None,
+        size: int = 112,
+        num_threads: int = 1,
+        one_pass: bool = False,
     ):
         if size < 1:
             raise ConfigError(f"size must be >= 1, got {size}")
         self.path = _check_path(path)
         self.info = info if info is not None else probe_video(path)
         self.size = size
-        self._video = _VideoSource(self.path, self.info, size, num_threads)
+        source = _PassSource if one_pass else _VideoSource
+        self._video = source(self.path, self.info, size, num_threads)
         try:
             self._audio = _AudioSource(self.path, self.info) if self.info.has_audio else None
         except BaseException:
@@ -877,6 +890,165 @@ class _VideoSource:
         self.vr = None
 
 
+class _NoPass(Exception):
+    """The one-pass decoder cannot serve this read exactly as decord would; decord serves it."""
+
+
+_SKIP_NONREF = ("h264", "hevc")  # codecs whose non-reference pictures are told apart before decoding
+
+
+class _PassSource:
+    """Frames decoded by PyAV in one forward pass per read, converted exactly as :class:`_VideoSource`.
+
+    A read seeks to the keyframe at or before its first frame and decodes forward to its last one. Only the
+    frames it returns go through the filter graph decord uses (``scale=W:H,format=rgb24``, the same FFmpeg
+    build: the same pixels, tested). Pictures no returned frame depends on are not decoded: H.264/HEVC
+    non-reference pictures, and in H.264 the packets between a segment's last wanted frame and the next
+    IDR picture (nothing after an IDR refers to what lies before it), so whole GOPs without a wanted frame
+    are only demuxed. No decoder thread runs between reads (an open decord reader keeps decoding ahead).
+
+    Whatever this path cannot serve exactly (rotation metadata, packets without distinct pts, packets that
+    differ from the index, a frame that does not come out, a decoder error) is read by decord instead, so
+    damage is reported as :class:`_VideoSource` reports it.
+    """
+
+    def __init__(self, path: Path, info: VideoInfo, size: int, num_threads: int):
+        self.path = path
+        self.info = info
+        self.size = size
+        self.num_threads = num_threads
+        self.out_w, self.out_h = _scaled_size(info.width, info.height, size)
+        self.x0, self.y0 = (self.out_w - size) // 2, (self.out_h - size) // 2
+        self.index = _video_index(path)
+        self.rel_pts = self.index.rel_s  # (F,)
+        self._decord: _VideoSource | None = None
+        self.decord_reads = 0  # reads decord served (the pass could not serve them exactly)
+
+    def frames(self, indices: np.ndarray) -> np.ndarray:
+        """Frames by index: ``(N, size, size, 3)`` uint8, as :meth:`_VideoSource.frames`."""
+        import av
+
+        unique, inverse = np.unique(indices, return_inverse=True)
+        if self._decord is None:
+            if not len(unique):
+                return np.zeros((0, self.size, self.size, 3), np.uint8)
+            try:
+                return self._pass(unique)[inverse.reshape(-1)]  # (N, size, size, 3)
+            except (_NoPass, av.error.FFmpegError):
+                self._decord = _VideoSource(self.path, self.info, self.size, self.num_threads)
+        self.decord_reads += 1
+        return self._decord.frames(indices)
+
+    def _plan(self, want: np.ndarray) -> tuple[int, np.ndarray]:
+        """Where decoding starts and which packets it decodes, for the wanted pts ``want`` (sorted).
+
+        Returns:
+            ``(first, decode)``: the decode position of the keyframe to start at, and ``(F,)`` bool, the
+            packets to decode (the others are only demuxed).
+        """
+        index = self.index
+        order = np.argsort(index.decode_ticks, kind="stable")  # (F,)
+        pos = order[np.searchsorted(index.decode_ticks[order], want)]  # (U,) decode positions
+        # Start at the last IDR picture (H.264) or else keyframe at or before the first wanted packet: from
+        # an IDR the pictures are exact; a non-IDR keyframe is where decord would start too.
+        starts = np.flatnonzero(
+            index.clean if index.clean.any() else np.isin(index.decode_ticks, index.key_ticks)
+        )
+        before = starts[starts <= pos.min()]
+        first = int(before[-1]) if len(before) else 0
+        segment = np.cumsum(index.clean)  # (F,) segments start at IDR pictures
+        last = np.full(int(segment[-1]) + 1, -1, np.int64)  # last wanted decode position per segment
+        np.maximum.at(last, segment[pos], pos)
+        decode = np.arange(len(segment)) <= last[segment]  # (F,)
+        decode[:first] = False
+        return first, decode
+
+    def _pass(self, unique: np.ndarray) -> np.ndarray:
+        """The frames ``unique`` (sorted, distinct indices) in one forward decode: ``(U, size, size, 3)``."""
+        import av
+
+        index = self.index
+        if not index.all_pts:
+            raise _NoPass("packets without distinct pts")
+        want = index.ticks[unique]  # (U,) sorted
+        slot = {int(t): j for j, t in enumerate(want)}
+        first, decode = self._plan(want)
+        end = int(np.flatnonzero(decode)[-1])  # the last packet to decode; then the decoder is drained
+        out = np.empty((len(unique), self.size, self.size, 3), np.uint8)  # (U, size, size, 3)
+        with av.open(str(self.path), metadata_errors="ignore") as container:
+            stream = _best_video(container)
+            if stream is None or stream.codec_context is None:
+                raise _NoPass("no decodable video stream")
+            ctx = stream.codec_context
+            ctx.thread_count = self.num_threads
+            if ctx.format is None or (ctx.width, ctx.height) != (self.info.width, self.info.height):
+                raise _NoPass("rotated or unknown format")  # displayed size differs from coded: rotated
+            if first:
+                container.seek(int(index.decode_ticks[first]), stream=stream, backward=True)
+            graph = _scale_graph(stream, self.out_w, self.out_h)
+            skip_nonref = ctx.name in _SKIP_NONREF
+
+            def take(frames) -> None:
+                for frame in frames:
+                    j = slot.pop(frame.pts, None)
+                    if j is None:
+                        continue
+                    if getattr(frame, "rotation", 0) or frame.format.name != ctx.format.name:
+                        raise _NoPass("rotated or format changed mid-stream")
+                    if (frame.width, frame.height) != (ctx.width, ctx.height):
+                        raise _NoPass("frame size changed mid-stream")
+                    graph.vpush(frame)
+                    rgb = graph.vpull().to_ndarray()  # (out_h, out_w, 3)
+                    out[j] = rgb[self.y0 : self.y0 + self.size, self.x0 : self.x0 + self.size]
+
+            at = first
+            for packet in container.demux(stream):
+                if packet.size == 0 and packet.pts is None:  # end of stream
+                    break
+                if at >= len(decode) or packet.pts != index.decode_ticks[at]:
+                    raise _NoPass("packets differ from the index (or the seek landed elsewhere)")
+                if decode[at]:
+                    if skip_nonref:
+                        ctx.skip_frame = "DEFAULT" if packet.pts in slot else "NONREF"
+                    take(packet.decode())
+                if at == end:
+                    take(ctx.decode(None))  # drain: the frames the decoder still holds back
+                    break
+                at += 1
+        if slot:
+            raise _NoPass(f"{len(slot)} frames did not come out")
+        return out
+
+    def close(self) -> None:
+        if self._decord is not None:
+            self._decord.close()
+            self._decord = None
+
+
+def _scale_graph(stream, out_w: int, out_h: int):
+    """decord's filter graph for ``stream`` (same buffer arguments, ``scale=W:H,format=rgb24``)."""
+    import av.filter
+
+    ctx = stream.codec_context
+    tb, sar = stream.time_base, ctx.sample_aspect_ratio
+    sar_text = f"{sar.numerator}/{sar.denominator}" if sar else "0/1"
+    graph = av.filter.Graph()
+    args = (
+        f"video_size={ctx.width}x{ctx.height}:pix_fmt={ctx.format.name}:"
+        f"time_base={tb.numerator}/{tb.denominator}:pixel_aspect={sar_text}"
+    )
+    nodes = [
+        graph.add("buffer", args),
+        graph.add("scale", f"{out_w}:{out_h}"),
+        graph.add("format", "rgb24"),
+        graph.add("buffersink"),
+    ]
+    for a, b in zip(nodes[:-1], nodes[1:], strict=True):
+        a.link_to(b)
+    graph.configure()
+    return graph
+
+
 def _free_reader(vr) -> None:
     """Release a decord reader now instead of at garbage collection (avoids hangs at interpreter exit)."""
     if vr is None or getattr(vr, "_handle", None) is None:
@@ -895,8 +1067,63 @@ def _short(err: Exception) -> str:
     return text[:200]
 
 
-def _video_times(path: Path) -> np.ndarray:
-    """Sorted video frame times in float64 seconds from the stream start, as decord counts frames."""
+@dataclass(frozen=True)
+class _VideoIndex:
+    """What one demux of a video stream tells (no decoding), cached per process by :func:`_video_index`.
+
+    Attributes:
+        ticks: ``(F,)`` int64 sorted packet timestamps (pts, dts where a packet has none), stream ticks.
+        rel_s: ``(F,)`` float64 the same as seconds from the stream start: frame ``i`` in decord's order.
+        key_ticks: ``(K,)`` int64 sorted timestamps of the keyframes (where decoding can start).
+        all_pts: Every packet had a pts and no two share one (a decoded frame's pts names its index).
+        decode_ticks: ``(F,)`` int64 the packets' pts in decode (file) order.
+        clean: ``(F,)`` bool per decode position: an H.264 IDR picture, which no later picture reaches
+            past, so the packets before it that no wanted frame needs may go undecoded.
+    """
+
+    ticks: np.ndarray
+    rel_s: np.ndarray
+    key_ticks: np.ndarray
+    all_pts: bool
+    decode_ticks: np.ndarray
+    clean: np.ndarray
+
+
+def _is_idr(data: bytes, length_size: int) -> bool:
+    """Whether an H.264 access unit in length-prefixed (mp4/mkv ``avcC``) form holds an IDR slice."""
+    at = 0
+    while at + length_size < len(data):
+        size = int.from_bytes(data[at : at + length_size], "big")
+        if data[at + length_size] & 0x1F == 5:
+            return True
+        at += length_size + size
+    return False
+
+
+# Per-process cache of video indexes, keyed by (path, size, mtime): persistent loader workers demux each
+# video once, not once per epoch. Bounded by the frames it holds (25 bytes each: 50 MB).
+_INDEX_CACHE: OrderedDict[tuple, _VideoIndex] = OrderedDict()
+_INDEX_CACHE_FRAMES = 2_000_000
+_INDEX_HELD = [0]  # frames the cache holds now
+_DECORD_AGREES: set[tuple] = set()  # videos whose decord reader opened and agreed with the demuxer here
+
+
+def _file_key(path: Path) -> tuple:
+    """``(path, size, mtime)``: a file replaced or damaged since gets a new key."""
+    st = os.stat(path)
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _video_index(path: Path) -> _VideoIndex:
+    """The video stream's :class:`_VideoIndex`, from the cache or one demux pass.
+
+    Raises:
+        MediaError: No video stream, no frames, a packet without timestamp, an unreadable file.
+    """
+    key = _file_key(path)
+    if key in _INDEX_CACHE:
+        _INDEX_CACHE.move_to_end(key)
+        return _INDEX_CACHE[key]
     import av
 
     try:
@@ -904,11 +1131,18 @@ def _video_times(path: Path) -> np.ndarray:
             stream = _best_video(container)
             if stream is None:
                 raise MediaError(path, "no video stream")
-            ticks = [
-                p.pts if p.pts is not None else p.dts
-                for p in container.demux(stream)
-                if not (p.size == 0 and p.pts is None)
-            ]
+            ctx = stream.codec_context
+            extradata = (ctx.extradata or b"") if ctx is not None and ctx.name == "h264" else b""
+            length_size = (extradata[4] & 3) + 1 if len(extradata) > 4 and extradata[0] == 1 else 0
+            ticks, keys, clean, all_pts = [], [], [], True
+            for p in container.demux(stream):
+                if p.size == 0 and p.pts is None:  # end-of-stream flush marker
+                    continue
+                all_pts = all_pts and p.pts is not None
+                ticks.append(p.pts if p.pts is not None else p.dts)
+                if p.is_keyframe:
+                    keys.append(ticks[-1])
+                clean.append(bool(length_size) and p.is_keyframe and _is_idr(bytes(p), length_size))
             if any(t is None for t in ticks):
                 raise MediaError(path, "corrupt video data (packet without timestamp)")
             start = stream.start_time if stream.start_time is not None else min(ticks, default=0)
@@ -917,8 +1151,22 @@ def _video_times(path: Path) -> np.ndarray:
         raise MediaError(path, f"truncated or unreadable ({err})") from None
     if not ticks:
         raise MediaError(path, "shorter than one frame (no video frames)")
-    rel = np.sort(np.asarray(ticks, dtype=np.int64)) - start
-    return rel.astype(np.float64) * (tb.numerator / tb.denominator)
+    sorted_ticks = np.sort(np.asarray(ticks, dtype=np.int64))  # (F,)
+    rel_s = (sorted_ticks - start).astype(np.float64) * (tb.numerator / tb.denominator)  # (F,)
+    all_pts = all_pts and bool(np.all(np.diff(sorted_ticks) > 0))
+    keys_sorted = np.unique(np.asarray(keys, np.int64))  # (K,)
+    decode_ticks = np.asarray(ticks, np.int64)  # (F,) file order
+    index = _VideoIndex(sorted_ticks, rel_s, keys_sorted, all_pts, decode_ticks, np.asarray(clean, bool))
+    _INDEX_CACHE[key] = index
+    _INDEX_HELD[0] += len(sorted_ticks)
+    while _INDEX_HELD[0] > _INDEX_CACHE_FRAMES and len(_INDEX_CACHE) > 1:
+        _INDEX_HELD[0] -= len(_INDEX_CACHE.popitem(last=False)[1].ticks)
+    return index
+
+
+def _video_times(path: Path) -> np.ndarray:
+    """Sorted video frame times in float64 seconds from the stream start, as decord counts frames."""
+    return _video_index(path).rel_s
 
 
 class _AudioSource:

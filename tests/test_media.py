@@ -188,6 +188,116 @@ def test_video_shorter_than_one_step_gives_one_padded_step(files):
     assert np.abs(batch.audio[0, 7000:]).max() < 0.02  # zero-padded after the 0.33 s of audio
 
 
+# ------------------------------------------------------------------------- one-pass reads (grouped loading)
+
+
+def _reads_equal(path: Path, steps, *, with_clips: bool = True) -> StepReader:
+    """Read ``steps`` with decord and in one pass; assert the same pixels and audio; the one-pass reader."""
+    info = probe_video(path)
+    with StepReader(path, info=info) as seek, StepReader(path, info=info, one_pass=True) as one:
+        want, got = seek.read(steps, with_clips=with_clips), one.read(steps, with_clips=with_clips)
+        np.testing.assert_array_equal(got.frames, want.frames)
+        if with_clips:
+            np.testing.assert_array_equal(got.clips, want.clips)
+        np.testing.assert_array_equal(got.audio, want.audio)
+    return one
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["fps30", "fps25", "fps2997", "vfr", "mp4_48k_stereo", "webm_48k_stereo", "avi_44k_stereo", "mkv_8k_mono"]
+    + ["no_audio", "short", "noisy_mp4", "long"],
+)
+def test_one_pass_reads_give_decords_pixels(files, name):
+    """The one-pass decoder (PyAV, decord's filter graph) gives decord's exact pixels on every container and
+    codec here: sorted steps, repeats, a read starting late (a seek), and the full set of steps."""
+    n = probe_video(files[name]).num_steps
+    picks = sorted({0, n // 3, n // 3, n // 2, n - 1})
+    one = _reads_equal(files[name], picks)
+    assert one._video.decord_reads == 0  # served by the pass, not by the decord fallback
+    _reads_equal(files[name], [s for s in picks if s >= n // 2], with_clips=False)
+    if n <= 20:
+        _reads_equal(files[name], range(n))
+
+
+def _every_frame(path: Path, size: int = 112) -> dict[int, np.ndarray]:
+    """Every frame of ``path`` decoded in order from the start (the ground truth), by pts, scaled and
+    cropped as the readers do."""
+    info = probe_video(path)
+    out_w, out_h = media._scaled_size(info.width, info.height, size)
+    x0, y0 = (out_w - size) // 2, (out_h - size) // 2
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        graph = media._scale_graph(stream, out_w, out_h)
+        frames = {}
+        for frame in container.decode(stream):
+            graph.vpush(frame)
+            frames[frame.pts] = graph.vpull().to_ndarray()[y0 : y0 + size, x0 : x0 + size]
+    return frames
+
+
+@pytest.mark.parametrize("open_gop", [False, True])
+def test_one_pass_decodes_only_what_wanted_frames_need(tmp_path, open_gop):
+    """Short GOPs with B-frames: GOPs without a wanted frame and the tails after the last wanted one are only
+    demuxed when IDR pictures close them; with open GOPs (pictures after a keyframe may refer back past it)
+    decoding starts at the IDR before. Either way the frames are those of a decode from the start."""
+    rng = np.random.default_rng(6)
+    frames = (
+        np.clip(colour_frame(i).astype(int) + rng.integers(-20, 20, (H, W, 3)), 0, 255).astype(np.uint8)
+        for i in range(300)
+    )
+    params = "keyint=15:min-keyint=15:bframes=2:scenecut=0" + (":open-gop=1" if open_gop else "")
+    path = write_video(tmp_path / "gop.mp4", frames, fps=30, threads=1, options={"x264-params": params})
+    info, steps = probe_video(path), [3, 4, 11]
+    with StepReader(path, info=info, one_pass=True) as one:
+        got = one.read(steps, with_clips=True)
+        source = one._video
+    starts = np.asarray(steps) * STEP_S
+    truth = _every_frame(path)
+    for picked, times in [(got.frames, starts), (got.clips.reshape(-1, 112, 112, 3), teacher_times(starts))]:
+        want = np.stack([truth[int(source.index.ticks[i])] for i in frames_at(source.rel_pts, times.ravel())])
+        np.testing.assert_array_equal(picked, want)
+    assert source.decord_reads == 0  # served by the pass
+    want_ticks = source.index.ticks[np.unique(frames_at(source.rel_pts, starts))]
+    first, decode = source._plan(want_ticks)
+    assert source.index.clean.sum() == (1 if open_gop else 20)  # IDR pictures
+    if open_gop:
+        assert first == 0 and decode[: int(np.flatnonzero(decode)[-1]) + 1].all()
+        # decord starts at the keyframe (no IDR) and gets the pictures that refer back past it wrong
+        with StepReader(path, info=info) as seek:
+            assert not np.array_equal(seek.read(steps, with_clips=True).clips, got.clips)
+    else:
+        assert first > 0 and decode.sum() < 3 * 15  # three GOPs at most, of 20
+        _reads_equal(path, steps)
+
+
+def test_one_pass_falls_back_to_decord_for_rotated_and_damaged_videos(files, tmp_path):
+    import struct
+
+    src = files["noisy_mp4"]
+    for name, matrix in [
+        ("90", (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)),
+        ("180", (-0x10000, 0, 0, 0, -0x10000, 0, 0, 0, 0x40000000)),
+    ]:
+        data = bytearray(src.read_bytes())
+        for at in [m.start() + 44 for m in re.finditer(b"tkhd", data)]:  # each track header's display matrix
+            data[at : at + 36] = struct.pack(">9i", *matrix)
+        rotated = tmp_path / f"rot{name}.mp4"
+        rotated.write_bytes(bytes(data))
+        one = _reads_equal(rotated, [0, 5, 9])
+        assert one._video.decord_reads == 1  # decord rotates; the pass does not, so decord served
+    data = bytearray(src.read_bytes())
+    rng = np.random.default_rng(4)
+    for pos, size, _ in packets_of(src, "video")[150:170]:
+        data[pos : pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    info = probe_video(src)
+    with StepReader(damaged, info=info, one_pass=True) as reader, pytest.raises(MediaError) as err:
+        reader.read(range(info.num_steps))
+    assert err.value.reason.startswith("corrupt video data at frame ")
+
+
 # ----------------------------------------------------------------------------------------------- audio
 
 
