@@ -12,8 +12,10 @@ two epochs each, the second timed, ``l2l distill``'s training loop with 2 DataLo
 - the limit of the parts: the students' forward + backward + SGD step alone on in-memory batches;
 
 each as the epoch's clips/s and as the loader's alone (the same loader iterated without training: what
-grouped decoding changes, which the live teacher's cost hides in (a) and (b)); and the disk each feature
-set of the store costs per minute of video. Usage::
+grouped decoding changes, which the live teacher's cost hides in (a) and (b)); the CPU time per clip of the
+students' step against the loaders of (c) and (d) read in one process (what decides (c) on a machine whose
+cores the loader workers share with training); how the corpus is encoded (frame size, GOP: what decoding
+costs); and the disk each feature set of the store costs per minute of video. Usage::
 
     python bench/distill.py            # ~8 min on 2 loaded cores
     python bench/distill.py --quick    # smoke run
@@ -43,7 +45,7 @@ from bench._common import (
 )  # noqa: E402,E501
 
 BATCH = 16
-CLIPS_PER_VIDEO = 16  # 20 training videos: 20 batches an epoch, so the workers' start is not most of it
+CLIPS_PER_VIDEO = 16  # one batch per training video (12 of the 24 train, after the holdout)
 
 
 def _epoch_rate(loaders, teacher, work: Path, name: str) -> float:
@@ -98,6 +100,42 @@ def _limit(steps: int) -> float:
     for _ in range(steps):
         step()
     return steps * BATCH / (time.perf_counter() - t0)
+
+
+def _loader_cpu_ms(loaders) -> float:
+    """CPU milliseconds per clip of the training loader read in this process (0 workers), second epoch."""
+    loader = loaders.train
+    for epoch in (0, 1):
+        loader.dataset.set_epoch(epoch)
+        t0 = time.process_time()
+        n = sum(len(batch["video"]) for batch in loader)
+        seconds = time.process_time() - t0
+    return 1000 * seconds / n
+
+
+def _limit_cpu_ms(steps: int) -> float:
+    """CPU milliseconds per clip of the students' forward + backward + step (one thread, 2 warm-up steps
+    counted too)."""
+    t0 = time.process_time()
+    _limit(steps)
+    return 1000 * (time.process_time() - t0) / ((steps + 2) * BATCH)
+
+
+def _encoding(manifest: Path) -> str:
+    """How the corpus's first video is encoded: codec, size, GOP (keyframe interval), B-frames, audio."""
+    from pipeline.corpus import read_corpus
+    from pipeline.media import _video_index, probe_video
+
+    path = read_corpus(manifest)[0].path
+    info, index = probe_video(path), _video_index(Path(path))
+    keys_at = np.searchsorted(index.ticks, index.key_ticks)  # (K,) frame index of each keyframe
+    gop_frames = float(np.median(np.diff(keys_at))) if len(keys_at) > 1 else float(len(index.ticks))
+    b_frames = "B-frames" if np.any(np.diff(index.decode_ticks) < 0) else "no B-frames"
+    return (
+        f"{info.video_codec} {info.width}x{info.height} at {info.fps:.0f} fps, a keyframe every "
+        f"{gop_frames:.0f} frames ({gop_frames / info.fps:.1f} s), {b_frames}"
+        f", {info.audio_codec} {info.sample_rate} Hz x{info.channels}"
+    )
 
 
 def main() -> None:
@@ -165,6 +203,14 @@ def main() -> None:
         limit_at[key] = [before, _limit(limit_steps)]
         load_now = os.getloadavg()[0]
         log(f"  loader {loading[key]:.1f} clips/s, epoch {rates[key]:.1f} clips/s (load {load_now:.1f})")
+    log("CPU per clip: the students' step, the loaders of (c) and (d) in this process ...")
+    cpu_ms = {
+        "limit": _limit_cpu_ms(limit_steps),
+        "c": _loader_cpu_ms(c_loaders(workers=0)),
+        "d": _loader_cpu_ms(store_loaders(store, teacher_features="teacher", **{**kw, "workers": 0})),
+    }
+    cpu_ms["limit_again"] = _limit_cpu_ms(limit_steps)
+    encoding = _encoding(manifest)
     of_limit = {key: rates[key] / (sum(pair) / 2) for key, pair in limit_at.items()}
     rates["limit"] = float(np.mean([x for pair in limit_at.values() for x in pair]))
     of_limit["limit"] = 1.0
@@ -197,6 +243,23 @@ def main() -> None:
         for k in names
     ]
     text, md = table(["path", "clips/s", "vs (a)", "of limit", "loader alone clips/s", "loader vs (a)"], rows)
+    step_ms = (cpu_ms["limit"] + cpu_ms["limit_again"]) / 2
+    cpu_text, cpu_md = table(
+        ["CPU per clip (one process, one thread)", "ms", "of the students' step"],
+        [
+            ["students' forward + backward + step (the limit's work)", round(step_ms, 2), "1.00x"],
+            [
+                "(c) loader: decode frames + audio, log-mel, read targets",
+                round(cpu_ms["c"], 2),
+                f"{cpu_ms['c'] / step_ms:.2f}x",
+            ],
+            [
+                "(d) loader: read stored inputs + targets",
+                round(cpu_ms["d"], 2),
+                f"{cpu_ms['d'] / step_ms:.2f}x",
+            ],
+        ],
+    )
     disk_text, disk_md = table(
         ["feature set", "MB per video-minute"], [[name, round(mb, 2)] for name, mb in disk.items()]
     )
@@ -204,10 +267,12 @@ def main() -> None:
         f"tiny students, batch {BATCH}, {CLIPS_PER_VIDEO} clips/video, {videos} videos ({minutes:.1f} min), "
         f"2 loader workers, rates of the second epoch, each path against the limit measured just before "
         f"and after it; "
-        f"{machine_line(info)}; load {load:.2f} at the end; stored inputs read by {kinds}"
+        f"{machine_line(info)}; load {load:.2f} at the end; stored inputs read by {kinds}; corpus: {encoding}"
     )
     print(header)
     print(text)
+    print()
+    print(cpu_text)
     print()
     print(disk_text)
     write_results(
@@ -218,12 +283,14 @@ def main() -> None:
             "loader_alone_clips_per_s": loading,
             "limit_before_after_each_path": limit_at,
             "of_limit": of_limit,
+            "cpu_ms_per_clip": cpu_ms,
+            "corpus_encoding": encoding,
             "disk_mb_per_video_minute": disk,
             "readers": kinds,
             "machine": info,
             "load_end": load,
         },
-        f"{header}\n\n{md}\n\n{disk_md}\n",
+        f"{header}\n\n{md}\n\n{cpu_md}\n\n{disk_md}\n",
     )
 
 

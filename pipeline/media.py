@@ -997,19 +997,27 @@ class _PassSource:
                         raise _NoPass("rotated or format changed mid-stream")
                     if (frame.width, frame.height) != (ctx.width, ctx.height):
                         raise _NoPass("frame size changed mid-stream")
-                    graph.vpush(frame)
-                    rgb = graph.vpull().to_ndarray()  # (out_h, out_w, 3)
+                    try:
+                        graph.vpush(frame)
+                        rgb = graph.vpull().to_ndarray()  # (out_h, out_w, 3)
+                    except BaseException:  # a graph left holding a frame must never serve another read
+                        for key in [k for k, g in _GRAPHS.items() if g is graph]:
+                            del _GRAPHS[key]
+                        raise
                     out[j] = rgb[self.y0 : self.y0 + self.size, self.x0 : self.x0 + self.size]
 
+            ticks, decode_at = index.decode_ticks.tolist(), decode.tolist()  # plain ints: a fast loop
+            skipping = None
             at = first
             for packet in container.demux(stream):
                 if packet.size == 0 and packet.pts is None:  # end of stream
                     break
-                if at >= len(decode) or packet.pts != index.decode_ticks[at]:
+                if at >= len(ticks) or packet.pts != ticks[at]:
                     raise _NoPass("packets differ from the index (or the seek landed elsewhere)")
-                if decode[at]:
-                    if skip_nonref:
-                        ctx.skip_frame = "DEFAULT" if packet.pts in slot else "NONREF"
+                if decode_at[at]:
+                    if skip_nonref and skipping != (packet.pts not in slot):
+                        skipping = packet.pts not in slot
+                        ctx.skip_frame = "NONREF" if skipping else "DEFAULT"
                     take(packet.decode())
                 if at == end:
                     take(ctx.decode(None))  # drain: the frames the decoder still holds back
@@ -1025,18 +1033,27 @@ class _PassSource:
             self._decord = None
 
 
+_GRAPHS: OrderedDict[tuple, object] = OrderedDict()  # filter graphs of this process, by their arguments
+
+
 def _scale_graph(stream, out_w: int, out_h: int):
-    """decord's filter graph for ``stream`` (same buffer arguments, ``scale=W:H,format=rgb24``)."""
+    """decord's filter graph for ``stream`` (same buffer arguments, ``scale=W:H,format=rgb24``); one per
+    distinct set of arguments and process (scaling keeps no state between frames; building a graph and its
+    first frame's scaler cost about as much as scaling 5 frames, measured)."""
     import av.filter
 
     ctx = stream.codec_context
     tb, sar = stream.time_base, ctx.sample_aspect_ratio
     sar_text = f"{sar.numerator}/{sar.denominator}" if sar else "0/1"
-    graph = av.filter.Graph()
     args = (
         f"video_size={ctx.width}x{ctx.height}:pix_fmt={ctx.format.name}:"
         f"time_base={tb.numerator}/{tb.denominator}:pixel_aspect={sar_text}"
     )
+    key = (args, out_w, out_h)
+    if key in _GRAPHS:
+        _GRAPHS.move_to_end(key)
+        return _GRAPHS[key]
+    graph = av.filter.Graph()
     nodes = [
         graph.add("buffer", args),
         graph.add("scale", f"{out_w}:{out_h}"),
@@ -1046,6 +1063,9 @@ def _scale_graph(stream, out_w: int, out_h: int):
     for a, b in zip(nodes[:-1], nodes[1:], strict=True):
         a.link_to(b)
     graph.configure()
+    _GRAPHS[key] = graph
+    while len(_GRAPHS) > 8:
+        _GRAPHS.popitem(last=False)
     return graph
 
 
@@ -1372,8 +1392,10 @@ class _AudioSource:
 
 def _to_mono(frame) -> np.ndarray:
     """One decoded audio frame as mono float32 in [-1, 1]: the mean of its channels, ``(samples,)``."""
-    data = frame.to_ndarray()  # planar (channels, n) or packed (1, n * channels)
     channels = frame.layout.nb_channels
+    if channels == 1 and frame.format.name in ("flt", "fltp"):  # AAC's, read in place (to_ndarray stacks)
+        return np.frombuffer(frame.planes[0], np.float32, count=frame.samples).copy()
+    data = frame.to_ndarray()  # planar (channels, n) or packed (1, n * channels)
     if channels == 1:
         mono = data.reshape(-1)
     elif frame.format.is_planar:
