@@ -900,9 +900,9 @@ _SKIP_NONREF = ("h264", "hevc")  # codecs whose non-reference pictures are told 
 class _PassSource:
     """Frames decoded by PyAV in one forward pass per read, converted exactly as :class:`_VideoSource`.
 
-    A read seeks to the keyframe at or before its first frame and decodes forward to its last one. Only the
-    frames it returns go through the filter graph decord uses (``scale=W:H,format=rgb24``, the same FFmpeg
-    build: the same pixels, tested). Pictures no returned frame depends on are not decoded: H.264/HEVC
+    A read seeks to the H.264 IDR picture (other codecs: keyframe) before its first frame and decodes
+    forward to its last one. Only the frames it returns go through the filter graph decord uses
+    (``scale=W:H,format=rgb24``, the same FFmpeg build: the same pixels, tested). Pictures no returned frame depends on are not decoded: H.264/HEVC
     non-reference pictures, and in H.264 the packets between a segment's last wanted frame and the next
     IDR picture (nothing after an IDR refers to what lies before it), so whole GOPs without a wanted frame
     are only demuxed. No decoder thread runs between reads (an open decord reader keeps decoding ahead).
@@ -949,13 +949,17 @@ class _PassSource:
         index = self.index
         order = np.argsort(index.decode_ticks, kind="stable")  # (F,)
         pos = order[np.searchsorted(index.decode_ticks[order], want)]  # (U,) decode positions
-        # Start at the last IDR picture (H.264) or else keyframe at or before the first wanted packet: from
-        # an IDR the pictures are exact; a non-IDR keyframe is where decord would start too.
-        starts = np.flatnonzero(
-            index.clean if index.clean.any() else np.isin(index.decode_ticks, index.key_ticks)
-        )
+        # Start at the last IDR picture (H.264) at or before the first wanted packet: from there the pictures
+        # are exact. Other codecs start at a keyframe; where pictures are reordered, one keyframe earlier, as
+        # the pictures that follow a keyframe may refer back into the GOP before it (open GOPs).
+        if index.clean.any():
+            starts = np.flatnonzero(index.clean)
+            back = 1
+        else:
+            starts = np.flatnonzero(np.isin(index.decode_ticks, index.key_ticks))
+            back = 2 if np.any(np.diff(index.decode_ticks) < 0) else 1
         before = starts[starts <= pos.min()]
-        first = int(before[-1]) if len(before) else 0
+        first = int(before[-back]) if len(before) >= back else 0
         segment = np.cumsum(index.clean)  # (F,) segments start at IDR pictures
         last = np.full(int(segment[-1]) + 1, -1, np.int64)  # last wanted decode position per segment
         np.maximum.at(last, segment[pos], pos)
@@ -1125,7 +1129,6 @@ def _is_idr(data: bytes, length_size: int) -> bool:
 _INDEX_CACHE: OrderedDict[tuple, _VideoIndex] = OrderedDict()
 _INDEX_CACHE_FRAMES = 2_000_000
 _INDEX_HELD = [0]  # frames the cache holds now
-_DECORD_AGREES: set[tuple] = set()  # videos whose decord reader opened and agreed with the demuxer here
 
 
 def _file_key(path: Path) -> tuple:
