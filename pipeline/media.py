@@ -902,10 +902,11 @@ class _PassSource:
 
     A read seeks to the H.264 IDR picture (other codecs: keyframe) before its first frame and decodes
     forward to its last one. Only the frames it returns go through the filter graph decord uses
-    (``scale=W:H,format=rgb24``, the same FFmpeg build: the same pixels, tested). Pictures no returned frame depends on are not decoded: H.264/HEVC
-    non-reference pictures, and in H.264 the packets between a segment's last wanted frame and the next
-    IDR picture (nothing after an IDR refers to what lies before it), so whole GOPs without a wanted frame
-    are only demuxed. No decoder thread runs between reads (an open decord reader keeps decoding ahead).
+    (``scale=W:H,format=rgb24``, the same FFmpeg build: the same pixels, tested). Pictures no returned frame
+    depends on are not decoded: H.264/HEVC non-reference pictures, and in H.264 the packets between a
+    segment's last wanted frame and the next IDR picture (nothing after an IDR refers to what lies before
+    it), so whole GOPs without a wanted frame are only demuxed. No decoder thread runs between reads (an
+    open decord reader keeps decoding ahead).
 
     Whatever this path cannot serve exactly (rotation metadata, packets without distinct pts, packets that
     differ from the index, a frame that does not come out, a decoder error) is read by decord instead, so
