@@ -26,16 +26,19 @@ def iter_outputs(
     device: torch.device | str = "cpu",
     progress: bool = False,
     desc: str = "skim",
+    precision: str = "fp32",
 ) -> Iterator[tuple[dict[str, Any], SkimOutput | None]]:
     """Yield ``(batch, output)`` over every video of ``dataset`` in eval mode (output None without a model).
 
     Batches group videos of similar length (:func:`skim.data.eval_sampler`); ``batch`` is
-    :func:`skim.data.collate`'s dict on ``device``.
+    :func:`skim.data.collate`'s dict on ``device``. ``precision`` is the recurrent loop's
+    (:meth:`skim.model.SkimModel.set_precision`: ``fp32``, ``bf16`` or ``auto``).
     """
     from tqdm.auto import tqdm
 
     if model is not None:
         model.eval()
+        model.set_precision(precision)
     loader = make_loader(dataset, eval_sampler(dataset, batch_size=batch_size))
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         batch = to_device(batch, device)

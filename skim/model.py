@@ -66,6 +66,37 @@ WEIGHT_INITS = ("reference", "torch")  # N(0, 0.02) Linear/Conv, zero LSTM biase
 # Checkpoints written before these fields existed were trained with the project's earlier choices.
 LEGACY_DEFAULTS = {"mask": "shared", "query_bn": "skip_last", "weight_init": "torch"}
 RECOGNITION_PREFIX = "rec:"  # batch key prefix of features read from a separate recognition store
+# Inference precision of the recurrent loop's matrix-vector products: bf16 only where the CPU has native bf16
+# dot products (``auto``), fp32 everywhere else; training and the key projection are always fp32.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX). Without them oneDNN emulates bf16
+    and a bf16 matmul is far slower than fp32 (30x on an AVX2-only host, measured)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # private helpers: absent in another torch means "not known"
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """``fp32`` or ``bf16`` for ``precision`` on ``device``: ``auto`` is bf16 on a CPU with native bf16.
+
+    Raises:
+        ConfigError: An unknown precision, or ``bf16`` asked for where the hardware would emulate it.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}; choose from {', '.join(PRECISIONS)}")
+    on_cpu = torch.device(device).type == "cpu"
+    if precision == "auto":
+        return "bf16" if on_cpu and native_bf16() else "fp32"
+    if precision == "bf16" and not (on_cpu and native_bf16()):
+        raise ConfigError(
+            f"precision=bf16 on {device}: only CPUs with native bf16 dot products (AVX512-BF16 or AMX) run "
+            "the bf16 path (elsewhere it is emulated and slower than fp32); use --precision fp32 or auto"
+        )
+    return precision
 
 
 @dataclass(frozen=True)
@@ -448,6 +479,7 @@ class SkimModel(nn.Module):
         self.modality = nn.Linear(cfg.hidden, n_index) if n_index > 1 else None
         self.classifier = nn.Linear(cfg.embed, cfg.num_classes)
         self.step_head = nn.Linear(cfg.hidden, cfg.num_classes) if cfg.step_head_weight > 0 else None
+        self.precision = "fp32"  # of the recurrent loop at inference; see set_precision (never saved)
         if cfg.weight_init == "reference":
             reference_init(self)
             # Psi and the classifier come from the students in the reference, never from this draw; trained
@@ -458,6 +490,21 @@ class SkimModel(nn.Module):
                 for m in part.modules() if part is not None else ():
                     if isinstance(m, nn.Linear):
                         m.reset_parameters()
+
+    def set_precision(self, precision: str) -> str:
+        """Choose the inference precision of the recurrent loop (``auto``, ``fp32`` or ``bf16``); returns the
+        one in use. ``bf16`` (``auto`` on a CPU with native bf16) runs the per-step matrix-vector products of
+        the LSTM, ``Psi`` and the queries with bf16 weights and inputs, fp32 accumulation and fp32 everything
+        else (keys, scores, softmax, cell state). At batch 1 those products read every weight once per step
+        (about 44 MB of fp32 per step for the paper's sizes, more than this CPU's L3), so the loop is bound by
+        memory bandwidth; bf16 halves the bytes. Training and autograd always run fp32.
+
+        Raises:
+            ConfigError: As :func:`resolve_precision`.
+        """
+        device = next(self.parameters()).device
+        self.precision = resolve_precision(precision, device)
+        return self.precision
 
     def forward_features(self, features: Mapping[str, Tensor], mask: Tensor) -> Tensor:
         """The skimming pass up to the classifier input: the mean of the taken inputs ``(B, embed)``."""
@@ -492,8 +539,11 @@ class SkimModel(nn.Module):
         mask = mask.bool()
         b, n = mask.shape
         device = mask.device
-        # Zero padding first, so garbage (even NaN) in padded rows reaches no sum, statistic or gradient.
-        clean = {k: torch.where(mask[..., None], features[k].float(), 0.0) for k in cfg.batch_keys}
+        # Padding must reach no sum, statistic or gradient. Keys read valid rows only, and every other use is
+        # a product with weights that are zero on padding, which adds exact zeros when the padding is finite:
+        # a finite float32 batch (collate's, padding zero) is used as it is, saving a (B, N, D) copy per
+        # feature. Anything else (NaN/inf padding, other dtypes, sub-sampling) is zeroed on a copy first.
+        clean = {k: _zero_padding(features[k], mask, copy_always=cfg.subsample > 1) for k in cfg.batch_keys}
         # Rows past the last valid one are padding; interpolation never reads beyond it.
         last = torch.where(mask, torch.arange(n, device=device)[None, :] + 1, 0).amax(1) if n else mask.sum(1)
         if cfg.subsample > 1:
@@ -507,18 +557,25 @@ class SkimModel(nn.Module):
         rows = mask.reshape(-1).nonzero().squeeze(1)  # (M,) flat indices of valid steps
         keys = []
         for z, proj, bn in zip(index, self.key_proj, self.key_bn, strict=True):
-            k = F.relu(bn.normalize_rows(proj(z.reshape(b * n, -1).index_select(0, rows))))  # (M, D)
-            keys.append(z.new_zeros(b * n, cfg.dim).index_copy(0, rows, k).view(b, n, cfg.dim))  # (B, N, D)
+            # (B, N, D): ReLU(BN(W z + b)) on valid rows, zero on padding; backward recomputes (see _KeyBank)
+            keys.append(
+                _KeyBank.apply(
+                    z.reshape(b * n, -1), rows, proj.weight, proj.bias, bn.weight, bn.bias, bn
+                ).view(b, n, cfg.dim)
+            )
         # dL/dk = sum_t g_t q_t^T is summed once in backward, not accumulated step by step (see _KeyHub).
         key_grads: list[list[tuple[Tensor, Tensor]]] = [[] for _ in keys]
         keys = [_KeyHub.apply(k, buf) for k, buf in zip(keys, key_grads, strict=True)]
 
+        # bf16 per-step products only at inference without autograd, on the CPU (see set_precision).
+        lowp = self.precision == "bf16" and not self.training and not torch.is_grad_enabled()
+        lowp = lowp and device.type == "cpu"
         counts = mask.sum(1)  # (B,)
         mean_w = mask.float() / counts.clamp_min(1)[:, None]  # (B, N): mean over valid rows
         if self.psi_start is not None:
             u = self.psi_start(torch.cat([_mix(mean_w, z) for z in index], 1))  # (B, embed)
         else:
-            u = self.psi(torch.cat([_mix(mean_w, z) for z in rec], 1))  # (B, embed)
+            u = self._psi(torch.cat([_mix(mean_w, z) for z in rec], 1), lowp)  # (B, embed)
 
         hard = not self.training and cfg.next_input == "hard"
         total = cfg.stop_after if (not self.training and cfg.stop_after) else cfg.num_steps
@@ -546,7 +603,7 @@ class SkimModel(nn.Module):
                     with torch.no_grad():
                         self._update_query_stats(self.lstm(u, (h, c))[0], active, available)
                 break
-            h, c = self._lstm_step(u, h, c)
+            h, c = self._lstm_step(u, h, c, lowp)
             if self.step_head is not None:
                 step_logits.append(self.step_head(h))  # (B, C)
             if early_exit:
@@ -562,9 +619,7 @@ class SkimModel(nn.Module):
                 break
             # A video with no step left to choose stops here (per-modality masks run out together).
             active = active & _any_left(available)
-            queries = [
-                self.query[0 if cfg.shared_query else i](h, active) for i in range(n_index)
-            ]  # K x (B, D)
+            queries = self._queries(h, active, lowp)  # K x (B, D)
             alphas = []
             for i, (q, k, buf) in enumerate(zip(queries, keys, key_grads, strict=True)):
                 s = _Scores.apply(k, q, buf) / math.sqrt(cfg.dim)  # (B, N)
@@ -584,7 +639,7 @@ class SkimModel(nn.Module):
             else:
                 mix_w = soft_w
             x = torch.cat([_mix(mix_w, z) for z in rec], 1)  # (B, R * D)
-            u = self.psi(x)  # (B, embed)
+            u = self._psi(x, lowp)  # (B, embed)
             pick_w = torch.stack(
                 [beta[:, i] * a.gather(1, picks[:, i : i + 1])[:, 0] for i, a in enumerate(alphas)], 1
             )
@@ -612,10 +667,63 @@ class SkimModel(nn.Module):
             inputs=torch.stack(inputs, 1),
         )
 
-    def _lstm_step(self, u: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    def _queries(self, h: Tensor, active: Tensor, lowp: bool) -> list[Tensor]:
+        """Each indexing modality's query ``K x (B, D)`` from ``h`` ``(B, hidden)``."""
+        cfg = self.config
+        n_index = len(cfg.index_keys)
+        if not lowp:
+            return [self.query[0 if cfg.shared_query else i](h, active) for i in range(n_index)]
+        w = self._bf16_weights()
+        # Every query's first layer in one product: one pass over the weights per step.
+        hidden = w["q1"](h).split(cfg.hidden, 1)  # n_queries x (B, hidden)
+        out = []
+        for query, z, fc2 in zip(self.query, hidden, w["q2"], strict=True):
+            out.append(fc2(F.relu(query.bn(z, active))))  # (B, D)
+        return out * n_index if cfg.shared_query else out
+
+    def _psi(self, x: Tensor, lowp: bool) -> Tensor:
+        """``Psi`` ``(B, R * D) -> (B, embed)``."""
+        if not lowp:
+            return self.psi(x)
+        fc1, fc2 = self._bf16_weights()["psi"]
+        return fc2(F.relu(fc1(x)))
+
+    def _bf16_weights(self) -> dict[str, Any]:
+        """bf16 copies of the per-step weights (fp32 biases), rebuilt when any parameter changes (version,
+        storage or device); kept in ``__dict__``, so never saved or moved."""
+        params = tuple(self.parameters())
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        cached = self.__dict__.get("_bf16_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            lstm = self.lstm
+            weights = {
+                # (4 hidden, embed + hidden): both gate products in one
+                "lstm": _Bf16Linear(
+                    torch.cat([lstm.weight_ih, lstm.weight_hh], 1), lstm.bias_ih + lstm.bias_hh
+                ),
+                "psi": [_Bf16Linear(m.weight, m.bias) for m in (self.psi[0], self.psi[2])],
+                "q1": _Bf16Linear(  # (n_queries * hidden, hidden): every query's first layer in one
+                    torch.cat([q.fc1.weight for q in self.query], 0),
+                    torch.cat([q.fc1.bias for q in self.query], 0),
+                ),
+                "q2": [_Bf16Linear(q.fc2.weight, q.fc2.bias) for q in self.query],
+            }
+        self.__dict__["_bf16_cache"] = (key, weights)
+        return weights
+
+    def _lstm_step(self, u: Tensor, h: Tensor, c: Tensor, lowp: bool = False) -> tuple[Tensor, Tensor]:
         """One LSTM step ``(B, embed), (B, hidden) x 2 -> (B, hidden) x 2``. Without autograd (evaluation,
         queries) the weight-normed weights are reused across forwards until a parameter changes (its
-        version, storage or device): recomputing them was ~15% of a one-video query (measured)."""
+        version, storage or device): recomputing them was ~15% of a one-video query (measured). With
+        ``lowp`` the gates come from one bf16 product over ``[u, h]``; the cell update stays fp32."""
+        if lowp:
+            w = self._bf16_weights()
+            gates = w["lstm"](torch.cat([u, h], 1))  # (B, 4 hidden): i, f, g, o
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
         if torch.is_grad_enabled():
             return self.lstm(u, (h, c))
         lstm = self.lstm
@@ -681,6 +789,80 @@ class SkimModel(nn.Module):
         return 2 * (keys + steps_used * per_step + cfg.embed * cfg.num_classes) / 1e9
 
 
+def _zero_padding(z: Tensor, mask: Tensor, *, copy_always: bool = False) -> Tensor:
+    """``z`` ``(B, N, D)`` as float32 with padding rows either zero or finite (see :meth:`SkimModel._skim`).
+
+    A float32 ``z`` whose values are all finite and moderate is returned as it is (no copy); otherwise padding
+    is zeroed on a float32 copy. One L1 norm decides (no temporary): below 1e30 no value is NaN, inf or large
+    enough for a product with a weight to overflow.
+    """
+    if z.dtype == torch.float32 and not copy_always and float(torch.linalg.vector_norm(z, 1)) < 1e30:
+        return z
+    out = z.float()
+    if out.data_ptr() == z.data_ptr():  # float32 already: never write into the caller's tensor
+        return torch.where(mask[..., None], out, 0.0)
+    return out.masked_fill_(~mask[..., None], 0.0)
+
+
+class _KeyBank(torch.autograd.Function):
+    """Keys ``ReLU(BN(W z + b))`` of the valid rows ``rows`` of ``z`` ``(B*N, D)``, in a ``(B*N, D)`` bank
+    that is zero on padding; ``bn`` is a :class:`MaskedBatchNorm1d` (statistics over the valid rows only).
+
+    Plain autograd kept the gathered rows, the projection, the normalised keys and the bank alive until
+    backward: 4 key-sized tensors per indexing feature (about 1 GB per feature at batch 256 of 500 steps).
+    This keeps only the bank (the scores need it anyway), ``z`` (alive for the mixtures) and the batch
+    statistics, and recomputes the rest in backward with the same kernels: same values as plain autograd up
+    to float rounding of the weight gradient's summation order (tested).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, rows: Tensor, weight: Tensor, bias: Tensor, bn_weight: Tensor,
+                bn_bias: Tensor, bn: MaskedBatchNorm1d) -> Tensor:  # fmt: skip
+        batch_stats = bn.training and rows.shape[0] > 1
+        if batch_stats:
+            bn.num_batches_tracked += 1
+        y = torch.addmm(bias, z.index_select(0, rows), weight.t())  # (M, D), as F.linear
+        k, mean, invstd = torch.native_batch_norm(
+            y, bn_weight, bn_bias, bn.running_mean, bn.running_var, batch_stats, bn.momentum, bn.eps
+        )
+        del y
+        k.relu_()
+        if rows.shape[0] == z.shape[0]:
+            bank = k  # no padding in this batch
+        else:
+            bank = k.new_zeros(z.shape[0], k.shape[1]).index_copy_(0, rows, k)  # (B*N, D)
+        ctx.save_for_backward(z, rows, weight, bias, bn_weight, bn_bias, mean, invstd)
+        ctx.bn, ctx.batch_stats = bn, batch_stats
+        return bank
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        z, rows, weight, bias, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+        bn, batch_stats = ctx.bn, ctx.batch_stats
+        x = z.index_select(0, rows)  # (M, D)
+        y = torch.addmm(bias, x, weight.t())  # (M, D)
+        if batch_stats:  # the forward's output again, without touching the running statistics
+            k = torch.native_batch_norm(y, bn_weight, bn_bias, None, None, True, 0.0, bn.eps)[0]
+        else:
+            k = torch.native_batch_norm(
+                y, bn_weight, bn_bias, bn.running_mean, bn.running_var, False, 0.0, bn.eps
+            )[0]
+        g = grad.index_select(0, rows).masked_fill_(k <= 0, 0.0)  # (M, D) through the ReLU
+        del k
+        need = ctx.needs_input_grad
+        gy, g_bn_w, g_bn_b = torch.ops.aten.native_batch_norm_backward(
+            g, y, bn_weight, bn.running_mean, bn.running_var, mean, invstd, batch_stats, bn.eps,
+            [True, need[4], need[5]],
+        )  # fmt: skip
+        del g, y
+        g_z = None
+        if need[0]:
+            g_z = torch.zeros_like(z).index_copy_(0, rows, gy @ weight)
+        g_w = gy.t() @ x if need[2] else None
+        g_b = gy.sum(0) if need[3] else None
+        return g_z, None, g_w, g_b, g_bn_w, g_bn_b, None
+
+
 class _KeyHub(torch.autograd.Function):
     """Identity on keys ``(B, N, D)`` whose backward adds ``sum_t g_t q_t^T`` as one batched matmul.
 
@@ -736,6 +918,34 @@ def _any_left(available: list[Tensor]) -> Tensor:
 def _stack(items: list[Tensor], empty: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Stack per-selection tensors on axis 1, or an empty tensor of shape ``empty`` when there are none."""
     return torch.stack(items, 1) if items else torch.zeros(empty, dtype=dtype, device=device)
+
+
+class _Bf16Linear:
+    """``x W^T + b`` with ``x`` and ``W`` rounded to bf16, fp32 accumulation and an fp32 bias; returns fp32.
+
+    The weight is pre-packed once into oneDNN's blocked layout where torch has the op: a plain bf16 matmul
+    re-reads it in the row-major layout and reached a third of the packed speed at batch 1 (0.6 vs 0.2 ms
+    for the 4096 x 1536 LSTM weight, measured on this project's AVX512-BF16 host).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight = weight.detach().to(torch.bfloat16).contiguous()  # (out, in)
+        self.bias = bias.detach().float()  # (out,)
+        self.packed = None
+        if self.weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+                self(torch.zeros(2, self.weight.shape[1]))  # the op exists but may refuse this build/CPU
+            except (RuntimeError, AttributeError, NotImplementedError):
+                self.packed = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        xb = x.to(torch.bfloat16)
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")
+        else:
+            y = F.linear(xb, self.weight)
+        return y.float() + self.bias
 
 
 def _mix(weights: Tensor, z: Tensor) -> Tensor:

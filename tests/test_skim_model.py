@@ -709,3 +709,121 @@ def test_eval_reuses_lstm_weights_only_while_the_parameters_are_unchanged():
     with torch.no_grad():
         other.eval()
         torch.testing.assert_close(model(feats, mask).logits, other(feats, mask).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_key_bank_equals_plain_autograd_and_updates_the_statistics_once(training):
+    """The key path that recomputes in backward (_KeyBank) gives the plain autograd keys, gradients (of the
+    projection, the batch norm and the features) and running statistics."""
+    from skim.model import _KeyBank
+
+    g = torch.Generator().manual_seed(3)
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 2, 4])[:, None]  # (B, N)
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    z0 = torch.randn(18, 8, generator=g, dtype=torch.float64)  # (B*N, D)
+    w_out = torch.randn(18, 8, generator=g, dtype=torch.float64)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        proj = nn.Linear(8, 8).double()
+        bn = MaskedBatchNorm1d(8).double().train(training)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.weight.uniform_(0.5, 1.5)
+        z = z0.clone().requires_grad_(True)
+        if recompute:
+            bank = _KeyBank.apply(z, rows, proj.weight, proj.bias, bn.weight, bn.bias, bn)
+        else:
+            k = torch.relu(bn.normalize_rows(proj(z.index_select(0, rows))))
+            bank = z.new_zeros(18, 8).index_copy(0, rows, k)
+        (bank * w_out).sum().backward()
+        params = [z.grad, proj.weight.grad, proj.bias.grad, bn.weight.grad, bn.bias.grad]
+        stats = [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+        results.append((bank.detach(), params, stats))
+    (bank_a, grads_a, stats_a), (bank_b, grads_b, stats_b) = results
+    assert (bank_b[~mask.reshape(-1)] == 0).all() and (bank_b > 0).any()
+    torch.testing.assert_close(bank_b, bank_a)
+    for a, b in zip(grads_a + stats_a, grads_b + stats_b, strict=True):
+        torch.testing.assert_close(b, a)
+    assert int(stats_b[2]) == int(training)
+
+
+def test_finite_float32_batches_are_used_without_a_copy_and_never_written():
+    """Padding reaches no output through raw float32 input (no (B, N, D) copy), NaN padding is zeroed on a
+    copy, and the caller's tensors are never modified."""
+    from skim.model import _zero_padding
+
+    cfg = SkimConfig(**SMALL)
+    feats, mask = make_batch(cfg, [7, 3], seed=2, pad_value=5.0)
+    z = feats["image"]
+    assert _zero_padding(z, mask) is z
+    nan = torch.where(mask[..., None], z, torch.nan)
+    before = nan.clone()
+    clean = _zero_padding(nan, mask)
+    assert clean.data_ptr() != nan.data_ptr() and (clean[~mask] == 0).all()
+    torch.testing.assert_close(nan, before, equal_nan=True)
+    half = _zero_padding(nan.half(), mask)
+    assert half.dtype == torch.float32 and (half[~mask] == 0).all()
+    torch.manual_seed(0)
+    model = SkimModel(cfg).eval()
+    outs = [model(make_batch(cfg, [7, 3], seed=2, pad_value=p)[0], mask) for p in (0.0, 5.0, float("nan"))]
+    for out in outs[1:]:
+        torch.testing.assert_close(out.logits, outs[0].logits, rtol=0, atol=0)
+        torch.testing.assert_close(out.attention, outs[0].attention, rtol=0, atol=0)
+
+
+def test_precision_is_fp32_unless_asked_and_bf16_only_on_native_hardware(monkeypatch):
+    import skim.model as sm
+    from indexing.errors import ConfigError
+
+    model = SkimModel(SkimConfig(**SMALL))
+    assert model.precision == "fp32"
+    with pytest.raises(ConfigError, match="choose from auto, fp32, bf16"):
+        model.set_precision("fp16")
+    assert sm.resolve_precision("auto", "cuda") == "fp32"  # the GPU keeps fp32 results
+    monkeypatch.setattr(sm, "native_bf16", lambda: False)  # an AVX2-only host
+    assert model.set_precision("auto") == "fp32"
+    with pytest.raises(ConfigError, match="native bf16"):
+        model.set_precision("bf16")
+
+
+def test_bf16_loop_is_close_to_fp32_and_follows_parameter_changes():
+    """On a CPU with native bf16 the bf16 loop stays within bf16 rounding of fp32 with the same picks where
+    the attention is decisive; elsewhere asking for it is refused (test above). Its weight copies are
+    rebuilt after an optimiser step."""
+    import skim.model as sm
+
+    cfg = SkimConfig(**SMALL)
+    torch.manual_seed(0)
+    model = SkimModel(cfg)
+    with torch.no_grad():  # decisive attention: large keys and queries
+        model.key_bn[0].weight.fill_(6.0)
+        model.key_bn[1].weight.fill_(6.0)
+    warm_up(model, cfg)
+    feats, mask = make_batch(cfg, [9, 4, 7], seed=5)
+    if not sm.native_bf16():
+        assert sm.resolve_precision("auto") == "fp32"
+        return
+    with torch.no_grad():
+        ref = model(feats, mask)
+        assert model.set_precision("bf16") == "bf16"
+        low = model(feats, mask)
+    torch.testing.assert_close(low.logits, ref.logits, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(low.chosen, ref.chosen)
+    assert not torch.equal(low.logits, ref.logits)  # the bf16 path ran
+    # The packed and the plain bf16 product agree.
+    lin = sm._Bf16Linear(model.psi[0].weight, model.psi[0].bias)
+    x = torch.randn(3, lin.weight.shape[1])
+    plain = torch.nn.functional.linear(x.bfloat16(), lin.weight).float() + lin.bias
+    torch.testing.assert_close(lin(x), plain, atol=1e-2, rtol=1e-2)
+    # Training is fp32 whatever the setting, and the copies follow the new weights.
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.loss(model(feats, mask), torch.tensor([0, 1, 2])).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(feats, mask)
+        model.set_precision("fp32")
+        after_ref = model(feats, mask)
+    torch.testing.assert_close(after.logits, after_ref.logits, atol=2e-2, rtol=2e-2)
