@@ -36,6 +36,9 @@ def iter_outputs(
     """
     from tqdm.auto import tqdm
 
+    from .train import limit_heap_growth
+
+    limit_heap_growth()  # batch-sized tensors freed back to the system: RSS bounded by the batch
     if model is not None:
         model.eval()
         model.set_precision(precision)

@@ -214,6 +214,30 @@ def auto_batch_size(train_videos: int) -> int:
     return max(8, min(256, train_videos // 8))
 
 
+MMAP_THRESHOLD_BYTES = 1 << 20  # glibc: allocations from 1 MiB up get their own pages, returned on free
+
+
+def limit_heap_growth() -> bool:
+    """Make glibc give every allocation of 1 MiB or more its own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so later batch-sized
+    tensors come from the heap, whose free holes are rarely returned: a training process's peak RSS grew
+    by ~300 MB over its first three batch-256 steps and kept growing (measured). A fixed threshold keeps the
+    peak at what one step needs. Idempotent; returns whether it applied (glibc only).
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # another C library (musl): nothing to tune
+        return False
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``ConfigError`` for cuda without a GPU."""
     if device == "auto":
@@ -276,6 +300,7 @@ def train(
     if out.exists() and not (resume or overwrite):
         raise ConfigError(f"{out} exists; pass --resume to continue training it or --overwrite to start over")
     device = resolve_device(config.device)
+    limit_heap_growth()
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)

@@ -827,3 +827,29 @@ def test_bf16_loop_is_close_to_fp32_and_follows_parameter_changes():
         model.set_precision("fp32")
         after_ref = model(feats, mask)
     torch.testing.assert_close(after.logits, after_ref.logits, atol=2e-2, rtol=2e-2)
+
+
+def test_heap_growth_limit_applies_on_glibc_and_frees_batch_sized_blocks():
+    """With the fixed mmap threshold a freed batch-sized block (16 MB, under glibc's 32 MB dynamic maximum)
+    goes back to the system instead of staying in the heap."""
+    import platform
+
+    from skim.train import limit_heap_growth
+
+    if platform.libc_ver()[0] != "glibc":
+        assert limit_heap_growth() is False
+        return
+    assert limit_heap_growth() is True
+    assert limit_heap_growth() is True  # idempotent
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+    big = torch.ones(24 << 18)  # 24 MB: freed, it would raise glibc's dynamic threshold to 24 MB
+    del big
+    before = rss_mb()
+    block = torch.ones(16 << 18)  # 16 MB touched
+    assert rss_mb() > before + 12
+    del block
+    assert rss_mb() < before + 4
