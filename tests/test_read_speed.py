@@ -98,6 +98,11 @@ def test_read_chunk_into_ignores_what_the_buffer_held(planted):
             buf.view(np.uint8)[...] = 0xA5
             got = store.read_chunk_into(name, c, buf)
             np.testing.assert_array_equal(got, want)
+            if store.name == "zarr":  # the file read_chunk_into opens is the one files_of names
+                dec = store._decoder(name)
+                assert (
+                    f"{dec.key_prefix}{c}{dec.key_suffix}" == store.files_of(name, c * size, c * size + 1)[0]
+                )
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
@@ -541,3 +546,21 @@ def test_collate_casts_exactly_like_numpy_across_its_copy_blocks():
     for i, it in enumerate(items):
         want[i, : lengths[i]] = it["features"]["image"]
     np.testing.assert_array_equal(got, want)
+
+
+def test_cli_makes_openmp_threads_sleep_before_torch_loads():
+    """``l2l`` sets OMP_WAIT_POLICY=PASSIVE before anything imports torch (OpenMP reads it once, at load),
+    and a user's own setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import cli, os, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    for given, want in ((None, "PASSIVE False"), ("ACTIVE", "ACTIVE False")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == want
