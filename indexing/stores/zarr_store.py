@@ -22,9 +22,10 @@ per video-minute and feature; float16 either way, half the float32 .npy layout).
 ``blosc-lz4hc`` store (:meth:`ZarrStore.add_arrays`) use zstd: they are read a row at a time from ~256 kB
 inner chunks, where the decode is small and the disk (students' inputs) large.
 
-Reading (issue 14): :meth:`ZarrStore.read_chunk` and ``_read`` decode an unsharded array's chunk files
-straight from disk (one file read, the checks of :meth:`FeatureStore.read_rows` on the bytes read, then
-crc32c / the zstd frame checksum and the codec), equal to zarr's read (tested); zarr-python's async
+Reading (issue 14): :meth:`ZarrStore.read_chunk_into` and ``_read`` decode an unsharded array's chunk
+files straight from disk (one file read into a reused per-thread buffer, the checks of
+:meth:`FeatureStore.read_rows` on the bytes read, then crc32c / the zstd frame checksum and the codec
+writing into the caller's buffer: no allocation), equal to zarr's read (tested); zarr-python's async
 pipeline costs about a millisecond per call on top of the decode. Sharded arrays and other codecs read
 through zarr.
 
