@@ -1042,9 +1042,9 @@ _GRAPHS: OrderedDict[tuple, object] = OrderedDict()  # filter graphs of this pro
 
 
 def _scale_graph(stream, out_w: int, out_h: int):
-    """decord's filter graph for ``stream`` (same buffer arguments, ``scale=W:H,format=rgb24``); one per
-    distinct set of arguments and process (scaling keeps no state between frames; building a graph and its
-    first frame's scaler cost about as much as scaling 5 frames, measured)."""
+    """decord's filter graph for ``stream`` (same buffer arguments, ``scale=W:H,format=rgb24``; one thread,
+    the same pixels, tested); one per distinct set of arguments and process (scaling keeps no state between
+    frames; building a graph and its first frame's scaler cost about as much as scaling 5 frames)."""
     import av.filter
 
     ctx = stream.codec_context
@@ -1054,11 +1054,12 @@ def _scale_graph(stream, out_w: int, out_h: int):
         f"video_size={ctx.width}x{ctx.height}:pix_fmt={ctx.format.name}:"
         f"time_base={tb.numerator}/{tb.denominator}:pixel_aspect={sar_text}"
     )
-    key = (args, out_w, out_h)
+    key = (os.getpid(), args, out_w, out_h)  # a forked loader worker builds its own
     if key in _GRAPHS:
         _GRAPHS.move_to_end(key)
         return _GRAPHS[key]
     graph = av.filter.Graph()
+    graph.threads = 1  # no thread pool (the default starts one per core): loader workers share the cores
     nodes = [
         graph.add("buffer", args),
         graph.add("scale", f"{out_w}:{out_h}"),

@@ -236,6 +236,21 @@ def _every_frame(path: Path, size: int = 112) -> dict[int, np.ndarray]:
     return frames
 
 
+def test_one_pass_reads_start_no_threads(files):
+    """Loader workers share the cores with training: a one-pass read runs on the calling thread only (no
+    decoder or filter-graph thread pools, which FFmpeg would start per core)."""
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    path = files["noisy_mp4"]  # 16 kHz audio: no resampling (torch's own thread pool is not at issue here)
+    info = probe_video(path)
+    before = threads()
+    with StepReader(path, info=info, one_pass=True) as reader:
+        reader.read([0, 2, 3], with_clips=True)
+        assert threads() == before and reader._video.decord_reads == 0
+
+
 @pytest.mark.parametrize("open_gop", [False, True])
 def test_one_pass_decodes_only_what_wanted_frames_need(tmp_path, open_gop):
     """Short GOPs with B-frames: GOPs without a wanted frame and the tails after the last wanted one are only
