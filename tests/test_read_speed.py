@@ -85,6 +85,15 @@ def test_recycled_buffers_never_change_rows_already_served(planted):
     for h, k in zip(held, kept, strict=True):
         np.testing.assert_array_equal(h, k)
     assert chunk_cache(store).reused > 0
+    # A batch holds one array's rows while it reads the next (image, then audio): arenas are still reused.
+    audio = store.read_rows("audio", 0, rows)
+    before = chunk_cache(store).reused
+    for _ in range(5):
+        (img,) = read_many(store, "image", [(size - 3, size + 4)])
+        (aud,) = read_many(store, "audio", [(size - 3, size + 4)])
+        np.testing.assert_array_equal(img, truth[size - 3 : size + 4])
+        np.testing.assert_array_equal(aud, audio[size - 3 : size + 4])
+    assert chunk_cache(store).reused >= before + 8
 
 
 def test_read_chunk_into_ignores_what_the_buffer_held(planted):

@@ -42,6 +42,7 @@ from . import FeatureStore, _intersect, array_dtype, row_shape
 DEFAULT_CACHE_BYTES = 256 << 20  # per open store: 128 float16 chunks of 1,024 x 512 per feature, two features
 MAX_RUN_CHUNKS = 8  # consecutive chunks decoded in one read_rows call (bounds the temporary buffer)
 FREE_BUFFERS = 4  # evicted chunk buffers kept for reuse
+ARENAS = 4  # arenas for rows copied out of several chunks, kept for reuse
 
 
 def _refs(arr: np.ndarray) -> int:
@@ -79,7 +80,7 @@ class ChunkCache:
         self.reused = 0
         self._items: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._free: list[np.ndarray] = []
-        self._arena: np.ndarray | None = None
+        self._arenas: list[np.ndarray] = []
         self._done_of: object = None  # the done listing the entries were read under
         self.lock = threading.RLock()  # one reader of the cache at a time (the read-ahead thread and others)
 
@@ -129,14 +130,15 @@ class ChunkCache:
     def arena(self, nbytes: int) -> np.ndarray:
         """A writable ``uint8`` array of at least ``nbytes`` for rows copied out of several chunks: the
         cache's arena again when no view of it is alive any more, else a new one (contents undefined)."""
-        arena = self._arena
-        if arena is not None and arena.nbytes >= nbytes and _refs(arena) == _UNSHARED + 1:
-            arena.flags.writeable = True  # it owns its memory and no view of it is alive
-            self.reused += 1
-            return arena[:nbytes]
-        del arena
-        self._arena = np.empty(max(nbytes, 1), np.uint8)
-        return self._arena[:nbytes]
+        for arena in self._arenas:  # a few: one array's rows are still held while the next array is read
+            if arena.nbytes >= nbytes and _refs(arena) == _UNSHARED + 1:
+                arena.flags.writeable = True  # it owns its memory and no view of it is alive
+                self.reused += 1
+                return arena[:nbytes]
+        if len(self._arenas) >= ARENAS:
+            self._arenas.pop(0)  # freed once the views of it die
+        self._arenas.append(np.empty(max(nbytes, 1), np.uint8))
+        return self._arenas[-1][:nbytes]
 
     def clear(self) -> None:
         while self._items:
