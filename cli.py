@@ -23,8 +23,8 @@ from skim import commands as skim_commands
 
 # Read once by OpenMP when torch first loads (no module above imports torch): idle OpenMP threads sleep
 # instead of spinning. Measured on this 2-core host (issue 14, one training epoch, 256 planted videos,
-# 2 torch threads): 2.5x the videos/s with others' load ~4.5 and 4.2x with two busy processes beside it,
-# at 2.3-2.8x less CPU. A user's own setting wins.
+# batch 64, 2 torch threads): 2.5x the videos/s with others' load ~4.5 and 4.2x with two busy processes
+# beside it, at 2.3-2.8x less CPU. A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
