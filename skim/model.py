@@ -492,12 +492,14 @@ class SkimModel(nn.Module):
                         m.reset_parameters()
 
     def set_precision(self, precision: str) -> str:
-        """Choose the inference precision of the recurrent loop (``auto``, ``fp32`` or ``bf16``); returns the
-        one in use. ``bf16`` (``auto`` on a CPU with native bf16) runs the per-step matrix-vector products of
-        the LSTM, ``Psi`` and the queries with bf16 weights and inputs, fp32 accumulation and fp32 everything
-        else (keys, scores, softmax, cell state). At batch 1 those products read every weight once per step
-        (about 44 MB of fp32 per step for the paper's sizes, more than this CPU's L3), so the loop is bound by
-        memory bandwidth; bf16 halves the bytes. Training and autograd always run fp32.
+        """Choose the inference precision (``auto``, ``fp32`` or ``bf16``); returns the one in use.
+
+        ``bf16`` (``auto`` on a CPU with native bf16) runs the key projection and the per-step
+        matrix-vector products of the LSTM, ``Psi`` and the queries with bf16 weights and inputs, fp32
+        accumulation and fp32 everything else (batch norms, scores, softmax, cell state). At batch 1 those
+        products read every weight once per step (about 44 MB of fp32 per step for the paper's sizes, more
+        than this CPU's L3), so the loop is bound by memory bandwidth; bf16 halves the bytes. Near-tied picks
+        can differ from fp32. Training and autograd always run fp32.
 
         Raises:
             ConfigError: As :func:`resolve_precision`.
@@ -555,21 +557,33 @@ class SkimModel(nn.Module):
         rec = [clean[k] for k in cfg.recognition_keys]  # R x (B, N, D)
         # Keys of valid steps only: padding is never projected, normalised or counted in the statistics.
         rows = mask.reshape(-1).nonzero().squeeze(1)  # (M,) flat indices of valid steps
+        # bf16 products only at inference without autograd, on the CPU (see set_precision).
+        lowp = self.precision == "bf16" and not self.training and not torch.is_grad_enabled()
+        lowp = lowp and device.type == "cpu"
         keys = []
-        for z, proj, bn in zip(index, self.key_proj, self.key_bn, strict=True):
-            # (B, N, D): ReLU(BN(W z + b)) on valid rows, zero on padding; backward recomputes (see _KeyBank)
+        for i, (z, proj, bn) in enumerate(zip(index, self.key_proj, self.key_bn, strict=True)):
+            if lowp:  # running statistics (eval): the projection in bf16, the rest fp32
+                k = F.relu(bn.normalize_rows(self._bf16_weights()["keys"][i](z.reshape(b * n, -1)[rows])))
+                bank = k if rows.shape[0] == b * n else k.new_zeros(b * n, cfg.dim).index_copy_(0, rows, k)
+                keys.append(bank.view(b, n, cfg.dim))
+                continue
+            # (B, N, D): ReLU(BN(W z + b)) on valid rows, zero on padding (_KeyBank: what backward keeps)
             keys.append(
                 _KeyBank.apply(
-                    z.reshape(b * n, -1), rows, proj.weight, proj.bias, bn.weight, bn.bias, bn
-                ).view(b, n, cfg.dim)
+                    z.reshape(b * n, -1),
+                    rows,
+                    proj.weight,
+                    proj.bias,
+                    bn.weight,
+                    bn.bias,
+                    bn,
+                    torch.is_grad_enabled(),
+                ).view(b, n, cfg.dim)  # fmt: skip
             )
         # dL/dk = sum_t g_t q_t^T is summed once in backward, not accumulated step by step (see _KeyHub).
         key_grads: list[list[tuple[Tensor, Tensor]]] = [[] for _ in keys]
         keys = [_KeyHub.apply(k, buf) for k, buf in zip(keys, key_grads, strict=True)]
 
-        # bf16 per-step products only at inference without autograd, on the CPU (see set_precision).
-        lowp = self.precision == "bf16" and not self.training and not torch.is_grad_enabled()
-        lowp = lowp and device.type == "cpu"
         counts = mask.sum(1)  # (B,)
         mean_w = mask.float() / counts.clamp_min(1)[:, None]  # (B, N): mean over valid rows
         if self.psi_start is not None:
@@ -709,6 +723,7 @@ class SkimModel(nn.Module):
                     torch.cat([q.fc1.bias for q in self.query], 0),
                 ),
                 "q2": [_Bf16Linear(q.fc2.weight, q.fc2.bias) for q in self.query],
+                "keys": [_Bf16Linear(p.weight, p.bias, rows=None) for p in self.key_proj],
             }
         self.__dict__["_bf16_cache"] = (key, weights)
         return weights
@@ -804,6 +819,9 @@ def _zero_padding(z: Tensor, mask: Tensor, *, copy_always: bool = False) -> Tens
     return out.masked_fill_(~mask[..., None], 0.0)
 
 
+KEY_BLOCK_ROWS = 8192  # rows per block of the key projection at inference (16 MB of 512-d float32)
+
+
 class _KeyBank(torch.autograd.Function):
     """Keys ``ReLU(BN(W z + b))`` of the valid rows ``rows`` of ``z`` ``(B*N, D)``, in a ``(B*N, D)`` bank
     that is zero on padding; ``bn`` is a :class:`MaskedBatchNorm1d` (statistics over the valid rows only).
@@ -818,8 +836,20 @@ class _KeyBank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, rows: Tensor, weight: Tensor, bias: Tensor, bn_weight: Tensor,
-                bn_bias: Tensor, bn: MaskedBatchNorm1d) -> Tensor:  # fmt: skip
+                bn_bias: Tensor, bn: MaskedBatchNorm1d, grad_mode: bool) -> Tensor:  # fmt: skip
         batch_stats = bn.training and rows.shape[0] > 1
+        if not batch_stats and not grad_mode:
+            # Inference: rows are independent under the running statistics, so the bank is filled in
+            # blocks of rows; the gathered rows, the projection and the keys stay block-sized.
+            bank = z.new_zeros(z.shape[0], weight.shape[0])  # (B*N, D)
+            for block in rows.split(KEY_BLOCK_ROWS):
+                y = torch.addmm(bias, z.index_select(0, block), weight.t())  # (m, D), as F.linear
+                k = torch.native_batch_norm(
+                    y, bn_weight, bn_bias, bn.running_mean, bn.running_var, False, bn.momentum, bn.eps
+                )[0]
+                bank.index_copy_(0, block, k.relu_())
+            ctx.bn, ctx.batch_stats = bn, batch_stats
+            return bank
         if batch_stats:
             bn.num_batches_tracked += 1
         y = torch.addmm(bias, z.index_select(0, rows), weight.t())  # (M, D), as F.linear
@@ -832,8 +862,7 @@ class _KeyBank(torch.autograd.Function):
         else:
             bank = k.new_zeros(z.shape[0], k.shape[1]).index_copy_(0, rows, k)  # (B*N, D)
             del k
-        if torch.is_grad_enabled() or any(ctx.needs_input_grad):
-            ctx.save_for_backward(z, rows, weight, bn_weight, y, mean, invstd, bank)
+        ctx.save_for_backward(z, rows, weight, bn_weight, y, mean, invstd, bank)
         ctx.bn, ctx.batch_stats = bn, batch_stats
         return bank
 
@@ -854,7 +883,7 @@ class _KeyBank(torch.autograd.Function):
             g_z = torch.zeros_like(z).index_copy_(0, rows, gy @ weight)
         g_w = gy.t() @ z.index_select(0, rows) if need[2] else None
         g_b = gy.sum(0) if need[3] else None
-        return g_z, None, g_w, g_b, g_bn_w, g_bn_b, None
+        return g_z, None, g_w, g_b, g_bn_w, g_bn_b, None, None
 
 
 class _KeyHub(torch.autograd.Function):
@@ -922,13 +951,13 @@ class _Bf16Linear:
     for the 4096 x 1536 LSTM weight, measured on this project's AVX512-BF16 host).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor, *, rows: int | None = 1) -> None:
         self.weight = weight.detach().to(torch.bfloat16).contiguous()  # (out, in)
         self.bias = bias.detach().float()  # (out,)
         self.packed = None
         if self.weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
             try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
                 self(torch.zeros(2, self.weight.shape[1]))  # the op exists but may refuse this build/CPU
             except (RuntimeError, AttributeError, NotImplementedError):
                 self.packed = None

@@ -732,7 +732,7 @@ def test_key_bank_equals_plain_autograd_and_updates_the_statistics_once(training
             bn.weight.uniform_(0.5, 1.5)
         z = z0.clone().requires_grad_(True)
         if recompute:
-            bank = _KeyBank.apply(z, rows, proj.weight, proj.bias, bn.weight, bn.bias, bn)
+            bank = _KeyBank.apply(z, rows, proj.weight, proj.bias, bn.weight, bn.bias, bn, True)
         else:
             k = torch.relu(bn.normalize_rows(proj(z.index_select(0, rows))))
             bank = z.new_zeros(18, 8).index_copy(0, rows, k)
@@ -853,3 +853,21 @@ def test_heap_growth_limit_applies_on_glibc_and_frees_batch_sized_blocks():
     assert rss_mb() > before + 12
     del block
     assert rss_mb() < before + 4
+
+
+def test_inference_keys_in_row_blocks_equal_the_whole_projection(monkeypatch):
+    """Without autograd the eval-mode key bank is filled in blocks of rows: the same values bit for bit."""
+    import skim.model as sm
+
+    cfg = SkimConfig(**SMALL)
+    torch.manual_seed(0)
+    model = SkimModel(cfg)
+    warm_up(model, cfg)
+    feats, mask = make_batch(cfg, [9, 4, 7], seed=6)
+    with torch.enable_grad():
+        whole = model(feats, mask)  # autograd path: one projection of all valid rows
+    monkeypatch.setattr(sm, "KEY_BLOCK_ROWS", 3)  # 20 valid rows in 7 blocks
+    with torch.no_grad():
+        blocks = model(feats, mask)
+    torch.testing.assert_close(blocks.logits, whole.logits.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(blocks.attention, whole.attention.detach(), rtol=0, atol=0)
