@@ -59,9 +59,11 @@ def iter_query(
             ``steps_used``, ``path`` and ``step_s`` per video (used by :func:`explain`).
         allow_other_students: Answer on a store made by other students than the model's training store.
         skip: Video ids not to answer (already answered: ``l2l query --all --out FILE --resume``).
-        precision: ``fp32`` (default), or ``bf16`` / ``auto`` for the recurrent loop's products on a CPU with
-            native bf16 (:meth:`skim.model.SkimModel.set_precision`): 2-3x faster for one video, but near-tied
-            picks may differ from fp32 (21% of the videos of the untrained bench model; same top label).
+        precision: ``fp32`` (default), or ``bf16`` / ``auto`` for the key projection and the recurrent loop's
+            products on a CPU with native bf16 (:meth:`skim.model.SkimModel.set_precision`): about 2x faster
+            for one 500-step video, same top label and accuracy as fp32 on the demo and bench models, but
+            near-tied picks differ (same picks on 73 of the demo model's 96 videos, 92 of 150 of the
+            untrained bench model's), hence opt-in.
 
     Yields:
         ``{"video_id", "top": [{"label", "prob"}], "moments": [...]}`` per video. The first of the model's
