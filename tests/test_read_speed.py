@@ -145,6 +145,19 @@ def test_read_chunk_into_fills_unfinished_rows(fmt, tmp_path):
     np.testing.assert_array_equal(got[8:], 0)
 
 
+def test_a_store_with_a_filled_cache_pickles_and_reads_the_same(planted):
+    """A store pickled after batch reads (for a loader worker) arrives with an empty cache of the same size
+    and reads the same rows."""
+    import pickle
+
+    store = open_store(planted["store"])
+    want = read_many(store, "image", [(0, 5), (14, 20)])
+    copy = pickle.loads(pickle.dumps(store))
+    assert len(chunk_cache(copy)) == 0 and chunk_cache(copy).max_bytes == chunk_cache(store).max_bytes
+    for got, w in zip(read_many(copy, "image", [(0, 5), (14, 20)]), want, strict=True):
+        np.testing.assert_array_equal(got, w)
+
+
 def test_chunk_cache_is_a_byte_bounded_lru():
     cache = ChunkCache(max_bytes=3 * 80)
     for c in range(4):

@@ -84,6 +84,14 @@ class ChunkCache:
         self._done_of: object = None  # the done listing the entries were read under
         self.lock = threading.RLock()  # one reader of the cache at a time (the read-ahead thread and others)
 
+    def __getstate__(self) -> dict[str, int]:
+        # A copy sent to another process (a store pickled for a loader worker) starts empty: decoded chunks
+        # are not worth shipping, and a lock does not pickle.
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["max_bytes"])
+
     def get(self, name: str, chunk: int) -> np.ndarray | None:
         arr = self._items.get((name, chunk))
         if arr is None:
