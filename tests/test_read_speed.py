@@ -156,6 +156,10 @@ def test_a_store_with_a_filled_cache_pickles_and_reads_the_same(planted):
     assert len(chunk_cache(copy)) == 0 and chunk_cache(copy).max_bytes == chunk_cache(store).max_bytes
     for got, w in zip(read_many(copy, "image", [(0, 5), (14, 20)]), want, strict=True):
         np.testing.assert_array_equal(got, w)
+    # A forked child (a loader worker) gets a cache of its own, with a lock nobody holds.
+    old = chunk_cache(store)
+    old.pid = -1  # as seen from a child process
+    assert chunk_cache(store) is not old and chunk_cache(store).max_bytes == old.max_bytes
 
 
 def test_chunk_cache_is_a_byte_bounded_lru():

@@ -30,6 +30,7 @@ crc32c and the decode into a buffer that is no longer in the CPU cache (~0.2 ms)
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections import OrderedDict
@@ -83,6 +84,7 @@ class ChunkCache:
         self._arenas: list[np.ndarray] = []
         self._done_of: object = None  # the done listing the entries were read under
         self.lock = threading.RLock()  # one reader of the cache at a time (the read-ahead thread and others)
+        self.pid = os.getpid()  # a forked child gets a cache of its own (the lock may have been held)
 
     def __getstate__(self) -> dict[str, int]:
         # A copy sent to another process (a store pickled for a loader worker) starts empty: decoded chunks
@@ -162,6 +164,8 @@ class ChunkCache:
 def chunk_cache(store: FeatureStore, max_bytes: int | None = None) -> ChunkCache:
     """The decoded-chunk cache of an open store (created on first use; ``max_bytes`` resizes it)."""
     cache = store.__dict__.get("_chunk_cache")
+    if cache is not None and cache.pid != os.getpid():
+        cache = store.__dict__["_chunk_cache"] = ChunkCache(cache.max_bytes)  # forked: a fresh lock
     if cache is None:
         cache = store.__dict__["_chunk_cache"] = ChunkCache(
             DEFAULT_CACHE_BYTES if max_bytes is None else max_bytes
