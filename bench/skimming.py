@@ -28,8 +28,12 @@ of other users changes less than wall time.
 - **eval**: the trained model over every video (:func:`skim.infer.iter_outputs`) from each store and from
   memory, against the model's forward alone on batches already in memory at its best batch size (the
   compute limit of this CPU), with the GFLOP/s reached.
-- **query**: one 500-step video with the model loaded (read + forward, the warm-process latency), one
-  ``query()`` end to end, and ``l2l query --all --out`` (JSON Lines, streamed) with its peak RSS.
+- **query**: one 500-step video with the model loaded (read + forward, the warm-process latency), the
+  forward alone per precision (fp32; bf16 where the CPU has native bf16, opt-in since near-tied picks may
+  differ) and per thread count (1 and ``--threads``), beside the floor of reading every per-step weight
+  once per recurrent step (batch 1 is bound by memory bandwidth), one ``query()`` end to end, and
+  ``l2l query --all --out`` (JSON Lines, streamed) with its peak RSS. Every process runs with
+  ``OMP_WAIT_POLICY=PASSIVE``, as ``l2l`` does.
 - **profile**: the share of a training and an evaluation epoch spent reading + collating (the loader alone
   over the same batches) against compute.
 
@@ -1092,4 +1096,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # As l2l does (cli.py), before any process loads torch: idle OpenMP threads sleep instead of spinning.
+    # Without it, one 500-step query with 2 threads took 190-550 ms at others' load ~3.5 (1 thread: 49 ms).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     main()
