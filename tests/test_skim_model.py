@@ -871,3 +871,38 @@ def test_inference_keys_in_row_blocks_equal_the_whole_projection(monkeypatch):
         blocks = model(feats, mask)
     torch.testing.assert_close(blocks.logits, whole.logits.detach(), rtol=0, atol=0)
     torch.testing.assert_close(blocks.attention, whole.attention.detach(), rtol=0, atol=0)
+
+
+def test_bench_reference_manner_stand_in_computes_over_padding_and_trains():
+    """bench/skimming.py's stand-in of the reference's model manner: keys over every padded position (the
+    key batch norm counts padding), ten Psi inputs, and a gradient for every parameter in the loss path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_skimming", bench / "skimming.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    torch.manual_seed(0)
+    model = mod.reference_manner_model(4, dim=8, hidden=12, steps=10).train()
+    calls = []
+    model.psi.register_forward_hook(lambda *_: calls.append(1))
+    mask = torch.arange(20)[None, :] < torch.tensor([20, 12, 15])[:, None]  # (B, N)
+    image, audio = (torch.randn(3, 20, 8) * mask[..., None] for _ in range(2))
+    logits = model(image, audio, mask.float())
+    assert logits.shape == (3, 4) and len(calls) == 10
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    for name in ("key_image.0.weight", "query_audio.0.weight", "psi.0.weight", "classifier.weight"):
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+    conv, bn = model.key_image[0], model.key_image[1]
+    with torch.no_grad():
+        proj = conv(image.permute(0, 2, 1).unsqueeze(-1)).squeeze(-1)  # (B, D, N) incl. padded positions
+    every = 0.1 * proj.mean((0, 2))  # momentum 0.1 from zero: the mean over all 60 positions
+    valid = 0.1 * proj.permute(0, 2, 1)[mask].mean(0)
+    torch.testing.assert_close(bn.running_mean, every)
+    assert not torch.allclose(bn.running_mean, valid)
