@@ -67,7 +67,7 @@ WEIGHT_INITS = ("reference", "torch")  # N(0, 0.02) Linear/Conv, zero LSTM biase
 LEGACY_DEFAULTS = {"mask": "shared", "query_bn": "skip_last", "weight_init": "torch"}
 RECOGNITION_PREFIX = "rec:"  # batch key prefix of features read from a separate recognition store
 # Inference precision of the recurrent loop's matrix-vector products: bf16 only where the CPU has native bf16
-# dot products (``auto``), fp32 everywhere else; training and the key projection are always fp32.
+# dot products (``auto``), fp32 everywhere else; training is always fp32 (see SkimModel.set_precision).
 PRECISIONS = ("auto", "fp32", "bf16")
 
 

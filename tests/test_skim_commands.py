@@ -260,6 +260,11 @@ def test_query_json_schema_and_errors(trained, corpus):
         assert start <= first["start_s"] + 8 / 30 <= end
     everything = run("query", store, "--all", "--model", model, "--top-k", "1")
     assert len(everything) == SPEC.videos
+    # --precision auto: bf16 products on a CPU with native bf16, fp32 elsewhere; the same labels here
+    fast = run("query", store, "vid00004", "vid00009", "--model", model, "--precision", "auto")
+    assert [a["top"][0]["label"] for a in fast] == [a["top"][0]["label"] for a in answers]
+    result = CliRunner().invoke(main, ["query", store, "vid00004", "--model", model, "--precision", "fp16"])
+    assert result.exit_code == 2 and "fp16" in result.output
     result = CliRunner().invoke(main, ["query", store, "nope", "--model", model])
     assert result.exit_code == 2 and "nope" in result.output
     result = CliRunner().invoke(main, ["query", store, "--model", model])
