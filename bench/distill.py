@@ -63,15 +63,21 @@ def _epoch_rate(loaders, teacher, work: Path, name: str) -> float:
     return float(history[-1]["clips_per_s"])  # the second epoch: loader workers already running
 
 
-def _loader_rate(loaders) -> float:
-    """Clips per second of a pass over the training loader alone, nothing trained: the second epoch's (the
+def _loader_pass(loaders, clock) -> tuple[int, float]:
+    """Clips and ``clock`` seconds of the second pass over the training loader alone, nothing trained (the
     workers started in the first)."""
     loader = loaders.train
     for epoch in (0, 1):
         loader.dataset.set_epoch(epoch)
-        t0 = time.perf_counter()
+        t0 = clock()
         n = sum(len(batch["video"]) for batch in loader)
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
+    return n, seconds
+
+
+def _loader_rate(loaders) -> float:
+    """Clips per second of the training loader alone (wall time)."""
+    n, seconds = _loader_pass(loaders, time.perf_counter)
     return n / seconds
 
 
@@ -104,12 +110,7 @@ def _limit(steps: int) -> float:
 
 def _loader_cpu_ms(loaders) -> float:
     """CPU milliseconds per clip of the training loader read in this process (0 workers), second epoch."""
-    loader = loaders.train
-    for epoch in (0, 1):
-        loader.dataset.set_epoch(epoch)
-        t0 = time.process_time()
-        n = sum(len(batch["video"]) for batch in loader)
-        seconds = time.process_time() - t0
+    n, seconds = _loader_pass(loaders, time.process_time)
     return 1000 * seconds / n
 
 
