@@ -654,7 +654,10 @@ def iter_step_batches(
     total = info.num_steps if stop is None else stop
     if not 0 <= start <= total <= info.num_steps:
         raise ConfigError(f"steps [{start}, {total}) are not inside {path}'s {info.num_steps} steps")
-    with StepReader(path, info=info, size=size, num_threads=num_threads) as reader:
+    # One pass that goes on across batches: exact on open GOPs (decord's seeks there return wrong pixels for
+    # pictures that refer back past the keyframe it seeks to), with no decoder running between batches.
+    reader = StepReader(path, info=info, size=size, num_threads=num_threads, one_pass=True, follow=True)
+    with reader:
         first = start
         while first < total:
             end = min((first // batch_steps + 1) * batch_steps, total)  # the whole-video batch grid
@@ -725,6 +728,10 @@ class StepReader:
             same pixels as decord's): for reads of sorted steps spread over the video, as grouped clip
             loading makes (about half the CPU of decord's random access there, measured). ``False``:
             decord, whose open reader suits many small reads of one file.
+        follow: With ``one_pass``, for reads in step order (each read's steps after the previous read's, as
+            :func:`iter_step_batches` makes): the decoder pauses after a read and the next one goes on from
+            there instead of seeking back to the IDR picture before its first frame (an open-GOP file may
+            have a single one, at frame 0). A read out of order starts a fresh pass (exact, slower).
     """
 
     def __init__(
@@ -735,14 +742,20 @@ class StepReader:
         size: int = 112,
         num_threads: int = 1,
         one_pass: bool = False,
+        follow: bool = False,
     ):
         if size < 1:
             raise ConfigError(f"size must be >= 1, got {size}")
         self.path = _check_path(path)
         self.info = info if info is not None else probe_video(path)
         self.size = size
-        source = _PassSource if one_pass else _VideoSource
-        self._video = source(self.path, self.info, size, num_threads)
+        if follow and not one_pass:
+            raise ConfigError("follow=True needs one_pass=True (it continues the one-pass decoder)")
+        self.follow = follow
+        if one_pass:
+            self._video = _PassSource(self.path, self.info, size, num_threads, follow=follow)
+        else:
+            self._video = _VideoSource(self.path, self.info, size, num_threads)
         try:
             self._audio = _AudioSource(self.path, self.info) if self.info.has_audio else None
         except BaseException:
@@ -775,13 +788,16 @@ class StepReader:
             empty = np.zeros((0, size, size, 3), np.uint8)
             return StepBatch(steps, start_s, empty, np.zeros((0, n_audio), np.float32), clips)
         frame_idx = frames_at(self._video.rel_pts, start_s)  # (B,)
+        keep_from = None  # following reads (steps after these) want no frame before this index
+        if self.follow and int(steps.max()) + 1 < total:
+            keep_from = int(frames_at(self._video.rel_pts, np.array([(int(steps.max()) + 1) * STEP_S]))[0])
         if with_clips:
             clip_idx = frames_at(self._video.rel_pts, teacher_times(start_s).reshape(-1))  # (B*16,)
-            pixels = self._video.frames(np.concatenate([frame_idx, clip_idx]))
+            pixels = self._video.frames(np.concatenate([frame_idx, clip_idx]), keep_from)
             frames = pixels[: len(steps)]
             clips = pixels[len(steps) :].reshape(len(steps), TEACHER_FRAMES, size, size, 3)
         else:
-            frames, clips = self._video.frames(frame_idx), None
+            frames, clips = self._video.frames(frame_idx, keep_from), None
         audio = np.zeros((len(steps), n_audio), dtype=np.float32)  # (B, 16000)
         if self._audio is not None:
             starts = np.rint(start_s * SAMPLE_RATE).astype(np.int64)  # (B,) first 16 kHz sample of each step
@@ -851,8 +867,9 @@ class _VideoSource:
             self.close()
             raise MediaError(path, "decoder and demuxer disagree on frame times")
 
-    def frames(self, indices: np.ndarray) -> np.ndarray:
-        """Decode frames by index: ``(N, size, size, 3)`` uint8, only the distinct indices are decoded."""
+    def frames(self, indices: np.ndarray, keep_from: int | None = None) -> np.ndarray:
+        """Decode frames by index: ``(N, size, size, 3)`` uint8, only the distinct indices are decoded
+        (``keep_from``: see :meth:`_PassSource.frames`; decord's reader needs no such hint)."""
         unique, inverse = np.unique(indices, return_inverse=True)
         try:
             batch = self.vr.get_batch(unique.tolist()).asnumpy()  # (U, H', W', 3)
@@ -913,20 +930,33 @@ class _PassSource:
     damage is reported as :class:`_VideoSource` reports it.
     """
 
-    def __init__(self, path: Path, info: VideoInfo, size: int, num_threads: int):
+    def __init__(self, path: Path, info: VideoInfo, size: int, num_threads: int, *, follow: bool = False):
         self.path = path
         self.info = info
         self.size = size
         self.num_threads = num_threads
+        self.follow = follow
         self.out_w, self.out_h = _scaled_size(info.width, info.height, size)
         self.x0, self.y0 = (self.out_w - size) // 2, (self.out_h - size) // 2
         self.index = _video_index(path)
         self.rel_pts = self.index.rel_s  # (F,)
         self._decord: _VideoSource | None = None
         self.decord_reads = 0  # reads decord served (the pass could not serve them exactly)
+        # follow mode: the decoder paused between reads, the crops of frames that came out at or after the
+        # previous read's keep mark (pts -> (size, size, 3)), and that mark (later reads want nothing before)
+        self._live: _LivePass | None = None
+        self._held: dict[int, np.ndarray] = {}
+        self._keep_tick: int | None = None
+        self.restarts = 0  # follow mode: passes started (the first read's included)
 
-    def frames(self, indices: np.ndarray) -> np.ndarray:
-        """Frames by index: ``(N, size, size, 3)`` uint8, as :meth:`_VideoSource.frames`."""
+    def frames(self, indices: np.ndarray, keep_from: int | None = None) -> np.ndarray:
+        """Frames by index: ``(N, size, size, 3)`` uint8, as :meth:`_VideoSource.frames`.
+
+        Args:
+            indices: Frame indices, any order, repeats allowed.
+            keep_from: Follow mode: the next read wants no frame before this index (``None``: there is no
+                next read), so frames from it on that come out now are kept for it and are decoded in full.
+        """
         import av
 
         unique, inverse = np.unique(indices, return_inverse=True)
@@ -934,11 +964,124 @@ class _PassSource:
             if not len(unique):
                 return np.zeros((0, self.size, self.size, 3), np.uint8)
             try:
+                if self.follow:
+                    return self._follow_pass(unique, keep_from)[inverse.reshape(-1)]  # (N, size, size, 3)
                 return self._pass(unique)[inverse.reshape(-1)]  # (N, size, size, 3)
             except (_NoPass, av.error.FFmpegError):
+                self._stop()
                 self._decord = _VideoSource(self.path, self.info, self.size, self.num_threads)
         self.decord_reads += 1
         return self._decord.frames(indices)
+
+    def _follow_pass(self, unique: np.ndarray, keep_from: int | None) -> np.ndarray:
+        """The frames ``unique`` (sorted, distinct indices), going on with the paused decoder where that is
+        exact: ``(U, size, size, 3)``.
+
+        The decoder goes on when this read wants nothing before the previous read's keep mark (every frame
+        from the mark on was decoded in full and either came out, and is held, or is still to come) and the
+        start a fresh pass would take (:meth:`_plan`) is not ahead of the demuxer; otherwise a fresh pass
+        starts there. Packets are decoded in full from the start on, except non-reference pictures that
+        neither this read nor a later one wants (nothing refers to them).
+        """
+        index = self.index
+        if not index.all_pts:
+            raise _NoPass("packets without distinct pts")
+        want = index.ticks[unique]  # (U,) sorted
+        keep = int(index.ticks[keep_from]) if keep_from is not None else _NO_TICK
+        out = np.empty((len(unique), self.size, self.size, 3), np.uint8)  # (U, size, size, 3)
+        slot = {int(t): j for j, t in enumerate(want)}
+        if self._keep_tick is None or int(want[0]) < self._keep_tick:  # wants what was let go: start afresh
+            self._stop()
+        for t in [t for t in slot if t in self._held]:
+            out[slot.pop(t)] = self._held[t]
+        held = {t: crop for t, crop in self._held.items() if t >= keep}
+        self._keep_tick = keep
+        if slot:
+            first, _ = self._plan(np.asarray(sorted(slot), np.int64))
+            live = self._live
+            if live is None or first > live.at:  # a fresh pass from ``first`` decodes less (and is exact)
+                self._stop()
+                held = {}
+                live = self._start(first)
+            ctx, graph = live.ctx, live.graph
+            skip_nonref = ctx.name in _SKIP_NONREF
+            ticks = live.ticks
+
+            def take(frames) -> None:
+                for frame in frames:
+                    pts = frame.pts
+                    j = slot.pop(pts, None)
+                    if j is None and (pts is None or pts < keep):
+                        continue
+                    if getattr(frame, "rotation", 0) or frame.format.name != ctx.format.name:
+                        raise _NoPass("rotated or format changed mid-stream")
+                    if (frame.width, frame.height) != (ctx.width, ctx.height):
+                        raise _NoPass("frame size changed mid-stream")
+                    try:
+                        graph.vpush(frame)
+                        rgb = graph.vpull().to_ndarray()  # (out_h, out_w, 3)
+                    except BaseException:  # a graph left holding a frame must never serve another read
+                        for key in [k for k, g in _GRAPHS.items() if g is graph]:
+                            del _GRAPHS[key]
+                        raise
+                    crop = rgb[self.y0 : self.y0 + self.size, self.x0 : self.x0 + self.size]
+                    if j is not None:
+                        out[j] = crop
+                    if pts >= keep:
+                        held[pts] = crop
+
+            while slot:
+                if live.ended:
+                    raise _NoPass(f"{len(slot)} frames did not come out")
+                packet = next(live.packets, None)
+                if packet is None or (packet.size == 0 and packet.pts is None):  # end of stream: drain
+                    live.ended = True
+                    take(ctx.decode(None))
+                    continue
+                if live.at >= len(ticks) or packet.pts != ticks[live.at]:
+                    raise _NoPass("packets differ from the index (or the seek landed elsewhere)")
+                live.at += 1
+                if skip_nonref:
+                    skip = packet.pts not in slot and packet.pts < keep
+                    if skip != live.skipping:
+                        ctx.skip_frame = "NONREF" if skip else "DEFAULT"
+                        live.skipping = skip
+                take(packet.decode())
+        self._held = held
+        if keep == _NO_TICK:  # no later read: nothing to pause for
+            self._stop()
+        return out
+
+    def _start(self, first: int) -> _LivePass:
+        """Open the file and place its demuxer at decode position ``first`` (a keyframe)."""
+        import av
+
+        self.restarts += 1
+        container = av.open(str(self.path), metadata_errors="ignore")
+        try:
+            stream = _best_video(container)
+            if stream is None or stream.codec_context is None:
+                raise _NoPass("no decodable video stream")
+            ctx = stream.codec_context
+            ctx.thread_count = self.num_threads
+            if ctx.format is None or (ctx.width, ctx.height) != (self.info.width, self.info.height):
+                raise _NoPass("rotated or unknown format")  # displayed size differs from coded: rotated
+            if first:
+                container.seek(int(self.index.decode_ticks[first]), stream=stream, backward=True)
+            graph = _scale_graph(stream, self.out_w, self.out_h)
+            packets = container.demux(stream)
+        except BaseException:
+            container.close()
+            raise
+        self._live = _LivePass(container, ctx, graph, packets, self.index.decode_ticks.tolist(), first)
+        return self._live
+
+    def _stop(self) -> None:
+        """Close the paused decoder, if any, and forget what it held."""
+        if self._live is not None:
+            self._live.container.close()
+            self._live = None
+        self._held = {}
 
     def _plan(self, want: np.ndarray) -> tuple[int, np.ndarray]:
         """Where decoding starts and which packets it decodes, for the wanted pts ``want`` (sorted).
@@ -1033,9 +1176,25 @@ class _PassSource:
         return out
 
     def close(self) -> None:
+        self._stop()
         if self._decord is not None:
             self._decord.close()
             self._decord = None
+
+
+_NO_TICK = np.iinfo(np.int64).max  # keep mark of a read no later read follows
+
+
+class _LivePass:
+    """A one-pass decoder paused between reads (:meth:`_PassSource._follow_pass`): the open file, its
+    demuxer's packet iterator and the decode position ``at`` of the next packet it yields."""
+
+    def __init__(self, container, ctx, graph, packets, ticks: list, at: int):
+        self.container, self.ctx, self.graph, self.packets = container, ctx, graph, packets
+        self.ticks = ticks  # (F,) the packets' pts in decode order, plain ints (a fast loop)
+        self.at = at
+        self.skipping = None  # the skip_frame setting last given to the decoder (None: never set)
+        self.ended = False  # the stream ended and the decoder was drained
 
 
 _GRAPHS: OrderedDict[tuple, object] = OrderedDict()  # filter graphs of this process, by their arguments
