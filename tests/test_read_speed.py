@@ -408,6 +408,38 @@ def test_read_ahead_yields_the_same_batches_and_raises_damage_at_its_batch(plant
             pass
 
 
+def test_read_ahead_holds_at_most_depth_batches_besides_the_callers():
+    import time
+
+    from skim.data import ReadAhead
+
+    class Counting:  # a loader that records how far it ran ahead of its caller
+        batch_sampler = dataset = None
+
+        def __init__(self) -> None:
+            self.made, self.taken, self.lead = 0, 0, []
+
+        def __len__(self) -> int:
+            return 12
+
+        def __iter__(self):
+            for i in range(12):
+                self.made += 1
+                self.lead.append(self.made - self.taken)  # batches alive beyond those the caller let go
+                yield i
+
+    for depth in (1, 2):
+        loader = Counting()
+        got = []
+        for i in ReadAhead(loader, depth):
+            time.sleep(0.01)  # the model computing: the thread reads ahead meanwhile
+            got.append(i)
+            loader.taken += 1
+        assert got == list(range(12))
+        # the caller's batch, and at most ``depth`` read ahead (the old queue let the thread hold one more)
+        assert max(loader.lead) == depth + 1, (depth, loader.lead)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from skim.train import TrainConfig, train
