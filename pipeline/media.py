@@ -948,6 +948,7 @@ class _PassSource:
         self._held: dict[int, np.ndarray] = {}
         self._keep_tick: int | None = None
         self.restarts = 0  # follow mode: passes started (the first read's included)
+        self._order = None  # (F,) decode positions in pts order, with what _first needs (see _positions)
 
     def frames(self, indices: np.ndarray, keep_from: int | None = None) -> np.ndarray:
         """Frames by index: ``(N, size, size, 3)`` uint8, as :meth:`_VideoSource.frames`.
@@ -997,11 +998,12 @@ class _PassSource:
         held = {t: crop for t, crop in self._held.items() if t >= keep}
         self._keep_tick = keep
         if slot:
-            first, _ = self._plan(np.asarray(sorted(slot), np.int64))
+            first = self._first(int(self._positions(np.asarray(sorted(slot), np.int64)).min()))
             live = self._live
             if live is None or first > live.at:  # a fresh pass from ``first`` decodes less (and is exact)
-                self._stop()
-                held = {}
+                if live is not None:
+                    live.container.close()  # (what it held stays: exact pixels, kept by pts)
+                    self._live = None
                 live = self._start(first)
             ctx, graph = live.ctx, live.graph
             skip_nonref = ctx.name in _SKIP_NONREF
@@ -1091,25 +1093,41 @@ class _PassSource:
             packets to decode (the others are only demuxed).
         """
         index = self.index
-        order = np.argsort(index.decode_ticks, kind="stable")  # (F,)
-        pos = order[np.searchsorted(index.decode_ticks[order], want)]  # (U,) decode positions
-        # Start at the last IDR picture (H.264) at or before the first wanted packet: from there the pictures
-        # are exact. Other codecs start at a keyframe; where pictures are reordered, one keyframe earlier, as
-        # the pictures that follow a keyframe may refer back into the GOP before it (open GOPs).
-        if index.clean.any():
-            starts = np.flatnonzero(index.clean)
-            back = 1
-        else:
-            starts = np.flatnonzero(np.isin(index.decode_ticks, index.key_ticks))
-            back = 2 if np.any(np.diff(index.decode_ticks) < 0) else 1
-        before = starts[starts <= pos.min()]
-        first = int(before[-back]) if len(before) >= back else 0
+        pos = self._positions(want)  # (U,) decode positions
+        first = self._first(int(pos.min()))
         segment = np.cumsum(index.clean)  # (F,) segments start at IDR pictures
         last = np.full(int(segment[-1]) + 1, -1, np.int64)  # last wanted decode position per segment
         np.maximum.at(last, segment[pos], pos)
         decode = np.arange(len(segment)) <= last[segment]  # (F,)
         decode[:first] = False
         return first, decode
+
+    def _positions(self, want: np.ndarray) -> np.ndarray:
+        """Decode positions ``(U,)`` of the packets with pts ``want``."""
+        if self._order is None:  # once per source: a long video's sort would cost per read otherwise
+            index = self.index
+            order = np.argsort(index.decode_ticks, kind="stable")  # (F,)
+            # Start at the last IDR picture (H.264) at or before the first wanted packet: from there the
+            # pictures are exact. Other codecs start at a keyframe; where pictures are reordered, one
+            # keyframe earlier, as the pictures after a keyframe may refer back into the GOP before it (open
+            # GOPs).
+            if index.clean.any():
+                starts, back = np.flatnonzero(index.clean), 1
+            else:
+                starts = np.flatnonzero(np.isin(index.decode_ticks, index.key_ticks))
+                back = 2 if np.any(np.diff(index.decode_ticks) < 0) else 1
+            self._order, self._sorted_decode, self._starts, self._back = (
+                order,
+                index.decode_ticks[order],
+                starts,
+                back,
+            )
+        return self._order[np.searchsorted(self._sorted_decode, want)]
+
+    def _first(self, pos: int) -> int:
+        """The decode position where a pass that must decode position ``pos`` exactly starts."""
+        n = int(np.searchsorted(self._starts, pos, side="right"))  # starts at or before ``pos``
+        return int(self._starts[n - self._back]) if n >= self._back else 0
 
     def _pass(self, unique: np.ndarray) -> np.ndarray:
         """The frames ``unique`` (sorted, distinct indices) in one forward decode: ``(U, size, size, 3)``."""
