@@ -408,6 +408,27 @@ def test_read_ahead_yields_the_same_batches_and_raises_damage_at_its_batch(plant
             pass
 
 
+def test_loader_batches_keep_the_stores_float16_and_to_device_casts_them_once(planted):
+    import torch
+
+    from skim.data import eval_sampler, make_loader, to_device
+
+    store = open_store(planted["store"])
+    ds = SkimDataset(store, ("image", "audio"), require_label=False)
+    sampler = eval_sampler(ds, batch_size=4)
+    for idx, batch in zip(sampler, make_loader(ds, sampler, read_ahead=1), strict=True):
+        half = batch["features"]
+        assert half["image"].dtype == torch.float16  # waits in the read-ahead at half the size
+        ref = collate([ds[i] for i in idx])  # the float32 batch of before
+        moved = to_device(batch, "cpu")
+        for key in ("image", "audio"):
+            assert moved["features"][key].dtype == torch.float32
+            assert torch.equal(moved["features"][key], ref["features"][key])  # same values, padding zero
+            # the loader's float16 copy is released: whoever holds ``batch`` now sees the float32 one
+            assert batch["features"][key] is moved["features"][key]
+        assert torch.equal(moved["mask"], ref["mask"])
+
+
 def test_read_ahead_holds_at_most_depth_batches_besides_the_callers():
     import time
 
