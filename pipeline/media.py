@@ -3,7 +3,10 @@
 * :func:`probe_video` inspects a file in a helper process (a hang or a decoder crash becomes a
   :class:`~indexing.errors.MediaError`) and returns a :class:`VideoInfo`.
 * :func:`iter_step_batches` streams every step of a video as :class:`StepBatch` es; memory is bounded by
-  one batch whatever the length (frames are decoded per batch, audio is decoded packet by packet).
+  one batch whatever the length (frames are decoded per batch, audio is decoded packet by packet). Its
+  frames come from one forward PyAV pass paused between batches (``StepReader(one_pass=True,
+  follow=True)``): exact on H.264 with open GOPs, where decord's seeks to a keyframe that is not an IDR
+  picture return wrong pixels for the pictures that refer back past it.
 * :func:`read_steps` (and :class:`StepReader` for many calls on one file) fetches a few steps for
   training loaders; the content is that of the stream for those steps. ``StepReader(one_pass=True)``
   decodes each read in one forward pass (PyAV, only the pictures the steps need; grouped clip loading).
