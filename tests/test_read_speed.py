@@ -429,6 +429,21 @@ def test_loader_batches_keep_the_stores_float16_and_to_device_casts_them_once(pl
         assert torch.equal(moved["mask"], ref["mask"])
 
 
+def test_eval_sampler_sizes_the_cache_to_decode_each_chunk_once(planted):
+    from skim.data import eval_sampler, make_loader
+
+    store = open_store(planted["store"])
+    ds = SkimDataset(store, ("image", "audio"), require_label=False)
+    sampler = eval_sampler(ds, batch_size=4)  # windows of 8 videos of 5-30 steps, 16-row chunks
+    cache = chunk_cache(store)
+    cache.clear()
+    cache.misses = 0
+    for _ in make_loader(ds, sampler, read_ahead=0):
+        pass
+    chunks = chunks_touched([(e.first_row, e.first_row + e.steps) for e in ds.entries], store.chunk_rows)
+    assert cache.misses == 4 * chunks  # image, audio, valid, time_s: each chunk decoded once an epoch
+
+
 def test_read_ahead_holds_at_most_depth_batches_besides_the_callers():
     import time
 
