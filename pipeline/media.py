@@ -679,8 +679,9 @@ def read_steps(
 ) -> StepBatch:
     """Read a few steps of a video (random access for training loaders).
 
-    The content equals that of :func:`iter_step_batches` for the same steps. Each call opens the file
-    (decord indexes it); for many reads of one file keep a :class:`StepReader` open instead.
+    The content equals that of :func:`iter_step_batches` for the same steps (one forward pass from the IDR
+    picture before the first frame, exact on open GOPs as the extraction is). Each call opens the file; for
+    many reads of one file keep a :class:`StepReader` open instead.
 
     Args:
         path: The video file.
@@ -698,7 +699,7 @@ def read_steps(
         IndexError: A step outside the video.
     """
     info = info if info is not None else probe_video(path)
-    with StepReader(path, info=info, size=size, num_threads=num_threads) as reader:
+    with StepReader(path, info=info, size=size, num_threads=num_threads, one_pass=True) as reader:
         return reader.read(steps, with_clips=with_clips)
 
 

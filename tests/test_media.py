@@ -329,6 +329,7 @@ def test_step_batches_are_exact_on_open_gops_in_one_forward_pass(tmp_path):
         batches.append(reader.read([1, 2], with_clips=True))  # out of order: a fresh pass
         assert reader._video.restarts == 2 and reader._video.decord_reads == 0
     _assert_exact(path, batches, truth)
+    _assert_exact(path, [read_steps(path, [9, 2, 16], info=info, with_clips=True)], truth)  # l2l show's reads
     with StepReader(path, info=info) as seek:  # decord (the former extraction reader) gets some wrong
         wrong = [
             not np.array_equal(seek.read([s], with_clips=True).clips, b.clips[:1])
