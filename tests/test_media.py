@@ -533,7 +533,10 @@ def test_video_damaged_after_probing_raises_at_the_frame(files, tmp_path):
             seen.extend(batch.steps.tolist())
     assert err.value.reason.startswith("corrupt video data at frame ")
     bad = int(err.value.reason.split("frame ")[1].split()[0])
-    assert 140 <= bad <= 175
+    # A frame inside the damage, or the first frame of the batch that holds it (steps 8-11 from frame 128)
+    # when a fresh reader decodes each of its frames alone without an error: decord's random access does
+    # so now and then (3 of 60 runs), so the message names the batch.
+    assert 128 <= bad <= 175
     assert max(seen) * 16 < 150  # nothing from the damaged frames on was handed out
 
 
