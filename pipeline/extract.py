@@ -1190,8 +1190,9 @@ def _run_tasks(
                 task = by_key[fut.key]
                 if fut.status == "finished":
                     finished(task, fut.result(), None)
-                else:
-                    finished(task, None, fut.exception())
+                else:  # a task left without an exception (e.g. lost with its worker) still says so
+                    err = fut.exception() or RuntimeError(f"the cluster reports the task {fut.status!r}")
+                    finished(task, None, err)
                 fut.release()
     return results, errors
 
