@@ -1188,11 +1188,16 @@ def _run_tasks(
             by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
             for fut in as_completed(futures):
                 task = by_key[fut.key]
-                if fut.status == "finished":
-                    finished(task, fut.result(), None)
-                else:  # a task left without an exception (e.g. lost with its worker) still says so
-                    err = fut.exception() or RuntimeError(f"the cluster reports the task {fut.status!r}")
+                # result() rather than a look at fut.status: a finished task whose worker dies before its
+                # result is gathered goes back to pending and is recomputed, and result() waits for that
+                # (the status alone read as a failure without an error, then 'finished': a race seen after
+                # a worker kill). A task that failed, or was cancelled, raises here and is recorded.
+                try:
+                    result = fut.result()
+                except Exception as err:  # noqa: BLE001 - recorded; the task is left for a resume
                     finished(task, None, err)
+                else:
+                    finished(task, result, None)
                 fut.release()
     return results, errors
 
