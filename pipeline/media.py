@@ -1019,18 +1019,7 @@ class _PassSource:
                     j = slot.pop(pts, None)
                     if j is None and (pts is None or pts < keep):
                         continue
-                    if getattr(frame, "rotation", 0) or frame.format.name != ctx.format.name:
-                        raise _NoPass("rotated or format changed mid-stream")
-                    if (frame.width, frame.height) != (ctx.width, ctx.height):
-                        raise _NoPass("frame size changed mid-stream")
-                    try:
-                        graph.vpush(frame)
-                        rgb = graph.vpull().to_ndarray()  # (out_h, out_w, 3)
-                    except BaseException:  # a graph left holding a frame must never serve another read
-                        for key in [k for k, g in _GRAPHS.items() if g is graph]:
-                            del _GRAPHS[key]
-                        raise
-                    crop = rgb[self.y0 : self.y0 + self.size, self.x0 : self.x0 + self.size]
+                    crop = self._crop(frame, ctx, graph)  # (size, size, 3)
                     if j is not None:
                         out[j] = crop
                     if pts >= keep:
@@ -1057,6 +1046,25 @@ class _PassSource:
         if keep == _NO_TICK:  # no later read: nothing to pause for
             self._stop()
         return out
+
+    def _crop(self, frame, ctx, graph) -> np.ndarray:
+        """One decoded frame through the scale graph, centre-cropped: ``(size, size, 3)`` uint8.
+
+        Raises:
+            _NoPass: The frame is rotated or its format or size changed mid-stream (decord reads instead).
+        """
+        if getattr(frame, "rotation", 0) or frame.format.name != ctx.format.name:
+            raise _NoPass("rotated or format changed mid-stream")
+        if (frame.width, frame.height) != (ctx.width, ctx.height):
+            raise _NoPass("frame size changed mid-stream")
+        try:
+            graph.vpush(frame)
+            rgb = graph.vpull().to_ndarray()  # (out_h, out_w, 3)
+        except BaseException:  # a graph left holding a frame must never serve another read
+            for key in [k for k, g in _GRAPHS.items() if g is graph]:
+                del _GRAPHS[key]
+            raise
+        return rgb[self.y0 : self.y0 + self.size, self.x0 : self.x0 + self.size]
 
     def _start(self, first: int) -> _LivePass:
         """Open the file and place its demuxer at decode position ``first`` (a keyframe)."""
@@ -1163,18 +1171,7 @@ class _PassSource:
                     j = slot.pop(frame.pts, None)
                     if j is None:
                         continue
-                    if getattr(frame, "rotation", 0) or frame.format.name != ctx.format.name:
-                        raise _NoPass("rotated or format changed mid-stream")
-                    if (frame.width, frame.height) != (ctx.width, ctx.height):
-                        raise _NoPass("frame size changed mid-stream")
-                    try:
-                        graph.vpush(frame)
-                        rgb = graph.vpull().to_ndarray()  # (out_h, out_w, 3)
-                    except BaseException:  # a graph left holding a frame must never serve another read
-                        for key in [k for k, g in _GRAPHS.items() if g is graph]:
-                            del _GRAPHS[key]
-                        raise
-                    out[j] = rgb[self.y0 : self.y0 + self.size, self.x0 : self.x0 + self.size]
+                    out[j] = self._crop(frame, ctx, graph)
 
             ticks, decode_at = index.decode_ticks.tolist(), decode.tolist()  # plain ints: a fast loop
             skipping = None
