@@ -730,8 +730,10 @@ class StepReader:
         one_pass: Decode each :meth:`read`'s frames in one forward pass from the keyframe before its first
             frame, converting only the frames returned, with no decoder running between reads (PyAV, the
             same pixels as decord's): for reads of sorted steps spread over the video, as grouped clip
-            loading makes (about half the CPU of decord's random access there, measured). ``False``:
-            decord, whose open reader suits many small reads of one file.
+            loading makes (about half the CPU of decord's random access there, measured), and for single
+            random steps as clip-order loading makes (3-5x the clips/s of an open decord reader on closed
+            GOPs, measured). ``False``: decord's random access, which returns wrong pixels on open GOPs
+            (H.264 keyframes that are not IDR pictures): nothing in the library reads that way any more.
         follow: With ``one_pass``, for reads in step order (each read's steps after the previous read's, as
             :func:`iter_step_batches` makes): the decoder pauses after a read and the next one goes on from
             there instead of seeking back to the IDR picture before its first frame (an open-GOP file may
@@ -777,6 +779,18 @@ class StepReader:
         self._video.close()
         if self._audio is not None:
             self._audio.close()
+
+    def longest_read_frames(self) -> int:
+        """With ``one_pass``: the most frames a read of one frame may decode, from the picture it must start
+        at (an IDR picture in H.264) to that frame: about the GOP length on closed GOPs, up to the whole video
+        on an open-GOP file with a single IDR picture. From the cached packet index; nothing is decoded.
+
+        Raises:
+            ConfigError: The reader is not ``one_pass``.
+        """
+        if not isinstance(self._video, _PassSource):
+            raise ConfigError("longest_read_frames needs one_pass=True (decord's seeks plan differently)")
+        return self._video.longest_read_frames()
 
     def read(self, steps: Sequence[int] | np.ndarray, *, with_clips: bool = False) -> StepBatch:
         """Frames, audio and optionally teacher clips of the given steps (see :func:`read_steps`)."""
@@ -1140,6 +1154,14 @@ class _PassSource:
         """The decode position where a pass that must decode position ``pos`` exactly starts."""
         n = int(np.searchsorted(self._starts, pos, side="right"))  # starts at or before ``pos``
         return int(self._starts[n - self._back]) if n >= self._back else 0
+
+    def longest_read_frames(self) -> int:
+        """See :meth:`StepReader.longest_read_frames`."""
+        self._positions(self.index.ticks[:1])  # the start points, computed once per source
+        pos = np.arange(len(self.index.decode_ticks))  # (F,) decode positions
+        n = np.searchsorted(self._starts, pos, side="right")  # (F,) start points at or before each
+        first = np.where(n >= self._back, self._starts[np.maximum(n - self._back, 0)], 0) if len(n) else pos
+        return int((pos - first).max()) + 1
 
     def _pass(self, unique: np.ndarray) -> np.ndarray:
         """The frames ``unique`` (sorted, distinct indices) in one forward decode: ``(U, size, size, 3)``."""
