@@ -41,10 +41,13 @@ chance level); ``null`` without moments.
 
 from __future__ import annotations
 
+import errno
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -70,6 +73,7 @@ FEATURE_COMPONENTS = {
 # indexing.flops.measured_gflops("paper") on torch 2.11 (2 x multiply-adds per step), so evaluating never
 # has to build the networks just to count them.
 PAPER_GFLOPS = {"image": 0.969695232, "audio": 1.22375168, "fusion": 0.003145728, "teacher_clip": 81.03775232}
+PREDICT_ROWS = 4096  # rows per baseline head call when predicting: bounded memory, one call on small splits
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class EvalConfig:
         subsample_factors: Indexing sub-sampling factors of the second curve; empty skips it.
         seed: Seed of the baselines' draws and heads.
         device: ``cpu``, ``cuda`` or ``auto``.
+        scratch_dir: Directory for the temporary files of the baselines' pooled features (removed at the
+            end; about ``4 * R * D * (len(curve_steps) + 2 + random_draws)`` bytes per video); None: the
+            system's temporary directory (``$TMPDIR``).
     """
 
     split: str = "test"
@@ -101,6 +108,7 @@ class EvalConfig:
     subsample_factors: tuple[int, ...] = (1, 2, 4, 8)
     seed: int = 0
     device: str = "cpu"
+    scratch_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "curve_steps", tuple(int(k) for k in self.curve_steps))
@@ -190,22 +198,181 @@ def head_gflops(in_dim: int, hidden: int, embed: int, num_classes: int) -> float
     return 2 * (in_dim * hidden + hidden * embed + embed * num_classes) / 1e9
 
 
+# ---- pooled features on disk -----------------------------------------------------------------------------
+
+
+class Rows(Protocol):
+    """``(len, width)`` float32 rows read by index (:class:`RowFile`, :class:`ArrayRows`, ...)."""
+
+    width: int
+
+    def __len__(self) -> int: ...
+
+    def take(self, idx: np.ndarray) -> np.ndarray: ...
+
+
+class RowFile:
+    """Float32 rows of one width, appended to a file and read back by index: never all in memory.
+
+    A read maps the file for that call only (``np.memmap``, unmapped on return), so the pages it touches
+    leave the process's resident set with it: the page cache keeps them while there is room, else the disk.
+
+    Raises:
+        ConfigError: The disk is full (from :meth:`append` or :meth:`finish`).
+    """
+
+    def __init__(self, path: str | Path, width: int) -> None:
+        self.path, self.width, self.rows = Path(path), int(width), 0
+        self._file: Any = self.path.open("wb")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def append(self, rows: np.ndarray) -> None:
+        """Append ``(n, width)`` rows (written as float32)."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)  # (n, F)
+        if rows.ndim != 2 or rows.shape[1] != self.width:
+            raise ValueError(f"rows of shape {rows.shape} do not fit {self.path} (width {self.width})")
+        try:
+            self._file.write(memoryview(rows).cast("B"))
+        except OSError as exc:
+            raise _no_space(self.path, exc) from exc
+        self.rows += len(rows)
+
+    def finish(self) -> None:
+        """Flush and close the writer (reads do it first; appending after it is an error)."""
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as exc:
+                raise _no_space(self.path, exc) from exc
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` in that order, ``(len(idx), width)`` float32."""
+        self.finish()
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), self.width), dtype=np.float32)  # (n, F)
+        if len(idx):
+            mapped = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, self.width))
+            np.take(mapped, idx, axis=0, out=out)
+            del mapped  # unmapped: the pages read are not kept resident
+        return out
+
+
+class ArrayRows:
+    """In-memory ``(V, F)`` rows behind :class:`Rows`'s interface (small inputs, tests)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = np.ascontiguousarray(x, dtype=np.float32)  # (V, F)
+        if self.x.ndim != 2:
+            raise ValueError(f"expected (V, F) rows, got shape {self.x.shape}")
+        self.width = self.x.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        return self.x[np.asarray(idx, dtype=np.int64)]
+
+
+class ConcatRows:
+    """Several :class:`Rows` of one width read as one, in order (the ``random`` baseline's draws)."""
+
+    def __init__(self, parts: Sequence[Rows]) -> None:
+        if not parts or len({p.width for p in parts}) != 1:
+            raise ValueError("ConcatRows needs at least one part, all of one width")
+        self.parts, self.width = list(parts), parts[0].width
+        self._starts = np.cumsum([0, *(len(p) for p in parts)])  # (P + 1,)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        part = np.searchsorted(self._starts, idx, side="right") - 1  # (n,)
+        out = np.empty((len(idx), self.width), dtype=np.float32)  # (n, F)
+        for p in np.unique(part).tolist():
+            sel = part == p
+            out[sel] = self.parts[p].take(idx[sel] - self._starts[p])
+        return out
+
+
+def as_rows(x: Rows | np.ndarray) -> Rows:
+    """``x`` itself if it is :class:`Rows`, else in-memory rows of the array."""
+    return ArrayRows(np.asarray(x)) if isinstance(x, np.ndarray) or not hasattr(x, "width") else x
+
+
+def _no_space(path: Path, exc: OSError) -> Exception:
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    return ConfigError(
+        f"no space left in {path.parent} for evaluate's pooled baseline features ({exc.strerror}); "
+        "set TMPDIR (or EvalConfig.scratch_dir) to a disk with room"
+    )
+
+
+def check_scratch_space(scratch: str | Path, rows: int, width: int) -> None:
+    """Refuse before any work when ``scratch`` cannot hold ``rows`` pooled float32 rows of ``width``.
+
+    Raises:
+        ConfigError: Not enough free space, naming what is needed and how to give it.
+    """
+    need = rows * width * 4
+    free = shutil.disk_usage(scratch).free
+    if need > free:
+        raise ConfigError(
+            f"evaluate writes the baselines' pooled features ({need / 1e9:.2f} GB: {rows} rows of {width} "
+            f"floats) to {scratch}, which has {free / 1e9:.2f} GB free; set TMPDIR "
+            "(or EvalConfig.scratch_dir) to a disk with room"
+        )
+
+
+def pooled_keys(pool_steps: Sequence[int], random_draws: int, *, evidence_draw: bool) -> list[str]:
+    """Names of the pooled feature sets one :func:`scan` writes (see its docstring)."""
+    keys = ["dense", *(["random"] if evidence_draw else []), *(f"uniform:{k}" for k in pool_steps)]
+    return keys + [f"random:{d}" for d in range(random_draws)]
+
+
 # ---- scanning --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Scan:
-    """Per-video results of one pass over a dataset (``V`` videos)."""
+    """Per-video results of one pass over a dataset (``V`` videos).
+
+    In memory per video: the id, a few integers and, with a model, its ``(C,)`` float32 probabilities; the
+    pooled features are on disk (:class:`RowFile`) and the accuracy after each recurrent step is counted
+    as the batches pass, so memory does not grow with anything else per video.
+    """
 
     video_ids: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # valid steps N per video
-    probs: list[np.ndarray] = field(default_factory=list)  # (C,) each
-    running: list[np.ndarray] = field(default_factory=list)  # (T, C) probabilities after k+1 steps
+    prob_batches: list[np.ndarray] = field(default_factory=list)  # (B, C) per batch, in scan order
+    running_correct: np.ndarray | None = None  # (T,) videos whose prediction after k+1 steps is right
     steps_used: list[int] = field(default_factory=list)
     consumed: list[int] = field(default_factory=list)  # distinct chosen steps per video
-    pooled: dict[str, list[np.ndarray]] = field(default_factory=dict)  # method -> (F,) per video
+    pooled: dict[str, RowFile] = field(default_factory=dict)  # method -> (V, F) rows on disk
     evidence: dict[str, list[int]] = field(default_factory=dict)  # method -> [hits, looked at]
+
+    @property
+    def probs(self) -> np.ndarray:
+        """The model's ``(V, C)`` probabilities in scan order."""
+        if len(self.prob_batches) > 1:
+            self.prob_batches = [np.concatenate(self.prob_batches)]
+        return self.prob_batches[0] if self.prob_batches else np.zeros((0, 0), dtype=np.float32)
+
+    def running_accuracy(self) -> list[float]:
+        """Accuracy of the prediction after ``k`` recurrent steps, ``k = 1..T`` (empty without a model)."""
+        if self.running_correct is None:
+            return []
+        return [float(c) / len(self.labels) for c in self.running_correct.tolist()]
+
+    def close(self) -> None:
+        """Close the pooled feature files' writers (the files stay until their directory is removed)."""
+        for rows in self.pooled.values():
+            rows.finish()
 
 
 def scan(
@@ -223,19 +390,30 @@ def scan(
     device: torch.device | str = "cpu",
     progress: bool = False,
     desc: str = "scan",
+    scratch: str | Path | None = None,
+    evidence_draw: bool = True,
 ) -> Scan:
     """One pass: model outputs (if any), pooled recognition features for the baselines, evidence counts.
 
-    Pooled features: ``dense``, ``random`` (the draw scored for evidence), ``uniform:k`` for ``k`` in
-    ``pool_steps`` and ``random:d`` for each of ``random_draws`` extra draws (training sets).
-    Evidence (videos in ``moments`` only): ``skim`` (distinct chosen steps), ``uniform``/``random``
-    (``budget`` steps) and ``dense`` (all steps).
+    Pooled features (only with ``scratch``, a directory their files are written to, one per set; none
+    without): ``dense``, ``random`` (the draw scored for evidence; unless ``evidence_draw`` is false),
+    ``uniform:k`` for ``k`` in ``pool_steps`` and ``random:d`` for each of ``random_draws`` extra draws
+    (training sets). Evidence (videos in ``moments`` only): ``skim`` (distinct chosen steps),
+    ``uniform``/``random`` (``budget`` steps) and ``dense`` (all steps). Memory is bounded by the batch
+    apart from :class:`Scan`'s few numbers per video.
     """
     res = Scan()
     res.evidence = {m: [0, 0] for m in METHODS}
-    with torch.no_grad():
-        _scan_into(res, dataset, model, rec_keys, pool_steps, random_draws, budget, moments, step_s, seed,
-                   batch_size, device, progress, desc)  # fmt: skip
+    keys = pooled_keys(pool_steps, random_draws, evidence_draw=evidence_draw) if scratch is not None else []
+    folder = Path(tempfile.mkdtemp(prefix="scan-", dir=scratch)) if keys else None  # one folder per scan
+    try:
+        with torch.no_grad():
+            _scan_into(res, dataset, model, rec_keys=rec_keys, pool_steps=pool_steps,
+                       random_draws=random_draws, budget=budget, moments=moments, step_s=step_s, seed=seed,
+                       batch_size=batch_size, device=device, progress=progress, desc=desc,
+                       pool=(folder, keys))  # fmt: skip
+    finally:
+        res.close()
     return res
 
 
@@ -243,6 +421,7 @@ def _scan_into(
     res: Scan,
     dataset: SkimDataset,
     model: SkimModel | None,
+    *,
     rec_keys: Sequence[str],
     pool_steps: Sequence[int],
     random_draws: int,
@@ -254,41 +433,50 @@ def _scan_into(
     device: torch.device | str,
     progress: bool,
     desc: str,
+    pool: tuple[Path | None, Sequence[str]],
 ) -> None:
+    folder, keys = pool
     for batch, out in iter_outputs(
         model, dataset, batch_size=batch_size, device=device, progress=progress, desc=desc
     ):
         x = torch.cat([batch["features"][k] for k in rec_keys], -1).cpu()  # (B, N, R*D)
         mask = batch["mask"].cpu().numpy()  # (B, N)
         mid_s = batch["time_s"].numpy() + step_s / 2  # (B, N) step midpoints
+        labels = batch["labels"].cpu().numpy()  # (B,)
+        if folder is not None and not res.pooled:  # the width is the recognition features' (R*D)
+            res.pooled = {k: RowFile(folder / f"{n}.f32", x.shape[-1]) for n, k in enumerate(keys)}
+        pooled: dict[str, list[np.ndarray]] = {k: [] for k in res.pooled}  # this batch's (F,) rows per set
         if out is not None:
             probs = out.logits.softmax(1).cpu().numpy()  # (B, C)
             taken = out.active.float().cumsum(1).clamp_min(1)[..., None]  # (B, T, 1)
             running = model.forward_head(out.inputs.cumsum(1) / taken).softmax(-1).cpu().numpy()  # (B, T, C)
+            right = (running.argmax(-1) == labels[:, None]).sum(0)  # (T,) videos right after k+1 steps
+            res.running_correct = right if res.running_correct is None else res.running_correct + right
+            res.prob_batches.append(probs)
             chosen = out.chosen.cpu().numpy()  # (B, S, K)
             used = out.steps_used.cpu().numpy()  # (B,)
         for i, vid in enumerate(batch["video_ids"]):
             index = len(res.video_ids)
             valid = np.flatnonzero(mask[i])  # (n,)
             res.video_ids.append(vid)
-            res.labels.append(int(batch["labels"][i]))
+            res.labels.append(int(labels[i]))
             res.steps.append(len(valid))
             picks = {"dense": valid, "uniform": valid[uniform_positions(len(valid), budget)]}
             rng = np.random.default_rng([seed, index])
             picks["random"] = np.sort(rng.choice(valid, size=min(budget, len(valid)), replace=False))
-            xi = x[i]  # (N, R*D)
-            res.pooled.setdefault("dense", []).append(xi[valid].mean(0).numpy())
-            res.pooled.setdefault("random", []).append(xi[picks["random"]].mean(0).numpy())
-            for k in pool_steps:
-                pos = valid[uniform_positions(len(valid), k)]
-                res.pooled.setdefault(f"uniform:{k}", []).append(xi[pos].mean(0).numpy())
-            for d in range(random_draws):
-                draw_rng = np.random.default_rng([seed, index, d + 1])
-                pos = draw_rng.choice(valid, size=min(budget, len(valid)), replace=False)
-                res.pooled.setdefault(f"random:{d}", []).append(xi[pos].mean(0).numpy())
+            if pooled:
+                xi = x[i]  # (N, R*D)
+                pooled["dense"].append(xi[valid].mean(0).numpy())
+                if "random" in pooled:
+                    pooled["random"].append(xi[picks["random"]].mean(0).numpy())
+                for k in pool_steps:
+                    pos = valid[uniform_positions(len(valid), k)]
+                    pooled[f"uniform:{k}"].append(xi[pos].mean(0).numpy())
+                for d in range(random_draws):
+                    draw_rng = np.random.default_rng([seed, index, d + 1])
+                    pos = draw_rng.choice(valid, size=min(budget, len(valid)), replace=False)
+                    pooled[f"random:{d}"].append(xi[pos].mean(0).numpy())
             if out is not None:
-                res.probs.append(probs[i])
-                res.running.append(running[i])
                 res.steps_used.append(int(used[i]))
                 picks["skim"] = np.asarray(distinct_steps(chosen[i]), dtype=np.int64)
                 res.consumed.append(len(picks["skim"]))
@@ -302,13 +490,16 @@ def _scan_into(
                     inside |= (t >= start) & (t <= end)
                 res.evidence[method][0] += int(inside.sum())
                 res.evidence[method][1] += len(t)
+        for key, rows in pooled.items():
+            if rows:
+                res.pooled[key].append(np.stack(rows))  # (B, F)
 
 
 # ---- baselines -------------------------------------------------------------------------------------------
 
 
 def train_head(
-    x: np.ndarray,
+    x: Rows | np.ndarray,
     y: np.ndarray,
     num_classes: int,
     *,
@@ -322,21 +513,25 @@ def train_head(
     desc: str = "baseline head",
 ) -> nn.Module:
     """Train ``Psi`` + Linear on pooled features ``x`` ``(V, F)`` with labels ``y`` ``(V,)`` for ``steps``
-    optimiser steps over shuffled batches (reshuffled each pass); returned in eval mode. ``progress``
-    shows a bar of the steps named ``desc``."""
+    optimiser steps over shuffled batches (reshuffled each pass); returned in eval mode. ``x`` may be an
+    array or :class:`Rows` on disk (each batch reads only its rows: memory is bounded by the batch); both
+    give the same head. ``progress`` shows a bar of the steps named ``desc``."""
     from tqdm.auto import tqdm
 
+    rows = as_rows(x)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = nn.Sequential(fusion_mlp(x.shape[1], hidden, embed), nn.Linear(embed, num_classes))
+    head = nn.Sequential(fusion_mlp(rows.width, hidden, embed), nn.Linear(embed, num_classes))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # (V, F)
     ys = torch.from_numpy(np.asarray(y, dtype=np.int64))  # (V,)
+    if len(ys) != len(rows):
+        raise ValueError(f"{len(rows)} feature rows but {len(ys)} labels")
     done = 0
     with tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not progress) as bar:
         while done < steps:
-            for idx in torch.randperm(len(xs), generator=gen).split(batch_size)[: steps - done]:
-                loss = nn.functional.cross_entropy(head(xs[idx]), ys[idx])
+            for idx in torch.randperm(len(rows), generator=gen).split(batch_size)[: steps - done]:
+                xb = torch.from_numpy(rows.take(idx.numpy()))  # (b, F)
+                loss = nn.functional.cross_entropy(head(xb), ys[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -345,9 +540,16 @@ def train_head(
     return head.eval()
 
 
-def _predict(head: nn.Module, x: np.ndarray) -> np.ndarray:
+def _predict(head: nn.Module, x: Rows | np.ndarray, *, block_rows: int | None = None) -> np.ndarray:
+    """Class probabilities ``(V, C)`` of ``head`` on rows ``x``, ``block_rows`` at a time (default
+    :data:`PREDICT_ROWS`)."""
+    rows, block_rows = as_rows(x), block_rows or PREDICT_ROWS
+    out = []
     with torch.no_grad():
-        return head(torch.from_numpy(np.asarray(x, dtype=np.float32))).softmax(1).numpy()
+        for start in range(0, len(rows), block_rows):
+            block = rows.take(np.arange(start, min(start + block_rows, len(rows))))  # (b, F)
+            out.append(head(torch.from_numpy(block)).softmax(1).numpy())
+    return np.concatenate(out)
 
 
 # ---- evaluate --------------------------------------------------------------------------------------------
@@ -395,7 +597,7 @@ def evaluate(
     note = log or tqdm.write
     device = resolve_device(config.device)
     ckpt = load_checkpoint(model_path, device=str(device), **dict(inference or {}))
-    model, cfg, names = ckpt.model, ckpt.config, ckpt.labels
+    cfg, names = ckpt.config, ckpt.labels
     store, rec_store = open_stores(
         store_path, ckpt, recognition_store, allow_other_students=allow_other_students
     )
@@ -406,7 +608,6 @@ def evaluate(
     moments_path = Path(moments) if moments is not None else default_moments_path(labels)
     gt = read_segments(moments_path) if moments_path is not None else None
     step_s = step_seconds(store)
-    notes: list[str] = []
     data_kw: dict[str, Any] = {"labels": manifest, "names": names, "recognition_store": rec_store}
     eval_ds = SkimDataset(store, cfg.batch_keys, split=config.split, **data_kw)
     if len(eval_ds) == 0:
@@ -416,13 +617,52 @@ def evaluate(
         )
     budget = cfg.stop_after or cfg.num_steps
     curve_ks = sorted({k for k in config.curve_steps if k <= budget} | {budget})
+    train_ds = SkimDataset(store, cfg.batch_keys, split=config.train_split, **data_kw)
+    feat_dim = len(cfg.recognition_keys) * cfg.dim
+    scratch_dir = config.scratch_dir or tempfile.gettempdir()
+    if not Path(scratch_dir).is_dir():
+        raise ConfigError(f"scratch directory {scratch_dir} does not exist; create it or give another")
+    pooled_rows = len(eval_ds) * len(pooled_keys(curve_ks, 0, evidence_draw=True))
+    if len(train_ds):
+        pooled_rows += len(train_ds) * len(pooled_keys(curve_ks, config.random_draws, evidence_draw=False))
+    check_scratch_space(scratch_dir, pooled_rows, feat_dim)
+    with tempfile.TemporaryDirectory(prefix="l2l-evaluate-", dir=scratch_dir) as scratch:
+        return _evaluate(
+            ckpt, store, rec_store, eval_ds, train_ds, config, budget=budget, curve_ks=curve_ks, gt=gt,
+            moments_path=moments_path, step_s=step_s, device=device, progress=progress, plot=plot, note=note,
+            scratch=scratch,
+        )  # fmt: skip
+
+
+def _evaluate(
+    ckpt: SkimCheckpoint,
+    store: Any,
+    rec_store: Any,
+    eval_ds: SkimDataset,
+    train_ds: SkimDataset,
+    config: EvalConfig,
+    *,
+    budget: int,
+    curve_ks: list[int],
+    gt: Mapping[str, Sequence[tuple[float, float]]] | None,
+    moments_path: Path | None,
+    step_s: float,
+    device: torch.device,
+    progress: bool,
+    plot: str | Path | None,
+    note: Callable[[str], None],
+    scratch: str,
+) -> dict[str, Any]:
+    """:func:`evaluate` once the datasets are open; pooled features go to files under ``scratch``."""
+    model, cfg, names = ckpt.model, ckpt.config, ckpt.labels
+    notes: list[str] = []
     common = {"rec_keys": cfg.recognition_keys, "budget": budget, "seed": config.seed, "step_s": step_s}
-    run_kw = {"batch_size": config.batch_size, "device": device, "progress": progress}
+    run_kw = {"batch_size": config.batch_size, "device": device, "progress": progress, "scratch": scratch}
     test = scan(
         eval_ds, model, pool_steps=curve_ks, moments=gt, desc=f"evaluate {config.split}", **common, **run_kw
     )
     y = np.asarray(test.labels)
-    probs = np.stack(test.probs)  # (V, C)
+    probs = test.probs  # (V, C)
     present = sorted({int(c) for c in y})
     map_defined = len(present) >= 2  # with one class every ranking is perfect: mAP would say 1.0 for nothing
     if not map_defined:
@@ -465,16 +705,18 @@ def evaluate(
         hits, total = test.evidence[method]
         return hits / total if total else None
 
+    skim_accuracy = accuracy(probs, y)
     methods: dict[str, dict[str, Any]] = {
         "skim": {
-            "accuracy": accuracy(probs, y),
+            "accuracy": skim_accuracy,
             "map": mean_average_precision(probs, y) if map_defined else None,
             "gflops_per_video": gflops["skim"],
             "steps_used": float(np.mean(test.steps_used)),
             "evidence_precision": evidence("skim"),
         }
     }
-    train_ds = SkimDataset(store, cfg.batch_keys, split=config.train_split, **data_kw)
+    del probs
+    test.prob_batches.clear()  # from here on one (V, C) array at a time: the baseline being scored
     baselines: dict[str, Any] = {"train_split": config.train_split, "train_videos": len(train_ds)}
     uniform_curve: list[float] = []
     if len(train_ds) == 0:
@@ -489,6 +731,7 @@ def evaluate(
             pool_steps=curve_ks,
             random_draws=config.random_draws,
             desc=f"pool {config.train_split}",
+            evidence_draw=False,
             **common,
             **run_kw,
         )
@@ -502,29 +745,23 @@ def evaluate(
             "seed": config.seed,
         }
 
-        def fit_predict(x_train: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, desc: str) -> np.ndarray:
+        def fit_predict(x_train: Rows, y_fit: np.ndarray, x_test: Rows, desc: str) -> np.ndarray:
             head = train_head(
                 x_train, y_fit, len(names), **head_kw, progress=progress, desc=f"baseline {desc}"
             )
             return _predict(head, x_test)
 
-        random_x = np.concatenate([np.stack(train.pooled[f"random:{d}"]) for d in range(config.random_draws)])
+        random_x = ConcatRows([train.pooled[f"random:{d}"] for d in range(config.random_draws)])
         random_y = np.tile(y_train, config.random_draws)
-        base_probs = {
-            "uniform": fit_predict(
-                np.stack(train.pooled[f"uniform:{budget}"]),
-                y_train,
-                np.stack(test.pooled[f"uniform:{budget}"]),
-                "uniform",
-            ),
-            "random": fit_predict(random_x, random_y, np.stack(test.pooled["random"]), "random"),
-            "dense": fit_predict(
-                np.stack(train.pooled["dense"]), y_train, np.stack(test.pooled["dense"]), "dense"
-            ),
+        inputs = {
+            "uniform": (train.pooled[f"uniform:{budget}"], y_train, test.pooled[f"uniform:{budget}"]),
+            "random": (random_x, random_y, test.pooled["random"]),
+            "dense": (train.pooled["dense"], y_train, test.pooled["dense"]),
         }
         used = {"uniform": float(np.minimum(n, budget).mean()), "random": float(np.minimum(n, budget).mean())}
         used["dense"] = float(n.mean())
-        for m, p in base_probs.items():
+        for m, (x_fit, y_fit, x_test) in inputs.items():
+            p = fit_predict(x_fit, y_fit, x_test, m)  # (V, C)
             methods[m] = {
                 "accuracy": accuracy(p, y),
                 "map": mean_average_precision(p, y) if map_defined else None,
@@ -537,25 +774,22 @@ def evaluate(
                 uniform_curve.append(methods["uniform"]["accuracy"])
             else:
                 p = fit_predict(
-                    np.stack(train.pooled[f"uniform:{k}"]),
-                    y_train,
-                    np.stack(test.pooled[f"uniform:{k}"]),
-                    f"uniform T={k}",
+                    train.pooled[f"uniform:{k}"], y_train, test.pooled[f"uniform:{k}"], f"uniform T={k}"
                 )
                 uniform_curve.append(accuracy(p, y))
         baselines["head"] = "Psi (Linear R*D->hidden, ReLU, Linear hidden->embed) + Linear embed->C, AdamW"
         baselines.update(head_kw)
         baselines["random_draws"] = config.random_draws
 
-    running = np.stack(test.running)  # (V, T, C)
+    running = test.running_accuracy()  # (T,) accuracy after k = 1..T steps
     curves: dict[str, Any] = {
         "steps": {
-            "k": list(range(1, running.shape[1] + 1)),
-            "skim": [accuracy(running[:, t], y) for t in range(running.shape[1])],
+            "k": list(range(1, len(running) + 1)),
+            "skim": running,
             "uniform_k": curve_ks if uniform_curve else [],
             "uniform": uniform_curve,
         },
-        "subsample": _subsample_curve(ckpt, eval_ds, config, y, test, device, progress),
+        "subsample": _subsample_curve(ckpt, eval_ds, config, skim_accuracy, device, progress),
     }
     if gt is None:
         notes.append("no moments.json: evidence_precision is null")
@@ -593,31 +827,26 @@ def _subsample_curve(
     ckpt: SkimCheckpoint,
     dataset: SkimDataset,
     config: EvalConfig,
-    y: np.ndarray,
-    test: Scan,
+    skim_accuracy: float,
     device: torch.device,
     progress: bool,
 ) -> dict[str, list]:
-    """Accuracy of the same weights with indexing features sub-sampled by each factor."""
+    """Accuracy of the same weights with indexing features sub-sampled by each factor (counted per batch)."""
     factors, accs = [], []
     for f in config.subsample_factors:
         if f == ckpt.config.subsample:
-            acc = accuracy(np.stack(test.probs), y)
+            acc = skim_accuracy
         else:
             model = SkimModel(ckpt.config.with_inference(subsample=f)).to(device)
             model.load_state_dict(ckpt.model.state_dict())
-            probs = [
-                out.logits.softmax(1).cpu().numpy()
-                for _, out in iter_outputs(
-                    model,
-                    dataset,
-                    batch_size=config.batch_size,
-                    device=device,
-                    progress=progress,
-                    desc=f"k={f}",
-                )
-            ]
-            acc = accuracy(np.concatenate(probs), y)
+            right = videos = 0
+            for batch, out in iter_outputs(
+                model, dataset, batch_size=config.batch_size, device=device, progress=progress, desc=f"k={f}"
+            ):
+                pred = out.logits.softmax(1).cpu().numpy().argmax(1)  # (B,)
+                right += int((pred == batch["labels"].cpu().numpy()).sum())
+                videos += len(pred)
+            acc = right / videos if videos else float("nan")
         factors.append(f)
         accs.append(acc)
     return {"factor": factors, "skim": accs}
