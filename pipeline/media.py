@@ -39,6 +39,7 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -59,6 +60,8 @@ import numpy as np
 
 from indexing.errors import ConfigError, MediaError
 from indexing.grid import AUDIO_S, SAMPLE_RATE, STEP_S, TEACHER_FRAMES, frames_at, num_steps, teacher_times
+
+log = logging.getLogger(__name__)
 
 MAX_SIDE = 8192  # larger frames are refused as absurd (corrupt headers claim 65535x65535)
 # Decoded audio may fall short of the stated duration by this much before it counts as truncated. The
@@ -986,8 +989,16 @@ class _PassSource:
                 if self.follow:
                     return self._follow_pass(unique, keep_from)[inverse.reshape(-1)]  # (N, size, size, 3)
                 return self._pass(unique)[inverse.reshape(-1)]  # (N, size, size, 3)
-            except (_NoPass, av.error.FFmpegError):
+            except (_NoPass, av.error.FFmpegError) as err:
                 self._stop()
+                index = self.index
+                if index.clean.any() and index.clean.sum() < len(index.key_ticks):  # H.264 open GOPs
+                    log.warning(
+                        "%s: read by decord's seeks (the one-pass decoder cannot: %s), which may give wrong "
+                        "pixels on this file's open GOPs (keyframes that are not IDR pictures)",
+                        self.path,
+                        _short(err),
+                    )
                 self._decord = _VideoSource(self.path, self.info, self.size, self.num_threads)
         self.decord_reads += 1
         return self._decord.frames(indices)
