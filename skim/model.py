@@ -562,6 +562,8 @@ class SkimModel(nn.Module):
         lowp = self.precision == "bf16" and not self.training and not torch.is_grad_enabled()
         lowp = lowp and device.type == "cpu"
         keys = []
+        # dL/dk = sum_t g_t q_t^T is summed once in backward, not accumulated step by step (see _KeyBank).
+        key_grads: list[list[tuple[Tensor, Tensor]]] = [[] for _ in index]
         for i, (z, proj, bn) in enumerate(zip(index, self.key_proj, self.key_bn, strict=True)):
             if lowp:  # running statistics (eval): the projection in bf16, the rest fp32
                 k = F.relu(bn.normalize_rows(self._bf16_weights()["keys"][i](z.reshape(b * n, -1)[rows])))
@@ -579,11 +581,10 @@ class SkimModel(nn.Module):
                     bn.bias,
                     bn,
                     torch.is_grad_enabled(),
-                ).view(b, n, cfg.dim)  # fmt: skip
+                    (b, n),
+                    key_grads[i],
+                )  # (B, N, D)
             )
-        # dL/dk = sum_t g_t q_t^T is summed once in backward, not accumulated step by step (see _KeyHub).
-        key_grads: list[list[tuple[Tensor, Tensor]]] = [[] for _ in keys]
-        keys = [_KeyHub.apply(k, buf) for k, buf in zip(keys, key_grads, strict=True)]
 
         counts = mask.sum(1)  # (B,)
         mean_w = mask.float() / counts.clamp_min(1)[:, None]  # (B, N): mean over valid rows
@@ -820,97 +821,131 @@ def _zero_padding(z: Tensor, mask: Tensor, *, copy_always: bool = False) -> Tens
     return out.masked_fill_(~mask[..., None], 0.0)
 
 
-KEY_BLOCK_ROWS = 8192  # rows per block of the key projection at inference (16 MB of 512-d float32)
+KEY_BLOCK_ROWS = 8192  # rows per block of the key path's temporaries (16 MB of 512-d float32)
+KEY_BLOCK_VIDEOS = 16  # videos per block of the deferred key gradient (16 MB at 500 steps of 512-d)
 
 
 class _KeyBank(torch.autograd.Function):
-    """Keys ``ReLU(BN(W z + b))`` of the valid rows ``rows`` of ``z`` ``(B*N, D)``, in a ``(B*N, D)`` bank
+    """Keys ``ReLU(BN(W z + b))`` of the valid rows ``rows`` of ``z`` ``(B*N, D)``, in a ``(B, N, D)`` bank
     that is zero on padding; ``bn`` is a :class:`MaskedBatchNorm1d` (statistics over the valid rows only).
 
     Plain autograd kept the gathered rows, the projection, the normalised keys and the bank alive until
     backward: 4 key-sized tensors per indexing feature (about 1 GB per feature at batch 256 of 500 steps).
-    This keeps the projection ``W z + b`` (the batch norm's backward needs it; recomputing it instead cost
+    This keeps the projection ``y = W z + b`` (the batch norm's backward needs it; recomputing it instead cost
     13% of a training step, measured) beside the bank (the scores need it anyway) and ``z`` (alive for the
-    mixtures), and takes the gathered rows again and the ReLU's mask from the bank in backward: the same
-    kernels as plain autograd, so the same values up to the weight gradient's summation order (tested).
+    mixtures); every other temporary is block-sized (:data:`KEY_BLOCK_ROWS` rows or
+    :data:`KEY_BLOCK_VIDEOS` videos), so the key path never holds more than one key-sized tensor besides
+    those three, the valid rows' gradient in backward: the gathered rows, the normalised keys before they
+    are scattered, the summed key gradient of the whole bank and the projection's gradient never exist
+    whole. Measured, one training step at batch 256 of 500 steps (two 512-d features, 80% valid rows):
+    peak RSS 3,293 -> 2,590 MB; a training epoch on the bench store 3,588 -> 2,965 MB, same loss and speed.
+
+    The scores' key gradients are deferred: each :class:`_Scores` call ``s_t = K q_t`` records
+    ``(q_t, dL/ds_t)`` in ``buf`` instead of returning a ``(B, N, D)`` key gradient, and backward adds
+    ``dL/dK = sum_t g_t q_t^T`` here, one batched matmul per block of videos (autograd runs this node only
+    after every score that reads the bank). Batch norm's backward is computed in place on that gradient:
+    the same formulas as autograd's kernels, so the same values up to float rounding and summation order
+    (tested against plain autograd).
     """
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, rows: Tensor, weight: Tensor, bias: Tensor, bn_weight: Tensor,
-                bn_bias: Tensor, bn: MaskedBatchNorm1d, grad_mode: bool) -> Tensor:  # fmt: skip
+                bn_bias: Tensor, bn: MaskedBatchNorm1d, grad_mode: bool, shape: tuple[int, int],
+                buf: list[tuple[Tensor, Tensor]]) -> Tensor:  # fmt: skip
+        b, n = shape
+        dim = weight.shape[0]
         batch_stats = bn.training and rows.shape[0] > 1
+        bank = z.new_zeros(b, n, dim)  # (B, N, D)
+        flat = bank.view(b * n, dim)
+        ctx.set_materialize_grads(False)
+        ctx.bn, ctx.batch_stats, ctx.buf, ctx.shape = bn, batch_stats, buf, shape
         if not batch_stats and not grad_mode:
-            # Inference: rows are independent under the running statistics, so the bank is filled in
-            # blocks of rows; the gathered rows, the projection and the keys stay block-sized.
-            bank = z.new_zeros(z.shape[0], weight.shape[0])  # (B*N, D)
+            # Inference: rows are independent under the running statistics; nothing is kept.
             for block in rows.split(KEY_BLOCK_ROWS):
                 y = torch.addmm(bias, z.index_select(0, block), weight.t())  # (m, D), as F.linear
                 k = torch.native_batch_norm(
                     y, bn_weight, bn_bias, bn.running_mean, bn.running_var, False, bn.momentum, bn.eps
                 )[0]
-                bank.index_copy_(0, block, k.relu_())
-            ctx.bn, ctx.batch_stats = bn, batch_stats
+                flat.index_copy_(0, block, k.relu_())
             return bank
+        blocks = list(zip(rows.split(KEY_BLOCK_ROWS), range(0, rows.shape[0], KEY_BLOCK_ROWS), strict=True))
+        y = z.new_empty(rows.shape[0], dim)  # (M, D): the projection of the valid rows, kept for backward
+        for block, a in blocks:
+            torch.addmm(bias, z.index_select(0, block), weight.t(), out=y[a : a + len(block)])
         if batch_stats:
             bn.num_batches_tracked += 1
-        y = torch.addmm(bias, z.index_select(0, rows), weight.t())  # (M, D), as F.linear
-        k, mean, invstd = torch.native_batch_norm(
-            y, bn_weight, bn_bias, bn.running_mean, bn.running_var, batch_stats, bn.momentum, bn.eps
-        )
-        k.relu_()
-        if rows.shape[0] == z.shape[0]:
-            bank = k  # no padding in this batch
+            var, mean = torch.var_mean(y, 0, correction=0)  # (D,) x 2: biased, as batch norm normalises
+            with torch.no_grad():  # running statistics as F.batch_norm: unbiased variance
+                m = rows.shape[0]
+                bn.running_mean.mul_(1 - bn.momentum).add_(mean, alpha=bn.momentum)
+                bn.running_var.mul_(1 - bn.momentum).add_(var, alpha=bn.momentum * m / (m - 1))
         else:
-            bank = k.new_zeros(z.shape[0], k.shape[1]).index_copy_(0, rows, k)  # (B*N, D)
-            del k
+            # copies: saved for backward, which a later update of the running statistics must not reach
+            mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        invstd = torch.rsqrt(var + bn.eps)  # (D,)
+        scale = invstd * bn_weight  # (D,): k = ReLU(y * scale + shift), as batch norm's inference kernel
+        shift = bn_bias - mean * scale
+        for block, a in blocks:
+            flat.index_copy_(0, block, torch.addcmul(shift, y[a : a + len(block)], scale).relu_())
         ctx.save_for_backward(z, rows, weight, bn_weight, y, mean, invstd, bank)
-        ctx.bn, ctx.batch_stats = bn, batch_stats
         return bank
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:
         z, rows, weight, bn_weight, y, mean, invstd, bank = ctx.saved_tensors
-        bn, batch_stats = ctx.bn, ctx.batch_stats
-        g = grad.index_select(0, rows)  # (M, D)
-        g.masked_fill_(bank.index_select(0, rows) <= 0, 0.0)  # through the ReLU: zero where the key is 0
-        need = ctx.needs_input_grad
-        gy, g_bn_w, g_bn_b = torch.ops.aten.native_batch_norm_backward(
-            g, y, bn_weight, bn.running_mean, bn.running_var, mean, invstd, batch_stats, bn.eps,
-            [True, need[4], need[5]],
-        )  # fmt: skip
-        del g
-        g_z = None
-        if need[0]:
-            g_z = torch.zeros_like(z).index_copy_(0, rows, gy @ weight)
-        g_w = gy.t() @ z.index_select(0, rows) if need[2] else None
-        g_b = gy.sum(0) if need[3] else None
-        return g_z, None, g_w, g_b, g_bn_w, g_bn_b, None, None
-
-
-class _KeyHub(torch.autograd.Function):
-    """Identity on keys ``(B, N, D)`` whose backward adds ``sum_t g_t q_t^T`` as one batched matmul.
-
-    Each :class:`_Scores` call ``s_t = K q_t`` records ``(q_t, dL/ds_t)`` instead of returning its own
-    ``(B, N, D)`` key gradient; autograd runs this node only after all of them, so ``T`` key-sized
-    gradient tensors shrink to one ``bmm``. Same values as plain autograd (tested).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, keys: Tensor, buf: list[tuple[Tensor, Tensor]]) -> Tensor:
-        ctx.buf = buf
-        ctx.set_materialize_grads(False)
-        return keys.view_as(keys)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, None]:
         buf, ctx.buf = ctx.buf, None
-        if buf:
-            q = torch.stack([q for q, _ in buf], 1)  # (B, T, D)
-            g = torch.stack([g for _, g in buf], 2)  # (B, N, T)
-            summed = torch.bmm(g, q)  # (B, N, D)
-            grad = summed if grad is None else grad + summed
-            buf.clear()
-        return grad, None
+        b, n = ctx.shape
+        dim = weight.shape[0]
+        flat = bank.view(b * n, dim)
+        need = ctx.needs_input_grad
+        if not buf and grad is None:
+            return (None,) * 10
+        # dL/dk of the valid rows, through the ReLU (zero where the key is 0), one block of videos at a time
+        g = y.new_empty(y.shape)  # (M, D)
+        q = torch.stack([q for q, _ in buf], 1) if buf else None  # (B, T, D)
+        gs = torch.stack([g for _, g in buf], 2) if buf else None  # (B, N, T)
+        buf.clear()
+        edges = [*range(0, b, KEY_BLOCK_VIDEOS), b]  # video blocks
+        firsts = torch.searchsorted(rows, torch.tensor(edges, device=rows.device) * n).tolist()  # their rows
+        for v0, v1, r0, r1 in zip(edges, edges[1:], firsts, firsts[1:], strict=False):
+            if r0 == r1:
+                continue
+            local = rows[r0:r1] - v0 * n
+            if gs is not None:
+                dk = torch.bmm(gs[v0:v1], q[v0:v1]).view(-1, dim)  # (vb*N, D)
+                if grad is not None:
+                    dk += grad[v0:v1].reshape(-1, dim)
+            else:
+                dk = grad[v0:v1].reshape(-1, dim)
+            torch.index_select(dk, 0, local, out=g[r0:r1])
+            g[r0:r1].masked_fill_(flat.index_select(0, rows[r0:r1]) <= 0, 0.0)
+        del q, gs
+        # batch norm's backward in place on g: dL/dy = scale g + c2 y + c3 per column (training), or scale g
+        m = rows.shape[0]
+        sum_g = g.sum(0)  # (D,)
+        dot = y.new_zeros(dim)  # (D,): sum of g (y - mean)
+        for a in range(0, m, KEY_BLOCK_ROWS):
+            dot += ((y[a : a + KEY_BLOCK_ROWS] - mean) * g[a : a + KEY_BLOCK_ROWS]).sum(0)
+        g_bn_w = dot * invstd if need[4] else None
+        g_bn_b = sum_g if need[5] else None
+        scale = invstd * bn_weight  # (D,)
+        if ctx.batch_stats:
+            c2 = -scale * invstd * invstd * dot / m
+            c3 = -scale * sum_g / m - c2 * mean
+        g_w = weight.new_zeros(weight.shape) if need[2] else None
+        g_b = y.new_zeros(dim) if need[3] else None
+        g_z = torch.zeros_like(z) if need[0] else None
+        for block, a in zip(rows.split(KEY_BLOCK_ROWS), range(0, m, KEY_BLOCK_ROWS), strict=True):
+            gy = g[a : a + len(block)].mul_(scale)  # (m_blk, D), in place
+            if ctx.batch_stats:
+                gy.addcmul_(y[a : a + len(block)], c2).add_(c3)
+            if g_w is not None:
+                g_w.addmm_(gy.t(), z.index_select(0, block))
+            if g_b is not None:
+                g_b += gy.sum(0)
+            if g_z is not None:
+                g_z.index_copy_(0, block, gy @ weight)
+        return g_z, None, g_w, g_b, g_bn_w, g_bn_b, None, None, None, None
 
 
 class _Scores(torch.autograd.Function):

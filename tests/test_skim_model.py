@@ -483,29 +483,6 @@ def test_gflops_grow_with_video_length_and_steps():
     assert 1.0 < long_ / keys < 1.5  # the keys dominate
 
 
-def test_deferred_key_gradient_equals_plain_autograd():
-    from skim.model import _KeyHub, _Scores
-
-    g = torch.Generator().manual_seed(9)
-    base = torch.randn(3, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    q0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
-
-    def grads(deferred: bool) -> torch.Tensor:
-        keys = torch.relu(2 * base)
-        buf: list = []
-        if deferred:
-            keys = _KeyHub.apply(keys, buf)
-        q, total = q0, 0.0
-        for _ in range(4):  # each query depends on the previous scores, as in the model
-            s = _Scores.apply(keys, q, buf) if deferred else torch.einsum("bnd,bd->bn", keys, q)
-            a = s.softmax(1)
-            q = torch.tanh(torch.einsum("bn,bnd->bd", a, base) + q)
-            total = total + (a * torch.arange(7.0)).sum() + q.sum()
-        return torch.autograd.grad(total, base)[0]
-
-    torch.testing.assert_close(grads(True), grads(False))
-
-
 def test_checkpoint_uses_the_one_envelope_and_verifies_sha256_on_every_load(tmp_path):
     from indexing.errors import CheckpointError
     from skim.checkpoint import load_checkpoint, save_checkpoint
@@ -712,39 +689,59 @@ def test_eval_reuses_lstm_weights_only_while_the_parameters_are_unchanged():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_key_bank_equals_plain_autograd_and_updates_the_statistics_once(training):
-    """The key path that recomputes in backward (_KeyBank) gives the plain autograd keys, gradients (of the
-    projection, the batch norm and the features) and running statistics."""
-    from skim.model import _KeyBank
+@pytest.mark.parametrize("blocks", ["whole", "small"])
+def test_key_bank_equals_plain_autograd_and_updates_the_statistics_once(training, blocks, monkeypatch):
+    """_KeyBank (block-sized temporaries, deferred score gradients, batch norm's backward in place) gives
+    the plain autograd keys, gradients (of the features, the projection and the batch norm, through scores
+    that each depend on the previous ones, plus a direct use of the keys) and running statistics."""
+    import skim.model as sm
 
+    if (
+        blocks == "small"
+    ):  # 3 valid rows per block and 2 videos per block: every block loop runs several times
+        monkeypatch.setattr(sm, "KEY_BLOCK_ROWS", 3)
+        monkeypatch.setattr(sm, "KEY_BLOCK_VIDEOS", 2)
     g = torch.Generator().manual_seed(3)
-    mask = torch.arange(6)[None, :] < torch.tensor([6, 2, 4])[:, None]  # (B, N)
+    lengths = torch.tensor([6, 2, 0, 4, 5])  # a video with no valid row: its block has no rows
+    b, n, d = 5, 6, 8
+    mask = torch.arange(n)[None, :] < lengths[:, None]  # (B, N)
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    z0 = torch.randn(18, 8, generator=g, dtype=torch.float64)  # (B*N, D)
-    w_out = torch.randn(18, 8, generator=g, dtype=torch.float64)
+    z0 = torch.randn(b * n, d, generator=g, dtype=torch.float64)  # (B*N, D)
+    w_out = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    q0 = torch.randn(b, d, generator=g, dtype=torch.float64)
     results = []
-    for recompute in (False, True):
+    for custom in (False, True):
         torch.manual_seed(0)
-        proj = nn.Linear(8, 8).double()
-        bn = MaskedBatchNorm1d(8).double().train(training)
+        proj = nn.Linear(d, d).double()
+        bn = MaskedBatchNorm1d(d).double().train(training)
         with torch.no_grad():
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.weight.uniform_(0.5, 1.5)
         z = z0.clone().requires_grad_(True)
-        if recompute:
-            bank = _KeyBank.apply(z, rows, proj.weight, proj.bias, bn.weight, bn.bias, bn, True)
+        buf: list = []
+        if custom:
+            bank = sm._KeyBank.apply(
+                z, rows, proj.weight, proj.bias, bn.weight, bn.bias, bn, True, (b, n), buf
+            )  # fmt: skip
         else:
             k = torch.relu(bn.normalize_rows(proj(z.index_select(0, rows))))
-            bank = z.new_zeros(18, 8).index_copy(0, rows, k)
-        (bank * w_out).sum().backward()
+            bank = z.new_zeros(b * n, d).index_copy(0, rows, k).view(b, n, d)
+        q, total = q0, (bank * w_out).sum()
+        for _ in range(4):  # each query depends on the previous scores, as in the model
+            s = sm._Scores.apply(bank, q, buf) if custom else torch.einsum("bnd,bd->bn", bank, q)
+            a = torch.where(mask, s, float("-inf")).softmax(1).nan_to_num(0.0)
+            q = torch.tanh(torch.einsum("bn,bnd->bd", a, z.view(b, n, d)) + q)
+            total = total + (a * torch.arange(float(n))).sum() + q.sum()
+        total.backward()
         params = [z.grad, proj.weight.grad, proj.bias.grad, bn.weight.grad, bn.bias.grad]
         stats = [bn.running_mean, bn.running_var, bn.num_batches_tracked]
         results.append((bank.detach(), params, stats))
+        assert not buf  # the deferred gradients were consumed
     (bank_a, grads_a, stats_a), (bank_b, grads_b, stats_b) = results
-    assert (bank_b[~mask.reshape(-1)] == 0).all() and (bank_b > 0).any()
+    assert (bank_b[~mask] == 0).all() and (bank_b > 0).any()
     torch.testing.assert_close(bank_b, bank_a)
-    for a, b in zip(grads_a + stats_a, grads_b + stats_b, strict=True):
-        torch.testing.assert_close(b, a)
+    for a, b_ in zip(grads_a + stats_a, grads_b + stats_b, strict=True):
+        torch.testing.assert_close(b_, a)
     assert int(stats_b[2]) == int(training)
 
 
