@@ -37,6 +37,14 @@ fewer than ``T`` after an early exit), ``T`` for uniform and random and ``N`` fo
 precision is the fraction of looked-at steps whose midpoint lies inside a ground-truth segment of
 ``moments.json``, over the videos it covers (skim: the distinct chosen steps; dense: every step, i.e. the
 chance level); ``null`` without moments.
+
+Memory is bounded by the batch, not the corpus: besides a batch of videos, evaluation keeps per video its id,
+a few integers and ``(C,)`` float32 probabilities of the model and of the one baseline being scored (mAP ranks
+every video per class). The baselines' pooled features (``4 * R * D`` bytes per video and pooled set:
+``len(curve_steps) + 2`` sets on the evaluated split, ``len(curve_steps) + 1 + random_draws`` on the training
+split; ~40 KB per video at the paper's sizes) go to temporary files under ``$TMPDIR`` (or
+``EvalConfig.scratch_dir``; free space is checked first, the files are removed at the end) and the heads read
+them a batch at a time, with the same numbers as from memory.
 """
 
 from __future__ import annotations

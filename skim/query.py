@@ -99,9 +99,12 @@ def iter_query(
         dataset.entries = [e for e in dataset.entries if e.video_id not in skip]
         if not dataset.entries:
             return
-    paths = {e.video_id: e.path for e in dataset.entries}
-    cols = store.index_columns()
-    known = dict(zip(cols["video_id"].tolist(), cols["label"].tolist(), strict=True))  # the store's labels
+    paths: dict[str, str] = {}
+    known: dict[str, Any] = {}
+    if details:  # per-video lookups only where answers carry them (explain: a few videos)
+        paths = {e.video_id: e.path for e in dataset.entries}
+        cols = store.index_columns()  # the store's labels
+        known = dict(zip(cols["video_id"].tolist(), cols["label"].tolist(), strict=True))
     for batch, out in iter_outputs(
         ckpt.model, dataset, batch_size=batch_size, device=dev, progress=progress, desc="query",
         precision=precision,
@@ -164,6 +167,7 @@ def answered_ids(path: str | Path) -> set[str]:
     """Video ids already answered in a JSON Lines file of :func:`write_jsonl` (empty when it does not exist).
 
     A last line cut short by a killed run is dropped from the file, so a resumed run appends whole lines.
+    The file is read a line at a time: memory holds the ids, not the answers.
 
     Raises:
         ConfigError: A complete line is not an answer (another file given by mistake).
@@ -173,21 +177,35 @@ def answered_ids(path: str | Path) -> set[str]:
     path = Path(path)
     if not path.exists():
         return set()
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        with path.open("r+b") as f:
-            f.truncate(keep)  # the partial answer of a killed run; it is asked again
+    _drop_cut_line(path)  # the partial answer of a killed run; it is asked again
     ids = set()
-    for n, line in enumerate(data[:keep].splitlines(), 1):
-        try:
-            ids.add(json.loads(line)["video_id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"{path} line {n} is not a query answer ({exc}); give a file written by `l2l query --out` "
-                "or another path"
-            ) from None
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                ids.add(json.loads(line)["video_id"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"{path} line {n} is not a query answer ({exc}); give a file written by "
+                    "`l2l query --out` or another path"
+                ) from None
     return ids
+
+
+def _drop_cut_line(path: Path, *, block: int = 1 << 16) -> None:
+    """Truncate ``path`` after its last newline, reading its tail ``block`` bytes at a time."""
+    with path.open("r+b") as f:
+        end = pos = f.seek(0, 2)
+        keep = 0
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            newline = f.read(pos - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            pos = start
+        if keep < end:
+            f.truncate(keep)
 
 
 def write_jsonl(

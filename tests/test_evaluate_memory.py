@@ -204,3 +204,29 @@ def test_a_full_disk_and_a_missing_scratch_directory_are_refused(stores, model_p
         check_scratch_space(tmp_path, 10**15, 1024)
     with pytest.raises(ConfigError, match="does not exist"):
         _evaluate(stores[60], model_path, scratch_dir=str(tmp_path / "missing"))
+
+
+def test_query_resume_reads_answered_ids_a_line_at_a_time(tmp_path):
+    """``l2l query --all --out F --resume`` on a large F: the ids are kept, never the file's answers."""
+    import json
+
+    from skim.query import answered_ids
+
+    out = tmp_path / "answers.jsonl"
+    answer = {"top": [{"label": "x" * 40, "prob": 0.5}] * 5, "moments": [{"step": 3, "weight": 0.1}] * 20}
+    with out.open("w") as f:
+        for v in range(3000):
+            f.write(json.dumps({"video_id": f"v{v}", **answer}) + "\n")
+        f.write('{"video_id": "cut", "top": [{"la')  # a run killed mid-line
+    size = out.stat().st_size
+    tracemalloc.start()
+    try:
+        ids = answered_ids(out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ids == {f"v{v}" for v in range(3000)}
+    assert out.read_text().endswith("}\n")  # the cut line is gone: the resumed run appends whole lines
+    assert peak < size / 4, f"reading {size} B of answers peaked at {peak} B"
+    out.write_text('{"video_id": "cut"')  # no whole line at all
+    assert answered_ids(out) == set() and out.stat().st_size == 0
