@@ -174,6 +174,34 @@ def test_chunk_cache_is_a_byte_bounded_lru():
     assert cache.get("image", 9) is None
 
 
+def test_a_cleared_cache_refills_into_its_buffers_within_its_budget(planted):
+    """After clear() (a new epoch, a changed done listing) the next reads decode into the buffers the cache
+    held, never more of them than its byte budget, and every row read is still the right one."""
+    store = open_store(planted["store"])
+    size = store.chunk_rows
+    one = store.read_rows("image", 0, size).nbytes
+    chunks = -(-store.rows // size)
+    full = [c for c in range(chunks) if (c + 1) * size <= store.rows]  # whole chunks decode into buffers
+    cache = chunk_cache(store, 8 * one)
+    truth = store.read_rows("image", 0, store.rows)
+    fresh = []
+    for _ in range(3):
+        cache.clear()
+        for c in full:
+            (got,) = read_many(store, "image", [(c * size, (c + 1) * size)])
+            np.testing.assert_array_equal(got, truth[c * size : (c + 1) * size])
+            del got
+            assert cache.bytes + cache._free_bytes <= (8 + 4) * one
+            assert cache._free_bytes == sum(b.nbytes for b in cache._free)
+        fresh.append(cache.fresh)
+    assert 0 < fresh[0] <= 8 + 4 and fresh[2] == fresh[1] == fresh[0]  # no fresh buffer after a clear
+    held, _ = read_many(store, "image", [(0, 2), (size, size + 2)])  # a view still served
+    cache.clear()  # the held chunk's buffer is not put on the free list
+    assert all(not np.shares_memory(held, b) for b in cache._free)
+    chunk_cache(store, one)  # shrinking the budget trims the free list
+    assert cache._free_bytes <= (1 + 4) * one
+
+
 def test_damage_still_raises_through_batch_reads(planted, tmp_path):
     import shutil
 
@@ -620,6 +648,23 @@ def test_direct_chunk_decoding_equals_zarr_and_checks_damage(compression, tmp_pa
     ):
         with pytest.raises(StoreError, match="image"):
             read(open_store(tmp_path / "s"))
+    # A store that has read (and checked) the file before, as a training process that read it last epoch,
+    # takes the direct path of uncompressed chunks: a flipped byte, a cut or a longer file still raise.
+    raw[len(raw) // 2] ^= 0x10
+    good = bytes(raw)
+    raw[len(raw) // 2] ^= 0x10
+    victim.write_bytes(good)
+    warm = open_store(tmp_path / "s")
+    buf = np.empty((size, dim), np.float16)
+    np.testing.assert_array_equal(warm.read_chunk_into("image", 1, buf), data["image"][16:32])
+    for damaged in (bytes(raw), good[:-1], good + b"\0", good[:-4] + bytes(4)):
+        victim.write_bytes(damaged)
+        with pytest.raises(StoreError, match="image"):
+            warm.read_chunk_into("image", 1, buf)
+        with pytest.raises(StoreError, match="image"):
+            read_many(warm, "image", [(10, 20)], cache=False)
+    victim.write_bytes(good)
+    np.testing.assert_array_equal(warm.read_chunk_into("image", 1, buf), data["image"][16:32])
 
 
 def test_collate_casts_exactly_like_numpy_across_its_copy_blocks():

@@ -42,7 +42,7 @@ from . import FeatureStore, _intersect, array_dtype, row_shape
 
 DEFAULT_CACHE_BYTES = 256 << 20  # per open store: 128 float16 chunks of 1,024 x 512 per feature, two features
 MAX_RUN_CHUNKS = 8  # consecutive chunks decoded in one read_rows call (bounds the temporary buffer)
-FREE_BUFFERS = 4  # evicted chunk buffers kept for reuse
+FREE_BUFFERS = 4  # evicted chunk buffers kept for reuse beyond the byte budget (see ChunkCache)
 ARENAS = 4  # arenas for rows copied out of several chunks, kept for reuse
 
 
@@ -64,10 +64,15 @@ _UNSHARED = _unshared_refs()
 class ChunkCache:
     """A least-recently-used map ``(array, chunk index) -> decoded rows``, bounded in bytes.
 
-    Evicted chunks nobody else holds (no view of them is alive: the reference count says so) go to a short
-    free list, and :meth:`buffer` hands them out again to decode the next chunk into: a warm read then
+    Evicted chunks nobody else holds (no view of them is alive: the reference count says so) go to a free
+    list, and :meth:`buffer` hands them out again to decode the next chunk into: a warm read then
     allocates no fresh megabytes (their page faults cost more than the decode, measured). A chunk that is
-    still viewed is never reused, so a served view keeps its rows.
+    still viewed is never reused, so a served view keeps its rows. The free list holds what the budget
+    leaves unused plus :data:`FREE_BUFFERS` spare buffers (cached plus free bytes <= ``max_bytes`` + that
+    many buffers: a full cache decodes the next chunk before it evicts one), so a cleared cache (a new
+    epoch, a changed done listing) refills into its old buffers instead of faulting in fresh ones:
+    measured on a block-shuffled epoch of 1,000 videos, 418 of 619 chunk reads went to fresh buffers after
+    a clear when only four were kept.
 
     Args:
         max_bytes: Most bytes of decoded rows held (0 holds none).
@@ -79,8 +84,10 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
         self.reused = 0
+        self.fresh = 0  # chunk buffers allocated (not recycled)
         self._items: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._free: list[np.ndarray] = []
+        self._free_bytes = 0
         self._arenas: list[np.ndarray] = []
         self._done_of: object = None  # the done listing the entries were read under
         self.lock = threading.RLock()  # one reader of the cache at a time (the read-ahead thread and others)
@@ -118,12 +125,23 @@ class ChunkCache:
             self.bytes -= dropped.nbytes
             self._recycle(dropped)
             del dropped
+        self._trim_free()
 
     def _recycle(self, arr: np.ndarray) -> None:
         # arr is held here and by the caller's one local: anything more is a live view (or a user's
         # reference) and the buffer must keep its rows.
-        if arr.base is None and len(self._free) < FREE_BUFFERS and _refs(arr) == _UNSHARED + 1:
-            self._free.append(arr)
+        if arr.base is None and _refs(arr) == _UNSHARED + 1:
+            if self.bytes + self._free_bytes + arr.nbytes <= self.max_bytes + FREE_BUFFERS * arr.nbytes:
+                self._free.append(arr)
+                self._free_bytes += arr.nbytes
+
+    def _trim_free(self) -> None:
+        # Cached plus free bytes within the budget and FREE_BUFFERS spare buffers.
+        while (
+            self._free
+            and self.bytes + self._free_bytes > self.max_bytes + FREE_BUFFERS * self._free[0].nbytes
+        ):
+            self._free_bytes -= self._free.pop(0).nbytes
 
     def buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A writable C-contiguous array of ``shape`` and ``dtype`` to decode a chunk into: a recycled one
@@ -132,9 +150,11 @@ class ChunkCache:
         for i, arr in enumerate(self._free):
             if arr.shape == shape and arr.dtype == dtype:
                 del self._free[i]
+                self._free_bytes -= arr.nbytes
                 arr.flags.writeable = True  # it owns its memory and no view of it is alive
                 self.reused += 1
                 return arr
+        self.fresh += 1
         return np.empty(shape, dtype)
 
     def arena(self, nbytes: int) -> np.ndarray:
@@ -153,9 +173,11 @@ class ChunkCache:
     def clear(self) -> None:
         while self._items:
             _, dropped = self._items.popitem(last=False)
+            self.bytes -= dropped.nbytes
             self._recycle(dropped)
             del dropped
         self.bytes = 0
+        self._trim_free()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -174,6 +196,7 @@ def chunk_cache(store: FeatureStore, max_bytes: int | None = None) -> ChunkCache
         cache.max_bytes = int(max_bytes)
         if cache.bytes > cache.max_bytes:
             cache.clear()
+        cache._trim_free()
     return cache
 
 

@@ -26,8 +26,10 @@ Reading (issue 14): :meth:`ZarrStore.read_chunk_into` and ``_read`` decode an un
 files straight from disk (one file read into a reused per-thread buffer, the checks of
 :meth:`FeatureStore.read_rows` on the bytes read, then crc32c / the zstd frame checksum and the codec
 writing into the caller's buffer: no allocation), equal to zarr's read (tested); zarr-python's async
-pipeline costs about a millisecond per call on top of the decode. Sharded arrays and other codecs read
-through zarr.
+pipeline costs about a millisecond per call on top of the decode. An uncompressed (``none``) chunk whose
+file this open store has checked against its task's record once is read straight into the caller's
+buffer and its crc32c checked there: one copy of the bytes instead of two. Sharded arrays and other
+codecs read through zarr.
 
 With ``inner_chunk_rows`` the feature arrays are sharded: one shard file per ``chunk_rows`` rows (the
 write unit, tasks align to shards) holding chunks of ``inner_chunk_rows``, which keeps the file count low
@@ -393,6 +395,15 @@ class ZarrStore(FeatureStore):
         if dec is None or b <= a or sum(y - x for x, y in self._done_segments(a, b)) < b - a:
             return super().read_chunk_into(name, chunk, out)
         rel = f"{dec.key_prefix}{chunk}{dec.key_suffix}"  # as files_of (tested equal)
+        if (
+            dec.raw_crc
+            and rel in self.__dict__.get("_verified_files", ())
+            and _read_raw_into(f"{self.path}/{rel}", out, dec)
+        ):
+            # An uncompressed chunk whose file was checked against its task's record (size and sha256)
+            # in this open store: the file read straight into ``out`` and its crc32c checked there, one
+            # copy instead of two. Anything unexpected (size, checksum) reads again below, which names it.
+            return out[: b - a]
         try:
             data = _read_file(f"{self.path}/{rel}")
         except FileNotFoundError:
@@ -526,6 +537,7 @@ class _ChunkDecoder:
         self.chunk_rows, self.row_shape, self.dtype = chunk_rows, row_shape, np.dtype(dtype)
         self.fill_value = fill
         self.nbytes = chunk_rows * int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self.raw_crc = compressor is None and crc32c  # a file is the chunk's bytes, then their crc32c
 
     @classmethod
     def of(cls, arr: Any, chunk_rows: int) -> _ChunkDecoder | None:
@@ -645,6 +657,41 @@ def _read_file(path: str | Path) -> memoryview:
         return buf[:got]
     finally:
         os.close(fd)
+
+
+def _read_raw_into(path: str, out: np.ndarray, dec: _ChunkDecoder) -> bool:
+    """Read an uncompressed crc32c chunk file straight into ``out`` and check it: ``True`` when the file
+    is exactly the chunk's bytes plus their 4-byte crc32c and the checksum matches (``out`` then holds the
+    chunk), ``False`` for anything else (``out`` is then undefined; the caller reads again and reports)."""
+    import google_crc32c
+
+    if out.dtype != dec.dtype or out.nbytes != dec.nbytes or not out.flags.c_contiguous:
+        return False
+    dest = out.reshape(-1).view(np.uint8)
+    tail = _scratch("crc", 8)  # 4 bytes of crc32c, and room to see a longer file
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        views = [memoryview(dest), memoryview(tail)[:8]]
+        got = 0
+        while views:
+            n = os.readv(fd, views)
+            if n == 0:
+                break
+            got += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if views and n:
+                views[0] = views[0][n:]
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if got != dec.nbytes + 4:
+        return False
+    return google_crc32c.value(dest) == int.from_bytes(tail[:4], "little")
 
 
 def _inner_rows(chunk_rows: int, row_bytes: int, target_bytes: int = 1 << 18) -> int:
