@@ -102,7 +102,8 @@ def clips_to_tensor(clips: Tensor) -> Tensor:
         clips: ``(B, T, H, W, 3)`` uint8 RGB, T = 16 for a teacher clip (numpy arrays accepted).
 
     Returns:
-        ``(B, 3, T, H, W)`` float32, Kinetics-normalised (what torchvision's ``r2plus1d_18`` expects).
+        ``(B, 3, T, H, W)`` float32, Kinetics-normalised (what torchvision's ``r2plus1d_18`` expects), laid
+        out channels-last (``torch.channels_last_3d``, the input's own order: no copy), as the teacher runs.
 
     Raises:
         ValueError: If the input is not ``(B, T, H, W, 3)`` uint8.
@@ -110,5 +111,7 @@ def clips_to_tensor(clips: Tensor) -> Tensor:
     clips = torch.as_tensor(clips)
     if clips.ndim != 5 or clips.shape[-1] != 3 or clips.dtype != torch.uint8:
         raise ValueError(f"clips must be (B, T, H, W, 3) uint8, got {tuple(clips.shape)} {clips.dtype}")
-    x = clips.permute(0, 4, 1, 2, 3).float().div_(255.0)  # (B, 3, T, H, W)
-    return _normalise(x, KINETICS_MEAN, KINETICS_STD, channel_dim=1).contiguous()
+    x = clips.permute(0, 4, 1, 2, 3).float().div_(255.0)  # (B, 3, T, H, W), channels-last in memory
+    return _normalise(x, KINETICS_MEAN, KINETICS_STD, channel_dim=1).contiguous(
+        memory_format=torch.channels_last_3d
+    )

@@ -353,6 +353,10 @@ class Teacher(nn.Module):
         self.proj = nn.Identity() if widths[-1] == num_features else nn.Linear(widths[-1], num_features)
         self.num_features = num_features
         self.num_classes = num_classes
+        # Channels-last 3-D convolutions: 1.2-1.7x faster for R(2+1)D-18 and 1.4-3x for the tiny teacher on
+        # this project's CPU (oneDNN), same values to 1e-6. load_state_dict copies into these weights and
+        # .to(device) keeps their layout; weights_sha256 hashes values, not layout.
+        self.net.to(memory_format=torch.channels_last_3d)
         self.requires_grad_(False)
         super().train(False)
 
@@ -363,6 +367,7 @@ class Teacher(nn.Module):
     def forward_features(self, clip: Tensor) -> Tensor:
         """``(B, 3, T, H, W)`` → feature map ``(B, C, T/8, H/16, W/16)``."""
         n = self.net
+        clip = clip.contiguous(memory_format=torch.channels_last_3d)  # a no-op for clips_to_tensor's
         return n.layer4(n.layer3(n.layer2(n.layer1(n.stem(clip)))))
 
     def forward_head(self, x: Tensor, *, pre_logits: bool = False) -> Tensor:
