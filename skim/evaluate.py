@@ -44,7 +44,8 @@ every video per class). The baselines' pooled features (``4 * R * D`` bytes per 
 ``len(curve_steps) + 2`` sets on the evaluated split, ``len(curve_steps) + 1 + random_draws`` on the training
 split; ~40 KB per video at the paper's sizes) go to temporary files under ``$TMPDIR`` (or
 ``EvalConfig.scratch_dir``; free space is checked first, the files are removed at the end) and the heads read
-them a batch at a time, with the same numbers as from memory.
+them a batch at a time, with the same numbers as from memory. Where ``/tmp`` is a RAM disk (tmpfs), point
+``TMPDIR`` at a real disk; the heads read rows at random, so a local SSD serves them best.
 """
 
 from __future__ import annotations
