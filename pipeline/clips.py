@@ -34,6 +34,8 @@ ORDERS = ("clips", "videos")
 # A video whose random clip may decode more than this much video (one-pass reads start at an IDR picture) is
 # named in a warning: clip order is exact there but slow, grouped order (``videos``) reads it in one pass.
 SLOW_READ_S = 30.0
+# Niceness added to DataLoader workers (see _lower_priority).
+LOADER_NICE = 5
 
 
 @dataclass(frozen=True)
@@ -506,7 +508,17 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=str(device).startswith("cuda"),
+        worker_init_fn=_lower_priority,
     )
+
+
+def _lower_priority(worker_id: int) -> None:
+    """DataLoader worker start: raise the worker's niceness by :data:`LOADER_NICE`, so that on a busy host
+    the training process keeps its cores (a worker only waits for it: its queue holds prefetched batches)."""
+    try:
+        os.nice(LOADER_NICE)
+    except OSError:  # not allowed here (some sandboxes): the worker runs at the parent's priority
+        log.debug("loader worker %d: os.nice(%d) not permitted", worker_id, LOADER_NICE)
 
 
 def split_entries(
