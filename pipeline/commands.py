@@ -412,7 +412,10 @@ def store_info_cmd(store: str, as_json: bool) -> None:
         echo_json(info)
         return
     rows = max(info["rows"], 1)
-    click.echo(f"store     {store} ({info['format']}, {info['dtype']}, chunk_rows {info['chunk_rows']})")
+    click.echo(
+        f"store     {store} ({info['format']}, {info['dtype']}, codec {info['compression']}, "
+        f"chunk_rows {info['chunk_rows']})"
+    )
     click.echo(
         f"videos    {info['videos']}: {info['ok']} ok, {info['failed']} failed, {info['pending']} pending"
     )

@@ -338,12 +338,13 @@ class TestStoreContract(StoreHelpers):
         info = store_info(tmp_path / "s")
         assert set(info) == {
             "format", "videos", "ok", "failed", "pending", "steps", "failures", "models", "bytes", "rows",
-            "chunk_rows", "dtype", "format_version", "checksums", "tasks", "tasks_done", "complete",
-            "feature_sets",
+            "chunk_rows", "dtype", "compression", "format_version", "checksums", "tasks", "tasks_done",
+            "complete", "feature_sets",
         }  # fmt: skip
-        assert (info["format_version"], info["checksums"]) == (
+        assert (info["format_version"], info["checksums"], info["compression"]) == (
             2,
             {"zarr": "crc32c", "hdf5": "fletcher32"}[self.fmt],
+            "none",  # both defaults: raw float16 bytes plus the checksum
         )
         counts = [
             info[k] for k in ("format", "videos", "ok", "failed", "pending", "steps", "rows", "chunk_rows")

@@ -45,7 +45,8 @@ def store_info(path: str | Path) -> dict[str, Any]:
     Returns:
         ``format`` (backend name), ``videos``/``ok``/``failed``/``pending`` (counts), ``steps`` (rows owned
         by ok videos), ``failures`` (``[{video_id, path, reason}]``), ``models`` (from the attrs),
-        ``bytes`` (on disk), ``rows``, ``chunk_rows``, ``dtype``, ``format_version`` and ``checksums`` (how
+        ``bytes`` (on disk), ``rows``, ``chunk_rows``, ``dtype``, ``compression`` (the feature arrays' codec),
+        ``format_version`` and ``checksums`` (how
         reads are verified; a format-1 store says it has none). ``tasks``/``tasks_done`` count the planned
         tasks and those finished; ``complete`` is false until every task is done and no video is pending
         (an interrupted extraction: statuses stay ``pending`` until the run that finishes it).
@@ -85,6 +86,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
             "rows": store.rows,
             "chunk_rows": store.chunk_rows,
             "dtype": store.dtype,
+            "compression": store.compression,
             "format_version": int(store.attrs.get("format_version", 1)),
             "checksums": store.checksums
             if store.verified

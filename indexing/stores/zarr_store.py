@@ -10,15 +10,18 @@ Layout of a store directory (plain ``zarr.open_group(path)`` reads all of it)::
     index/<column>            (videos,) one array per VideoRecord field; strings are variable-length
                               UTF-8, chunks of 131072 videos (a 10^6-video index is ~8 chunks per column)
 
-Compression, measured on float16 rows like the students' (post-ReLU pooled trunk features correlated over
-steps, and signed fused embeddings; 1024-row chunks): reads of whole videos are bound by the chunk decode,
-so the default since issue 14 is ``blosc-lz4hc`` (blosc's LZ4HC level 5, no shuffle, then ``crc32c``): it
-decodes at ~4 GB/s against ~0.7-1 GB/s for zstd (one core) and writes at ~35 MB/s (~35k rows/s, far above
-extraction speed), but compresses less: 0.76 of the raw bytes against zstd level 3's 0.69 on synthetic
-sparse rows, 0.98 against 0.85 on the paper students' features (bench/store.py --quick: 114.5 vs 99.6 kB
-per video-minute and feature; float16 either way, half the float32 .npy layout).
-``zstd`` (level 3, frame checksum; the default before, still read and written) saves ~10% more disk;
-``blosc-lz4`` with shuffle saves less (0.9); ``none`` stores raw bytes. Feature-set arrays added to a
+Compression: the default is ``none`` (float16 bytes, then ``crc32c``): whole-video reads are bound by
+memory traffic, and trained students' float16 features hardly compress. Measured on the demo's trained
+students (11,439 valid rows, 1,024-row chunks, float16): blosc LZ4HC keeps 1.00 of the image and fused
+bytes and 0.91 of the audio bytes (repeated rows of silent steps), zstd level 1-3 0.92 / 0.84 / 0.92;
+bench/store.py measured 0.98 (LZ4HC) and 0.85 (zstd) on the paper students. An uncompressed chunk is read
+straight into the reader's buffer and its crc32c checked there (one copy, ~0.23 ms a 1 MB chunk on this
+host); an LZ4HC chunk costs a second pass (~0.33 ms, same run), zstd 1-2 ms. Block-shuffled epochs of the
+bench's 1,000 videos (interleaved in one process, load ~8): ``none`` 1.39x the per-video float32 .npy
+layout per CPU-second, ``blosc-lz4hc`` (the default from issue 14 until this change) 0.96x. Either is half
+the .npy bytes. ``blosc-lz4hc`` (level 5, no shuffle), ``zstd`` (level 3, frame checksum: ~10% less disk,
+4x the decode) and ``blosc-lz4`` (with shuffle) are still written on request and read everywhere (the codec
+is in each array's metadata; ``l2l store info`` names it). Feature-set arrays added to a ``none`` or
 ``blosc-lz4hc`` store (:meth:`ZarrStore.add_arrays`) use zstd: they are read a row at a time from ~256 kB
 inner chunks, where the decode is small and the disk (students' inputs) large.
 
@@ -36,15 +39,17 @@ write unit, tasks align to shards) holding chunks of ``inner_chunk_rows``, which
 while a one-video read decompresses little.
 
 Integrity (format 2): every chunk of every array carries a checksum verified on every read. zstd chunks
-(the default, and always the row and index arrays) use zstd's own frame checksum (xxh64 of the chunk;
-a flipped or cut byte fails the frame or the checksum); ``none`` and ``blosc-lz4`` chunks get the ``crc32c``
-codec after the compressor. Measured on float16 rows (bench/store.py, ``store_integrity``), the zstd frame
-checksum cost less than zstd + crc32c (read 1,034 vs 989 MB/s, write 115 vs 102 MB/s; 1,074 / 137 with
-no checksum), and crc32c on uncompressed chunks is expensive (read 811 vs 2,236 MB/s). Chunks are written
-even when they hold only fill values (``write_empty_chunks``), so every chunk of a finished task exists
-and a missing file is always damage, never "all zeros". ``layout/tasks`` holds the planned task ranges;
-each done marker records the chunk files its task wrote (see :class:`FeatureStore`). zarr writes each
-chunk to a temporary file and renames it, so a killed writer leaves the old chunk or the new one.
+(always the row and index arrays) use zstd's own frame checksum (xxh64 of the chunk; a flipped or cut
+byte fails the frame or the checksum); ``none`` (the default) and blosc chunks get the ``crc32c`` codec
+after the compressor (google-crc32c, hardware crc32c: ~0.04 ms a 1 MB chunk in cache). Measured on
+float16 rows (bench/store.py, ``store_integrity``), the zstd frame checksum cost less than zstd + crc32c
+(read 1,034 vs 989 MB/s, write 115 vs 102 MB/s; 1,074 / 137 with no checksum); through zarr-python's own
+read, crc32c on uncompressed chunks was expensive (read 811 vs 2,236 MB/s), not on the direct read.
+Chunks are written even when they hold only fill values (``write_empty_chunks``), so every chunk of a
+finished task exists and a missing file is always damage, never "all zeros". ``layout/tasks`` holds the
+planned task ranges; each done marker records the chunk files its task wrote (see :class:`FeatureStore`).
+zarr writes each chunk to a temporary file and renames it, so a killed writer leaves the old chunk or the
+new one.
 
 Writes are chunk-aligned (see :meth:`ZarrStore.write_rows`); the index and attrs are written only by
 ``create`` and ``set_index``, which also re-consolidate the metadata.
@@ -88,8 +93,8 @@ from . import (
 )
 
 INDEX_CHUNK = 1 << 17  # videos per index chunk
-COMPRESSIONS = ("blosc-lz4hc", "zstd", "blosc-lz4", "none")
-DEFAULT_COMPRESSION = "blosc-lz4hc"
+COMPRESSIONS = ("none", "blosc-lz4hc", "zstd", "blosc-lz4")
+DEFAULT_COMPRESSION = "none"
 
 
 WRITE_CONFIG = {"write_empty_chunks": True}  # every written chunk exists on disk, fill or not
@@ -486,7 +491,7 @@ class ZarrStore(FeatureStore):
         merged = check_attrs({**self.attrs, **attrs})
         fused = self._array("fused")
         codecs = list(fused.compressors)
-        if self.compression == "blosc-lz4hc":  # row-at-a-time reads of big inputs: zstd (module docstring)
+        if self.compression in ("none", "blosc-lz4hc"):  # row reads of big inputs: zstd (module docstring)
             codecs = _compressors("zstd", self.checksums != "none")
         for name in names:
             shape = (self._rows, *row_shape(name, self._dim))
