@@ -8,7 +8,10 @@ decodes video: ``show`` draws frames only when the caller put a frame reader in 
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import click
 
@@ -300,6 +303,12 @@ def train_cmd(
 )
 @click.option("--seed", type=int, help="Seed of the baselines.  [default: 0]")
 @click.option("--device", help="cpu, cuda or auto.  [default: cpu]")
+@click.option(
+    "--scratch-dir",
+    type=click.Path(file_okay=False),
+    help="Directory for the baselines' temporary pooled features (~40 KB per training video at the paper's "
+    "sizes; removed at the end).  [default: $TMPDIR]",
+)
 @threads_option
 @click.option("--plot", type=OutputPath(dir_okay=False), help="Write the trade-off curves PNG here.")
 @no_progress_option
@@ -319,6 +328,7 @@ def evaluate_cmd(
     subsample_factors,
     seed,
     device,
+    scratch_dir,
     threads,
     plot,
     no_progress,
@@ -340,6 +350,7 @@ def evaluate_cmd(
             subsample_factors=csv_ints(subsample_factors),
             seed=seed,
             device=device,
+            scratch_dir=scratch_dir,
         )
     )
     result = evaluate(
@@ -460,14 +471,30 @@ def query_cmd(
         else:
             click.echo(f"wrote {done['written']} answers to {out} ({done['skipped']} already there)")
         return
-    answers = query(store, model_path, ids, **kwargs)
+    if ids is None:  # --all: printed as answered (batch order), so memory stays bounded by the batch
+        from skim.query import iter_query
+
+        answers = iter_query(store, model_path, None, **kwargs)
+    else:  # the ids asked for, in their order
+        answers = query(store, model_path, ids, **kwargs)
     if as_json:
-        echo_json(answers)
+        _echo_json_array(answers)
         return
     for a in answers:
         top = ", ".join(f"{t['label']} {t['prob']:.2f}" for t in a["top"])
         times = " ".join(f"{m['start_s']:.1f}s ({'+'.join(m['modalities'])})" for m in a["moments"])
         click.echo(f"{a['video_id']}: {top}\n  moments: {times or '-'}")
+
+
+def _echo_json_array(items: Iterable[Any]) -> None:
+    """Print ``items`` as one indented JSON array (what :func:`echo_json` prints for a list), an element at a
+    time as they come, so a streamed ``--all`` never holds every answer."""
+    first = True
+    for item in items:
+        body = json.dumps(item, indent=2, default=str).replace("\n", "\n  ")
+        click.echo(("[\n  " if first else ",\n  ") + body, nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
 
 
 @click.command("show")

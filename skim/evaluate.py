@@ -317,7 +317,7 @@ def _no_space(path: Path, exc: OSError) -> Exception:
         return exc
     return ConfigError(
         f"no space left in {path.parent} for evaluate's pooled baseline features ({exc.strerror}); "
-        "set TMPDIR (or EvalConfig.scratch_dir) to a disk with room"
+        "set TMPDIR (or --scratch-dir, EvalConfig.scratch_dir) to a disk with room"
     )
 
 
@@ -333,7 +333,7 @@ def check_scratch_space(scratch: str | Path, rows: int, width: int) -> None:
         raise ConfigError(
             f"evaluate writes the baselines' pooled features ({need / 1e9:.2f} GB: {rows} rows of {width} "
             f"floats) to {scratch}, which has {free / 1e9:.2f} GB free; set TMPDIR "
-            "(or EvalConfig.scratch_dir) to a disk with room"
+            "(or --scratch-dir, EvalConfig.scratch_dir) to a disk with room"
         )
 
 

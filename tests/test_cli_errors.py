@@ -271,6 +271,12 @@ CASES: dict[tuple[str, ...], list[Case]] = {
             "needs 0 <= start_s",
         ),
         Case("value", ("evaluate", "{store}", "--model", "{model}", "--batch-size", "0"), 2, "batch_size"),
+        Case(
+            "path",
+            ("evaluate", "{store}", "--model", "{model}", "--scratch-dir", "{tmp}/no-scratch"),
+            2,
+            "no-scratch",
+        ),
     ],
     ("query",): [
         Case("path", ("query", "{store}", "--all", "--model", "{tmp}/nope.pt"), 2, "does not exist"),
