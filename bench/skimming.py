@@ -2,8 +2,8 @@
 
 Data: a planted-signal feature store (:func:`skim.synthetic.write_planted_store`; the cost of skimming
 depends only on the shapes) of 1,000 videos of 100-500 steps, 512-d image and audio features, 200 classes,
-in both store formats with their defaults (zarr float16 blosc-lz4hc + crc32c, HDF5 float16 + fletcher32),
-format 2 (checksums verified on every read), a zarr copy in zstd (the default before issue 14; reads only),
+in both store formats with their defaults (zarr float16 raw + crc32c, HDF5 float16 + fletcher32),
+format 2 (checksums verified on every read), a zarr copy in blosc-lz4hc (the default before; reads only),
 plus the public reference's layout: one float32 ``.npy`` per video and feature. The planted features are
 Gaussian noise, which no codec compresses much: the MB on disk column is not what real features take
 (bench/store.py is). torch runs with 2 threads (``--threads``). Every measurement runs in its own fresh
@@ -58,9 +58,9 @@ from _common import fmt, fresh, log, machine, machine_line, parser, ratio, table
 
 NAME = "skimming"
 KEYS = ("image", "audio")
-READ_STORES = {  # reads are measured on each: the defaults, and zarr's default before issue 14
-    "zarr": "zarr (default: float16, blosc-lz4hc + crc32c)",
-    "zarr-zstd": "zarr float16 zstd (old default)",
+READ_STORES = {  # reads are measured on each: the defaults, and zarr's default before (raw since issue 14)
+    "zarr": "zarr (default: float16, none + crc32c)",
+    "zarr-lz4hc": "zarr float16 blosc-lz4hc + crc32c (default before)",
     "hdf5": "hdf5 (default: float16, fletcher32)",
 }
 
@@ -84,14 +84,14 @@ def planted_stores(work: Path, spec: Any) -> dict[str, Path]:
             stamp.write_text(json.dumps(want))
             log(f"  written in {time.perf_counter() - t0:.1f} s")
         out[fmt_name] = store
-    zstd, stamp = work / "planted-zarr-zstd", work / "planted-zarr-zstd.json"
-    if not (zstd.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == want):
+    lz4hc, stamp = work / "planted-zarr-lz4hc", work / "planted-zarr-lz4hc.json"
+    if not (lz4hc.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == want):
         from indexing.stores.tools import export_store
 
-        log("copying the planted zarr store with zstd (the default before issue 14) ...")
-        export_store(out["zarr"], fresh(zstd), "zarr", compression="zstd")
+        log("copying the planted zarr store with blosc-lz4hc (the default before) ...")
+        export_store(out["zarr"], fresh(lz4hc), "zarr", compression="blosc-lz4hc")
         stamp.write_text(json.dumps(want))
-    out["zarr-zstd"] = zstd
+    out["zarr-lz4hc"] = lz4hc
     npy, stamp = work / "npy", work / "npy.json"
     want = json.loads(json.dumps(asdict(spec)))  # the npy files do not depend on the store's codec
     if not (npy.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == want):
@@ -220,6 +220,12 @@ def phase_reads(store_path: str, npy: str, *, batch: int, batches: int, seed: in
                 for i in b:
                     np.load(Path(npy) / f"{ids[i]}_{key}.npy")
 
+    def npy_held():  # a batch's arrays held until the batch is read, as a loader collates them
+        for b in random_batches:
+            for key in KEYS:
+                held = [np.load(Path(npy) / f"{ids[i]}_{key}.npy") for i in b]
+                del held
+
     memory = {key: store.read_rows(key, 0, store.rows) for key in KEYS}
 
     def in_memory():
@@ -246,6 +252,7 @@ def phase_reads(store_path: str, npy: str, *, batch: int, batches: int, seed: in
         ("grouped", grouped, n_videos, store_path),
         ("block", block, block_videos, store_path),
         ("npy", npy_reads, n_videos, npy),
+        ("npy_held", npy_held, n_videos, npy),
     )
     for name, fn, videos, where in methods:
         cold = timed(fn, videos, where)
@@ -750,9 +757,24 @@ def reads_table(reads: dict[str, Any]) -> tuple[str, str]:
                     "-",
                 ]
             )
+        if "npy_held" in r:
+            held = r["npy_held"]
+            r_rows.append(
+                [
+                    f"npy float32, a batch's arrays held as a loader collates them (beside {fmt_name})",
+                    held["warm"],
+                    ratio(held["warm"], npy_w),
+                    fmt(held.get("warm_cpu"), 0) if held.get("warm_cpu") else "-",
+                    ratio(held["warm_cpu"], r["npy"]["warm_cpu"]) if held.get("warm_cpu") else "-",
+                    held["cold"],
+                    ratio(held["cold"], npy_c),
+                    "-",
+                    fmt(r["npy_disk_mb"], 0),
+                ]
+            )
         r_rows.append(
             [
-                f"npy float32, one file per video and feature (beside {fmt_name})",
+                f"npy float32, one file per video and feature, each dropped at once (beside {fmt_name})",
                 npy_w,
                 "1.00x",
                 fmt(r["npy"].get("warm_cpu"), 0) if r["npy"].get("warm_cpu") else "-",
@@ -804,7 +826,8 @@ def main() -> None:
     p.add_argument(
         "--reads-only",
         action="store_true",
-        help="run only the reads phase and print its table (results files are left as they are)",
+        help="run only the reads phase; its table goes to <out>/skimming_reads.{md,json} (skimming.* are "
+        "left as they are)",
     )
     args = p.parse_args()
 
@@ -835,10 +858,16 @@ def main() -> None:
         )
         log("  " + json.dumps({k: v for k, v in res["reads"][fmt_name].items()}, default=str)[:300])
     if args.reads_only:
-        r_text, _ = reads_table(res["reads"])
+        r_text, r_md = reads_table(res["reads"])
         load = f"load {info['load_avg_1m']} at start, {os.getloadavg()[0]:.2f} at end"
-        print(f"\nReads ({spec.videos} videos, batch {batch}; {machine_line(info)}; {load})\n\n{r_text}")
-        (work / "reads-only.json").write_text(json.dumps(res["reads"], indent=1, default=str))
+        title = f"Reads ({spec.videos} videos, batch {batch}; {machine_line(info)}; {load})"
+        print(f"\n{title}\n\n{r_text}")
+        if not quick:
+            j, m = write_results(
+                f"{NAME}_reads", args.out, {"machine": info, "load_end": os.getloadavg()[0], **res["reads"]},
+                f"**{title}**\n\n{r_md}",
+            )  # fmt: skip
+            log(f"wrote {j} and {m}")
         return
     ckpt = work / "train-zarr-fast" / "skim.pt"
     runs = [
