@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 SAMPLINGS = ("random", "uniform")
 ORDERS = ("clips", "videos")
-# A video whose random clip may decode more than this much video (one-pass reads start at an IDR picture) is
-# named in a warning: clip order is exact there but slow, grouped order (``videos``) reads it in one pass.
+# A video whose random clip may decode more than this much video (a one-pass read starts where decoding is
+# exact: an IDR picture or a recovery point) is named in a warning: clip order is exact there but slow;
+# grouped order (``videos``) reads each video in one pass.
 SLOW_READ_S = 30.0
 # Niceness added to DataLoader workers (see _lower_priority).
 LOADER_NICE = 5
@@ -258,14 +259,15 @@ class ClipDataset(Dataset):
         """An open reader of video ``v``: from a small per-process LRU cache, or (``keep=False``) a fresh one
         the caller closes.
 
-        Every read is one forward pass (:class:`pipeline.media.StepReader` ``one_pass``) from the IDR picture
-        before its first frame: exact on open GOPs, where decord's seeks to a keyframe return wrong pixels
-        for the pictures that refer back past it (measured: 8 of 19 clips of an open-GOP file), and on
-        closed GOPs 3-5x the clips/s of decord's open readers (no decoder runs between reads). The file's
-        packet index is cached per process, so reopening costs an ``av.open``, not a demux. With clips in
-        random order each (worker) process keeps its most recently used readers open; with grouped decoding
-        a video's steps are read in one pass and the reader is closed at once. A video whose random reads
-        may decode far (an open-GOP file with few IDR pictures) is named once per process in a warning.
+        Every read is one forward pass (:class:`pipeline.media.StepReader` ``one_pass``) from where decoding
+        its first frame exactly may start (an IDR picture, or on open GOPs a recovery point): exact on open
+        GOPs, where decord's seeks to a keyframe return wrong pixels for the pictures that refer back past it
+        (measured: 8 of 19 clips of an open-GOP file), and on closed GOPs 3-5x the clips/s of decord's open
+        readers (no decoder runs between reads). The file's packet index is cached per process, so reopening
+        costs an ``av.open``, not a demux. With clips in random order each (worker) process keeps its most
+        recently used readers open; with grouped decoding a video's steps are read in one pass and the reader
+        is closed at once. A video whose random reads may decode far (e.g. open GOPs without recovery points)
+        is named once per process in a warning.
         """
         from pipeline.media import StepReader, probe_video
 
@@ -287,8 +289,8 @@ class ClipDataset(Dataset):
             span_s = reader.longest_read_frames() / max(self.infos[v].fps, 1e-6)
             if span_s > SLOW_READ_S:
                 log.warning(
-                    "%s: a random clip may decode up to %.0f s of video (open GOPs with few IDR pictures; "
-                    "exact but slow in clip order); --order videos reads each video in one pass",
+                    "%s: a random clip may decode up to %.0f s of video (few places where decoding may start "
+                    "exactly; exact but slow in clip order); --order videos reads each video in one pass",
                     self.entries[v].path,
                     span_s,
                 )

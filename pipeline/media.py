@@ -682,9 +682,9 @@ def read_steps(
 ) -> StepBatch:
     """Read a few steps of a video (random access for training loaders).
 
-    The content equals that of :func:`iter_step_batches` for the same steps (one forward pass from the IDR
-    picture before the first frame, exact on open GOPs as the extraction is). Each call opens the file; for
-    many reads of one file keep a :class:`StepReader` open instead.
+    The content equals that of :func:`iter_step_batches` for the same steps (one forward pass from where
+    decoding the first frame exactly may start, exact on open GOPs as the extraction is). Each call opens the
+    file; for many reads of one file keep a :class:`StepReader` open instead.
 
     Args:
         path: The video file.
@@ -737,10 +737,11 @@ class StepReader:
             random steps as clip-order loading makes (3-5x the clips/s of an open decord reader on closed
             GOPs, measured). ``False``: decord's random access, which returns wrong pixels on open GOPs
             (H.264 keyframes that are not IDR pictures): nothing in the library reads that way any more.
-        follow: With ``one_pass``, for reads in step order (each read's steps after the previous read's, as
-            :func:`iter_step_batches` makes): the decoder pauses after a read and the next one goes on from
-            there instead of seeking back to the IDR picture before its first frame (an open-GOP file may
-            have a single one, at frame 0). A read out of order starts a fresh pass (exact, slower).
+        follow: With ``one_pass``, for reads in step order (each read's steps after the previous read's,
+            as :func:`iter_step_batches` makes): the decoder pauses after a read and the next one goes on from
+            there instead of seeking back to the IDR picture or recovery point before its first frame (an
+            open-GOP file without recovery points may have a single IDR picture, at frame 0). A read out of
+            order starts a fresh pass (exact, slower).
     """
 
     def __init__(
@@ -784,9 +785,10 @@ class StepReader:
             self._audio.close()
 
     def longest_read_frames(self) -> int:
-        """With ``one_pass``: the most frames a read of one frame may decode, from the picture it must start
-        at (an IDR picture in H.264) to that frame: about the GOP length on closed GOPs, up to the whole video
-        on an open-GOP file with a single IDR picture. From the cached packet index; nothing is decoded.
+        """With ``one_pass``: the most frames a read of one frame may decode, from the picture it must
+        start at (an IDR picture or exact recovery point in H.264) to that frame: about one GOP on closed
+        GOPs, two on open GOPs with recovery points (x264's), up to the whole video on an open-GOP file with
+        neither. From the cached packet index; nothing is decoded.
 
         Raises:
             ConfigError: The reader is not ``one_pass``.
@@ -938,13 +940,14 @@ _SKIP_NONREF = ("h264", "hevc")  # codecs whose non-reference pictures are told 
 class _PassSource:
     """Frames decoded by PyAV in one forward pass per read, converted exactly as :class:`_VideoSource`.
 
-    A read seeks to the H.264 IDR picture (other codecs: keyframe) before its first frame and decodes
-    forward to its last one. Only the frames it returns go through the filter graph decord uses
-    (``scale=W:H,format=rgb24``, the same FFmpeg build: the same pixels, tested). Pictures no returned frame
-    depends on are not decoded: H.264/HEVC non-reference pictures, and in H.264 the packets between a
-    segment's last wanted frame and the next IDR picture (nothing after an IDR refers to what lies before
-    it), so whole GOPs without a wanted frame are only demuxed. No decoder thread runs between reads (an
-    open decord reader keeps decoding ahead).
+    A read seeks to where decoding its frames exactly may start (:func:`_pass_starts`: in H.264 the IDR
+    picture before its first frame, or on open GOPs a keyframe with an exact recovery point; other codecs: a
+    keyframe) and decodes forward to its last one. Only the frames it returns go through the filter graph
+    decord uses (``scale=W:H,format=rgb24``, the same FFmpeg build: the same pixels, tested). Pictures no
+    returned frame depends on are not decoded: H.264/HEVC non-reference pictures, and in H.264 the packets
+    between a segment's last wanted frame and the next IDR picture (nothing after an IDR refers to what lies
+    before it), so whole GOPs without a wanted frame are only demuxed. No decoder thread runs between reads
+    (an open decord reader keeps decoding ahead).
 
     Whatever this path cannot serve exactly (rotation metadata, packets without distinct pts, packets that
     differ from the index, a frame that does not come out, a decoder error) is read by decord instead, so
@@ -1027,7 +1030,7 @@ class _PassSource:
         held = {t: crop for t, crop in self._held.items() if t >= keep}
         self._keep_tick = keep
         if slot:
-            first = self._first(int(self._positions(np.asarray(sorted(slot), np.int64)).min()))
+            first = self._first(self._positions(np.asarray(sorted(slot), np.int64)))
             live = self._live
             if live is None or first > live.at:  # a fresh pass from ``first`` decodes less (and is exact)
                 if live is not None:
@@ -1131,7 +1134,7 @@ class _PassSource:
         """
         index = self.index
         pos = self._positions(want)  # (U,) decode positions
-        first = self._first(int(pos.min()))
+        first = self._first(pos)
         segment = np.cumsum(index.clean)  # (F,) segments start at IDR pictures
         last = np.full(int(segment[-1]) + 1, -1, np.int64)  # last wanted decode position per segment
         np.maximum.at(last, segment[pos], pos)
@@ -1142,37 +1145,19 @@ class _PassSource:
     def _positions(self, want: np.ndarray) -> np.ndarray:
         """Decode positions ``(U,)`` of the packets with pts ``want``."""
         if self._order is None:  # once per source: a long video's sort would cost per read otherwise
-            index = self.index
-            order = np.argsort(index.decode_ticks, kind="stable")  # (F,)
-            # Start at the last IDR picture (H.264) at or before the first wanted packet: from there the
-            # pictures are exact. Other codecs start at a keyframe; where pictures are reordered, one
-            # keyframe earlier, as the pictures after a keyframe may refer back into the GOP before it (open
-            # GOPs).
-            if index.clean.any():
-                starts, back = np.flatnonzero(index.clean), 1
-            else:
-                starts = np.flatnonzero(np.isin(index.decode_ticks, index.key_ticks))
-                back = 2 if np.any(np.diff(index.decode_ticks) < 0) else 1
-            self._order, self._sorted_decode, self._starts, self._back = (
-                order,
-                index.decode_ticks[order],
-                starts,
-                back,
-            )
+            order = np.argsort(self.index.decode_ticks, kind="stable")  # (F,)
+            self._order, self._sorted_decode = order, self.index.decode_ticks[order]
+            self._first_at = _pass_starts(self.index)  # (F,)
         return self._order[np.searchsorted(self._sorted_decode, want)]
 
-    def _first(self, pos: int) -> int:
-        """The decode position where a pass that must decode position ``pos`` exactly starts."""
-        n = int(np.searchsorted(self._starts, pos, side="right"))  # starts at or before ``pos``
-        return int(self._starts[n - self._back]) if n >= self._back else 0
+    def _first(self, pos: np.ndarray) -> int:
+        """The decode position where a pass that must decode positions ``pos`` exactly starts."""
+        return int(self._first_at[pos].min())
 
     def longest_read_frames(self) -> int:
         """See :meth:`StepReader.longest_read_frames`."""
         self._positions(self.index.ticks[:1])  # the start points, computed once per source
-        pos = np.arange(len(self.index.decode_ticks))  # (F,) decode positions
-        n = np.searchsorted(self._starts, pos, side="right")  # (F,) start points at or before each
-        first = np.where(n >= self._back, self._starts[np.maximum(n - self._back, 0)], 0) if len(n) else pos
-        return int((pos - first).max()) + 1
+        return int((np.arange(len(self._first_at)) - self._first_at).max()) + 1
 
     def _pass(self, unique: np.ndarray) -> np.ndarray:
         """The frames ``unique`` (sorted, distinct indices) in one forward decode: ``(U, size, size, 3)``."""
@@ -1235,6 +1220,40 @@ class _PassSource:
 
 
 _NO_TICK = np.iinfo(np.int64).max  # keep mark of a read no later read follows
+
+
+def _pass_starts(index: _VideoIndex) -> np.ndarray:
+    """For each decode position, where a forward pass that decodes it exactly may start: ``(F,)`` int64.
+
+    H.264: the last IDR picture at or before it (nothing after an IDR picture refers back past it, and no
+    picture after it in decode order is shown before it). On open GOPs, also the last keyframe with an exact
+    recovery point (:attr:`_VideoIndex.recovery`) before it whose picture is not shown after it, or the one
+    before that one (a leading picture, shown before its keyframe, refers back into the GOP before): a random
+    read then decodes about a GOP or two, not the video from its single IDR picture. Other codecs: the
+    keyframe at or before it; where pictures are reordered, one keyframe earlier (open GOPs).
+    """
+    pts = index.decode_ticks  # (F,)
+    pos = np.arange(len(pts))  # (F,)
+
+    def last(points: np.ndarray, back: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The ``back``-th point before the last one at or before each position, and whether it exists."""
+        k = np.searchsorted(points, pos, side="right") - 1 - back  # (F,)
+        return points[np.maximum(k, 0)] if len(points) else np.zeros_like(pos), k >= 0
+
+    if not index.clean.any():
+        keys = np.flatnonzero(np.isin(pts, index.key_ticks))
+        at, ok = last(keys, 1 if np.any(np.diff(pts) < 0) else 0)
+        return np.where(ok, at, 0)
+    at, ok = last(np.flatnonzero(index.clean))
+    first = np.where(ok, at, 0)
+    points = np.flatnonzero(index.clean | index.recovery)
+    if not index.recovery.any() or np.any(np.diff(pts[points]) <= 0):  # shown out of order: IDR only
+        return first
+    for back in (1, 0):  # the later start point wins where it is exact
+        at, ok = last(points, back)
+        exact = ok & (index.clean[at] | (pts >= pts[at]))  # shown at or after its start (or after an IDR)
+        first = np.where(exact & (at > first), at, first)
+    return first
 
 
 class _LivePass:
@@ -1316,6 +1335,10 @@ class _VideoIndex:
         decode_ticks: ``(F,)`` int64 the packets' pts in decode (file) order.
         clean: ``(F,)`` bool per decode position: an H.264 IDR picture, which no later picture reaches
             past, so the packets before it that no wanted frame needs may go undecoded.
+        recovery: ``(F,)`` bool per decode position: an H.264 keyframe that is no IDR picture but carries a
+            recovery point SEI with ``recovery_frame_cnt`` 0 and ``exact_match_flag`` 1 (x264's open-GOP
+            keyframes): decoding started there gives every picture shown at or after it exactly as a decode
+            from the previous IDR picture would (H.264 Annex D, recovery point semantics).
     """
 
     ticks: np.ndarray
@@ -1324,16 +1347,44 @@ class _VideoIndex:
     all_pts: bool
     decode_ticks: np.ndarray
     clean: np.ndarray
+    recovery: np.ndarray
+
+
+def _nal_units(data: bytes, length_size: int) -> Iterator[bytes]:
+    """The NAL units of an H.264 access unit in length-prefixed (mp4/mkv ``avcC``) form."""
+    at = 0
+    while at + length_size < len(data):
+        size = int.from_bytes(data[at : at + length_size], "big")
+        yield data[at + length_size : at + length_size + size]
+        at += length_size + size
 
 
 def _is_idr(data: bytes, length_size: int) -> bool:
     """Whether an H.264 access unit in length-prefixed (mp4/mkv ``avcC``) form holds an IDR slice."""
-    at = 0
-    while at + length_size < len(data):
-        size = int.from_bytes(data[at : at + length_size], "big")
-        if data[at + length_size] & 0x1F == 5:
-            return True
-        at += length_size + size
+    return any(nal and nal[0] & 0x1F == 5 for nal in _nal_units(data, length_size))
+
+
+def _is_exact_recovery_point(data: bytes, length_size: int) -> bool:
+    """Whether an H.264 access unit holds a recovery point SEI message with ``recovery_frame_cnt`` 0 and
+    ``exact_match_flag`` 1 (H.264 Annex D): the pictures shown from it on decode exactly when decoding
+    starts at it."""
+    for nal in _nal_units(data, length_size):
+        if not nal or nal[0] & 0x1F != 6:
+            continue
+        rbsp = nal[1:].replace(b"\x00\x00\x03", b"\x00\x00")  # emulation prevention bytes out
+        at = 0
+        while at < len(rbsp) and rbsp[at] != 0x80:  # SEI messages until the trailing bits
+            kind = size = 0
+            while at < len(rbsp) and rbsp[at] == 0xFF:
+                kind, at = kind + 255, at + 1
+            kind, at = kind + (rbsp[at] if at < len(rbsp) else 0), at + 1
+            while at < len(rbsp) and rbsp[at] == 0xFF:
+                size, at = size + 255, at + 1
+            size, at = size + (rbsp[at] if at < len(rbsp) else 0), at + 1
+            if kind == 6 and size >= 1:
+                # recovery_frame_cnt ue(v) is 0 exactly when its first bit is 1; exact_match_flag follows
+                return at < len(rbsp) and rbsp[at] & 0xC0 == 0xC0
+            at += size
     return False
 
 
@@ -1370,7 +1421,7 @@ def _video_index(path: Path) -> _VideoIndex:
             ctx = stream.codec_context
             extradata = (ctx.extradata or b"") if ctx is not None and ctx.name == "h264" else b""
             length_size = (extradata[4] & 3) + 1 if len(extradata) > 4 and extradata[0] == 1 else 0
-            ticks, keys, clean, all_pts = [], [], [], True
+            ticks, keys, clean, recovery, all_pts = [], [], [], [], True
             for p in container.demux(stream):
                 if p.size == 0 and p.pts is None:  # end-of-stream flush marker
                     continue
@@ -1378,7 +1429,9 @@ def _video_index(path: Path) -> _VideoIndex:
                 ticks.append(p.pts if p.pts is not None else p.dts)
                 if p.is_keyframe:
                     keys.append(ticks[-1])
-                clean.append(bool(length_size) and p.is_keyframe and _is_idr(bytes(p), length_size))
+                data = bytes(p) if length_size and p.is_keyframe else b""
+                clean.append(bool(data) and _is_idr(data, length_size))
+                recovery.append(bool(data) and not clean[-1] and _is_exact_recovery_point(data, length_size))
             if any(t is None for t in ticks):
                 raise MediaError(path, "corrupt video data (packet without timestamp)")
             start = stream.start_time if stream.start_time is not None else min(ticks, default=0)
@@ -1392,7 +1445,15 @@ def _video_index(path: Path) -> _VideoIndex:
     all_pts = all_pts and bool(np.all(np.diff(sorted_ticks) > 0))
     keys_sorted = np.unique(np.asarray(keys, np.int64))  # (K,)
     decode_ticks = np.asarray(ticks, np.int64)  # (F,) file order
-    index = _VideoIndex(sorted_ticks, rel_s, keys_sorted, all_pts, decode_ticks, np.asarray(clean, bool))
+    index = _VideoIndex(
+        sorted_ticks,
+        rel_s,
+        keys_sorted,
+        all_pts,
+        decode_ticks,
+        np.asarray(clean, bool),
+        np.asarray(recovery, bool),
+    )
     _INDEX_CACHE[key] = index
     _INDEX_HELD[0] += len(sorted_ticks)
     while _INDEX_HELD[0] > _INDEX_CACHE_FRAMES and len(_INDEX_CACHE) > 1:
