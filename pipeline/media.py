@@ -1389,7 +1389,7 @@ def _is_exact_recovery_point(data: bytes, length_size: int) -> bool:
 
 
 # Per-process cache of video indexes, keyed by (path, size, mtime): persistent loader workers demux each
-# video once, not once per epoch. Bounded by the frames it holds (25 bytes each: 50 MB).
+# video once, not once per epoch. Bounded by the frames it holds (26 bytes each: 52 MB).
 _INDEX_CACHE: OrderedDict[tuple, _VideoIndex] = OrderedDict()
 _INDEX_CACHE_FRAMES = 2_000_000
 _INDEX_HELD = [0]  # frames the cache holds now
