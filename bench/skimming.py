@@ -258,7 +258,7 @@ def phase_reads(store_path: str, npy: str, *, batch: int, batches: int, seed: in
         cold = timed(fn, videos, where)
         fn()  # warm the page cache
         out[name] = {"warm": 0.0, "cold": cold}
-    for _ in range(3):  # warm runs interleaved, so a change of load hits every method alike
+    for _ in range(5):  # warm runs interleaved, so a change of load hits every method alike
         for name, fn, videos, _where in methods:
             out[name]["warm"] = max(out[name]["warm"], timed(fn, videos, name=name))
     for name in cpu_rates:

@@ -24,8 +24,10 @@ buffers, against 0.41 s, 0.24 s of it into reused ones).
 Measured (bench/skimming.py, ``reads``): a random batch of 256 out of 1,000 videos of 100-500 steps touches
 206 of the 287 chunks (0.8 per video and feature, once each when grouped, against about 1.3 per video read
 alone), and 0.3 per video with block shuffling (:class:`skim.data.CropBatchSampler`, blocks of two chunks).
-What is left of a warm block-shuffled read is memory traffic: the file read (~0.17 ms a 1 MB chunk), the
-crc32c and the decode into a buffer that is no longer in the CPU cache (~0.2 ms), ~0.04 ms of Python.
+What is left of a warm block-shuffled read is memory traffic: for the default raw chunks, the file read
+straight into a buffer no longer in the CPU cache (~0.2-0.3 ms a 1 MB chunk, 60-70% of the epoch's CPU),
+the crc32c (~0.05 ms) and ~0.04 ms of Python. Two decoding threads did not help on 2 busy cores
+(google-crc32c holds the GIL: two threads took 1.7x one thread's time for the same checksums).
 """
 
 from __future__ import annotations
