@@ -834,11 +834,11 @@ class _KeyBank(torch.autograd.Function):
     This keeps the projection ``y = W z + b`` (the batch norm's backward needs it; recomputing it instead cost
     13% of a training step, measured) beside the bank (the scores need it anyway) and ``z`` (alive for the
     mixtures); every other temporary is block-sized (:data:`KEY_BLOCK_ROWS` rows or
-    :data:`KEY_BLOCK_VIDEOS` videos), so the key path never holds more than one key-sized tensor besides
-    those three, the valid rows' gradient in backward: the gathered rows, the normalised keys before they
-    are scattered, the summed key gradient of the whole bank and the projection's gradient never exist
-    whole. Measured, one training step at batch 256 of 500 steps (two 512-d features, 80% valid rows):
-    peak RSS 3,293 -> 2,590 MB; a training epoch on the bench store 3,588 -> 2,965 MB, same loss and speed.
+    :data:`KEY_BLOCK_VIDEOS` videos): the gathered rows, the normalised keys before they are scattered, the
+    summed key gradient of the bank, the valid rows' key gradient and the projection's gradient never exist
+    whole, so backward holds no more than forward. Measured, one training step at batch 256 of 500 steps
+    (two 512-d features, 80% valid rows): peak RSS 3,293 -> 2,423 MB; a training epoch on the bench store
+    3,588 -> 2,866 MB, same loss, same speed.
 
     The scores' key gradients are deferred: each :class:`_Scores` call ``s_t = K q_t`` records
     ``(q_t, dL/ds_t)`` in ``buf`` instead of returning a ``(B, N, D)`` key gradient, and backward adds
@@ -900,32 +900,37 @@ class _KeyBank(torch.autograd.Function):
         need = ctx.needs_input_grad
         if not buf and grad is None:
             return (None,) * 10
-        # dL/dk of the valid rows, through the ReLU (zero where the key is 0), one block of videos at a time
-        g = y.new_empty(y.shape)  # (M, D)
         q = torch.stack([q for q, _ in buf], 1) if buf else None  # (B, T, D)
         gs = torch.stack([g for _, g in buf], 2) if buf else None  # (B, N, T)
         buf.clear()
         edges = [*range(0, b, KEY_BLOCK_VIDEOS), b]  # video blocks
         firsts = torch.searchsorted(rows, torch.tensor(edges, device=rows.device) * n).tolist()  # their rows
-        for v0, v1, r0, r1 in zip(edges, edges[1:], firsts, firsts[1:], strict=False):
-            if r0 == r1:
-                continue
-            local = rows[r0:r1] - v0 * n
+        blocks = [
+            (v0, v1, r0, r1) for v0, v1, r0, r1 in zip(edges, edges[1:], firsts, firsts[1:], strict=False)
+        ]
+        blocks = [blk for blk in blocks if blk[2] < blk[3]]
+
+        def key_grad(v0: int, v1: int, r0: int, r1: int) -> Tensor:
+            """dL/dk of valid rows ``r0:r1`` (videos ``v0:v1``) through the ReLU (zero where the key is 0)."""
             if gs is not None:
                 dk = torch.bmm(gs[v0:v1], q[v0:v1]).view(-1, dim)  # (vb*N, D)
                 if grad is not None:
                     dk += grad[v0:v1].reshape(-1, dim)
             else:
                 dk = grad[v0:v1].reshape(-1, dim)
-            torch.index_select(dk, 0, local, out=g[r0:r1])
-            g[r0:r1].masked_fill_(flat.index_select(0, rows[r0:r1]) <= 0, 0.0)
-        del q, gs
-        # batch norm's backward in place on g: dL/dy = scale g + c2 y + c3 per column (training), or scale g
+            g = dk.index_select(0, rows[r0:r1] - v0 * n)  # (r1 - r0, D)
+            return g.masked_fill_(flat.index_select(0, rows[r0:r1]) <= 0, 0.0)
+
+        # Batch norm's backward: dL/dy = scale g + c2 y + c3 per column (training), or scale g. Its column
+        # sums come first, then each block's dL/dy; a block's key gradient is computed again rather than kept
+        # (that would be an (M, D) tensor; the recomputation is one small bmm per block).
         m = rows.shape[0]
-        sum_g = g.sum(0)  # (D,)
+        sum_g = y.new_zeros(dim)  # (D,)
         dot = y.new_zeros(dim)  # (D,): sum of g (y - mean)
-        for a in range(0, m, KEY_BLOCK_ROWS):
-            dot += ((y[a : a + KEY_BLOCK_ROWS] - mean) * g[a : a + KEY_BLOCK_ROWS]).sum(0)
+        for v0, v1, r0, r1 in blocks:
+            g = key_grad(v0, v1, r0, r1)
+            sum_g += g.sum(0)
+            dot += ((y[r0:r1] - mean) * g).sum(0)
         g_bn_w = dot * invstd if need[4] else None
         g_bn_b = sum_g if need[5] else None
         scale = invstd * bn_weight  # (D,)
@@ -935,16 +940,16 @@ class _KeyBank(torch.autograd.Function):
         g_w = weight.new_zeros(weight.shape) if need[2] else None
         g_b = y.new_zeros(dim) if need[3] else None
         g_z = torch.zeros_like(z) if need[0] else None
-        for block, a in zip(rows.split(KEY_BLOCK_ROWS), range(0, m, KEY_BLOCK_ROWS), strict=True):
-            gy = g[a : a + len(block)].mul_(scale)  # (m_blk, D), in place
+        for v0, v1, r0, r1 in blocks if need[0] or need[2] or need[3] else ():
+            gy = key_grad(v0, v1, r0, r1).mul_(scale)  # (r1 - r0, D)
             if ctx.batch_stats:
-                gy.addcmul_(y[a : a + len(block)], c2).add_(c3)
+                gy.addcmul_(y[r0:r1], c2).add_(c3)
             if g_w is not None:
-                g_w.addmm_(gy.t(), z.index_select(0, block))
+                g_w.addmm_(gy.t(), z.index_select(0, rows[r0:r1]))
             if g_b is not None:
                 g_b += gy.sum(0)
             if g_z is not None:
-                g_z.index_copy_(0, block, gy @ weight)
+                g_z.index_copy_(0, rows[r0:r1], gy @ weight)
         return g_z, None, g_w, g_b, g_bn_w, g_bn_b, None, None, None, None
 
 
