@@ -403,7 +403,8 @@ def _train(
         seed=config.seed,
         **block_options(train_ds, config),
     )
-    loader = make_loader(train_ds, sampler, num_workers=config.num_workers)
+    # collated in this thread straight into float32: no padded copy of the next batch waits (make_loader)
+    loader = make_loader(train_ds, sampler, num_workers=config.num_workers, dtype=torch.float32)
     updates = len(sampler) * config.epochs
     if config.max_updates is not None:
         updates = min(updates, config.max_updates)

@@ -219,3 +219,52 @@ def test_stopping_refuses_bad_values():
     ):
         with pytest.raises(ConfigError, match=match):
             Stopping(monitor="val_accuracy", **kwargs)
+
+
+def test_training_loader_collates_float32_in_the_caller_with_the_same_batches(tmp_path):
+    """skim.train's loader (dtype=float32): the read-ahead thread hands over the items it read, the caller
+    collates them straight into float32; same batches, order and values as the float16 loader cast by
+    to_device (padding zero), and no padded batch is made in the thread."""
+    import threading
+
+    import skim.data as sd
+    from indexing.stores import open_store
+    from skim.data import CropBatchSampler, SkimDataset, block_options, make_loader, to_device
+    from skim.synthetic import PlantedSpec, write_planted_store
+
+    spec = PlantedSpec(videos=24, classes=3, min_steps=5, max_steps=30, dim=16, chunk_rows=16, seed=4)
+    store = open_store(write_planted_store(tmp_path / "s", spec)["store"])
+    ds = SkimDataset(store, ("image", "audio"), require_label=False)
+
+    class Config:
+        shuffle, length_buckets, batch_size = "block", True, 5
+
+    sampler = CropBatchSampler(
+        ds.steps, batch_size=5, crop_min=8, crop_max=20, seed=1, **block_options(ds, Config)
+    )
+    threads = []
+    collate = sd.collate
+
+    def spy(items, dtype=torch.float32):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return collate(items, dtype)
+
+    sd.collate = spy
+    try:
+        deferred = list(make_loader(ds, sampler, read_ahead=1, dtype=torch.float32))
+        made_in_caller = list(threads)
+        threads.clear()
+        half = [to_device(b, "cpu") for b in make_loader(ds, sampler, read_ahead=1)]
+    finally:
+        sd.collate = collate
+    assert made_in_caller == [True] * len(sampler)  # every batch collated in the caller's thread
+    assert threads and not any(threads)  # the float16 loader collates in its thread
+    assert [b["video_ids"] for b in deferred] == [b["video_ids"] for b in half]
+    for a, b in zip(deferred, half, strict=True):
+        for key in ("image", "audio"):
+            assert a["features"][key].dtype == torch.float32
+            assert torch.equal(a["features"][key], b["features"][key])
+            assert (a["features"][key][~a["mask"]] == 0).all()
+        assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["labels"], b["labels"])
+        moved = to_device(a, "cpu")
+        assert moved["features"]["image"] is a["features"]["image"]  # no second cast
