@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import json
 import logging
 import math
@@ -934,6 +935,10 @@ class _NoPass(Exception):
     """The one-pass decoder cannot serve this read exactly as decord would; decord serves it."""
 
 
+class _SeekMissed(_NoPass):
+    """A seek did not land at or before the packet it aimed at: passes of this file start at frame 0."""
+
+
 _SKIP_NONREF = ("h264", "hevc")  # codecs whose non-reference pictures are told apart before decoding
 
 
@@ -989,9 +994,12 @@ class _PassSource:
             if not len(unique):
                 return np.zeros((0, self.size, self.size, 3), np.uint8)
             try:
-                if self.follow:
-                    return self._follow_pass(unique, keep_from)[inverse.reshape(-1)]  # (N, size, size, 3)
-                return self._pass(unique)[inverse.reshape(-1)]  # (N, size, size, 3)
+                try:
+                    return self._any_pass(unique, keep_from)[inverse.reshape(-1)]  # (N, size, size, 3)
+                except _SeekMissed:  # this file's seeks miss: every pass starts at frame 0 from now on
+                    self._stop()
+                    self._first_at = np.zeros_like(self._first_at)
+                    return self._any_pass(unique, keep_from)[inverse.reshape(-1)]  # (N, size, size, 3)
             except (_NoPass, av.error.FFmpegError) as err:
                 self._stop()
                 index = self.index
@@ -1005,6 +1013,10 @@ class _PassSource:
                 self._decord = _VideoSource(self.path, self.info, self.size, self.num_threads)
         self.decord_reads += 1
         return self._decord.frames(indices)
+
+    def _any_pass(self, unique: np.ndarray, keep_from: int | None) -> np.ndarray:
+        """The frames ``unique`` by a following pass in follow mode, a fresh one otherwise."""
+        return self._follow_pass(unique, keep_from) if self.follow else self._pass(unique)
 
     def _follow_pass(self, unique: np.ndarray, keep_from: int | None) -> np.ndarray:
         """The frames ``unique`` (sorted, distinct indices), going on with the paused decoder where that is
@@ -1108,15 +1120,44 @@ class _PassSource:
             ctx.thread_count = self.num_threads
             if ctx.format is None or (ctx.width, ctx.height) != (self.info.width, self.info.height):
                 raise _NoPass("rotated or unknown format")  # displayed size differs from coded: rotated
-            if first:
-                container.seek(int(self.index.decode_ticks[first]), stream=stream, backward=True)
+            packets = self._packets_from(container, stream, first)
             graph = _scale_graph(stream, self.out_w, self.out_h)
-            packets = container.demux(stream)
         except BaseException:
             container.close()
             raise
         self._live = _LivePass(container, ctx, graph, packets, self.index.decode_ticks.tolist(), first)
         return self._live
+
+    def _packets_from(self, container, stream, first: int) -> Iterator:
+        """The video packets of an open file from decode position ``first`` (a start point) on.
+
+        A seek that lands before ``first`` is walked forward, demuxing only; one that lands after it is tried
+        again from 1 s and 4 s earlier (MPEG-TS has no index: its seeks go by decode timestamps, which come
+        before the presentation timestamps the index knows).
+
+        Raises:
+            _SeekMissed: No seek landed at or before ``first`` on a packet the index knows.
+        """
+        if not first:
+            return container.demux(stream)
+        ticks = self.index.decode_ticks
+        second = max(1, int(round(1 / float(stream.time_base))))  # 1 s in stream ticks
+        for back_s in (0, 1, 4):
+            container.seek(int(ticks[first]) - back_s * second, stream=stream, backward=True)
+            packets = container.demux(stream)
+            head = next(packets, None)
+            if head is None or head.pts is None:
+                continue
+            landed = int(self._positions(np.array([head.pts]))[0])
+            if landed > first or ticks[landed] != head.pts:
+                continue
+            while landed < first:  # packets before the start point: demuxed, never decoded
+                head = next(packets, None)
+                landed += 1
+                if head is None or head.pts != ticks[landed]:
+                    raise _SeekMissed(f"packets after a seek to position {first} differ from the index")
+            return itertools.chain([head], packets)
+        raise _SeekMissed(f"no seek landed at or before position {first}")
 
     def _stop(self) -> None:
         """Close the paused decoder, if any, and forget what it held."""
@@ -1179,8 +1220,7 @@ class _PassSource:
             ctx.thread_count = self.num_threads
             if ctx.format is None or (ctx.width, ctx.height) != (self.info.width, self.info.height):
                 raise _NoPass("rotated or unknown format")  # displayed size differs from coded: rotated
-            if first:
-                container.seek(int(index.decode_ticks[first]), stream=stream, backward=True)
+            packets = self._packets_from(container, stream, first)
             graph = _scale_graph(stream, self.out_w, self.out_h)
             skip_nonref = ctx.name in _SKIP_NONREF
 
@@ -1194,7 +1234,7 @@ class _PassSource:
             ticks, decode_at = index.decode_ticks.tolist(), decode.tolist()  # plain ints: a fast loop
             skipping = None
             at = first
-            for packet in container.demux(stream):
+            for packet in packets:
                 if packet.size == 0 and packet.pts is None:  # end of stream
                     break
                 if at >= len(ticks) or packet.pts != ticks[at]:

@@ -402,6 +402,42 @@ def test_clip_order_training_reads_are_exact_on_open_gops(tmp_path, caplog, monk
     assert not [r for r in caplog.records if "may decode" in r.getMessage()]
 
 
+def _mpeg2_ts(path: Path, n: int = 150) -> Path:
+    """Noisy frames in MPEG-2 video (FFmpeg's encoder: open GOPs of 15, 2 B-frames) in MPEG-TS, the broadcast
+    format: no index, so seeks go by decode timestamps and land before or after the keyframe aimed at."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(6)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg2video", rate=30)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"g": "15", "bf": "2"}
+        for i in range(n):
+            pixels = np.clip(colour_frame(i).astype(int) + rng.integers(-20, 20, (H, W, 3)), 0, 255)
+            frame = av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 30)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def test_one_pass_reads_are_exact_on_mpeg2_in_mpeg_ts(tmp_path):
+    """MPEG-2 in MPEG-TS: a pass's seek that lands before its start point is walked forward and one that lands
+    after it is tried again earlier, so random reads stay exact and short; before, they fell back to decord,
+    whose frames on this file are shifted by 3 (its frame 0 shows frame 3)."""
+    path = _mpeg2_ts(tmp_path / "mpeg2.ts")
+    info, truth = probe_video(path), _every_frame(path)
+    steps = [7, 1, 5, 8, 2]  # back and forth: each read a fresh pass, most of them after a seek
+    with StepReader(path, info=info, one_pass=True) as reader:
+        batches = [reader.read([s], with_clips=True) for s in steps]
+        assert reader._video.decord_reads == 0 and reader.longest_read_frames() < 2 * 15
+    _assert_exact(path, batches, truth)
+    with StepReader(path, info=info) as seek:
+        assert frame_index(seek.read([0]).frames)[0] == 3  # decord's frame 0 (the fallback's pixels)
+
+
 @pytest.mark.parametrize("name", ["fps25", "vfr", "webm_48k_stereo", "avi_44k_stereo", "mkv_8k_mono", "long"])
 def test_step_batches_give_decords_pixels_on_closed_gops(files, name):
     """On files decord reads exactly (closed GOPs), extraction's following one-pass reads give its pixels,
