@@ -1181,7 +1181,22 @@ class _PassSource:
         np.maximum.at(last, segment[pos], pos)
         decode = np.arange(len(segment)) <= last[segment]  # (F,)
         decode[:first] = False
+        if index.recovery.any() or not index.clean.any():  # no IDR picture ends these GOPs; start points do
+            decode &= self._groups(pos)
         return first, decode
+
+    def _groups(self, pos: np.ndarray) -> np.ndarray:
+        """``(F,)`` bool: the packets from each group's start point to its last wanted one, where wanted
+        positions ``pos`` are grouped so that no later one needs decoding from before a group's last one (a
+        pass then skips to the next group's start point instead of decoding the packets in between)."""
+        wanted = np.sort(pos)  # (U,)
+        need = np.minimum.accumulate(self._first_at[wanted][::-1])[::-1]  # (U,) earliest start from here on
+        begins = np.concatenate([[True], need[1:] > wanted[:-1]])  # (U,) a group begins here
+        ends = np.concatenate([begins[1:], [True]])  # (U,) a group ends here
+        edges = np.zeros(len(self._first_at) + 1, np.int64)  # (F + 1,) +1 at group starts, -1 past ends
+        np.add.at(edges, need[begins], 1)
+        np.add.at(edges, wanted[ends] + 1, -1)
+        return np.cumsum(edges[:-1]) > 0
 
     def _positions(self, want: np.ndarray) -> np.ndarray:
         """Decode positions ``(U,)`` of the packets with pts ``want``."""
@@ -1239,6 +1254,9 @@ class _PassSource:
                     break
                 if at >= len(ticks) or packet.pts != ticks[at]:
                     raise _NoPass("packets differ from the index (or the seek landed elsewhere)")
+                if decode_at[at] and at > first and not decode_at[at - 1]:  # a group starts: as after a seek
+                    take(ctx.decode(None))  # drain what the last group's pictures left in the decoder
+                    ctx.flush_buffers()
                 if decode_at[at]:
                     if skip_nonref and skipping != (packet.pts not in slot):
                         skipping = packet.pts not in slot
