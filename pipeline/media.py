@@ -1002,11 +1002,11 @@ class _PassSource:
                     return self._any_pass(unique, keep_from)[inverse.reshape(-1)]  # (N, size, size, 3)
             except (_NoPass, av.error.FFmpegError) as err:
                 self._stop()
-                index = self.index
-                if index.clean.any() and index.clean.sum() < len(index.key_ticks):  # H.264 open GOPs
+                if not _decord_seeks_exact(self.index):
                     log.warning(
                         "%s: read by decord's seeks (the one-pass decoder cannot: %s), which may give wrong "
-                        "pixels on this file's open GOPs (keyframes that are not IDR pictures)",
+                        "pixels here: its keyframes are not all H.264 IDR pictures (open GOPs or another "
+                        "codec); check this file's frames, or re-encode it with closed GOPs",
                         self.path,
                         _short(err),
                     )
@@ -1406,6 +1406,13 @@ class _VideoIndex:
     decode_ticks: np.ndarray
     clean: np.ndarray
     recovery: np.ndarray
+
+
+def _decord_seeks_exact(index: _VideoIndex) -> bool:
+    """Whether decord's seeks give exact pixels on this file: only where every keyframe is an H.264 IDR
+    picture (closed GOPs). They were measured wrong on H.264 open GOPs, x265's CRA pictures and MPEG-2 in
+    MPEG-TS (shifted by 3 frames); other codecs' keyframes are not known to be clean, so they count as not."""
+    return 0 < len(index.key_ticks) <= int(index.clean.sum())
 
 
 def _nal_units(data: bytes, length_size: int) -> Iterator[bytes]:
