@@ -3,6 +3,9 @@
 One run measures, on the same synthetic corpus and the same tiny students (batch 16, 16 clips per video,
 two epochs each, the second timed, ``l2l distill``'s training loop with 2 DataLoader workers):
 
+- (a0) the path as issue 17 found it: (a) with decord's random access (seek to a keyframe, decode to the
+  frame) through a per-worker cache of open readers. It gave wrong pixels on open-GOP files and was
+  replaced; it is exact on this corpus's closed GOPs, so it stays here as the baseline the issue measured;
 - (a) today's path: a random (video, step) per item, decoded with its 16-frame clip, the live teacher;
 - (b) grouped decoding (``--order videos``): whole videos shuffled, each decoded in one pass per batch;
 - (c) stored teacher targets (``--teacher-features teacher``): frames still decoded (grouped), no clip,
@@ -26,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +47,34 @@ from bench._common import (
     table,
     write_results,
 )  # noqa: E402,E501
+from pipeline.clips import ClipDataset  # noqa: E402
 
 BATCH = 16
 CLIPS_PER_VIDEO = 16  # one batch per training video (12 of the 24 train, after the holdout)
+
+
+class DecordClips(ClipDataset):
+    """Path (a0): clips read by decord's random access through a per-process cache of open readers."""
+
+    def _reader(self, v: int, *, keep: bool = True):
+        from pipeline.media import StepReader, probe_video
+
+        if self.infos[v] is None:
+            self.infos[v] = probe_video(self.entries[v].path)
+        readers = self.__dict__.setdefault("_readers", {}).setdefault(os.getpid(), OrderedDict())
+        if v not in readers:
+            readers[v] = StepReader(self.entries[v].path, info=self.infos[v], size=self.config.size)
+            while len(readers) > self.config.open_readers:
+                readers.popitem(last=False)[1].close()
+        readers.move_to_end(v)
+        return readers[v]
+
+
+def _decord_clips(loaders):
+    """``loaders`` with their datasets reading clips as :class:`DecordClips` (path (a0))."""
+    for loader in (loaders.train, loaders.val):
+        loader.dataset.__class__ = DecordClips  # before the workers start
+    return loaders
 
 
 def _epoch_rate(loaders, teacher, work: Path, name: str) -> float:
@@ -180,6 +209,7 @@ def main() -> None:
         return c
 
     paths = {
+        "a0": (lambda: _decord_clips(clip_loaders(manifest, **kw)), teacher),
         "a": (lambda: clip_loaders(manifest, **kw), teacher),
         "b": (lambda: clip_loaders(manifest, order="videos", **kw), teacher),
         "c": (c_loaders, None),
@@ -225,7 +255,8 @@ def main() -> None:
     }
     load = os.getloadavg()[0]
     names = {
-        "a": "(a) today: random clips decoded, live teacher",
+        "a0": "(a0) as issue 17 found it: random clips by decord's seeks, live teacher",
+        "a": "(a) today: random clips decoded in one pass each, live teacher",
         "b": "(b) grouped decoding (--order videos), live teacher",
         "c": "(c) stored teacher targets, frames decoded (grouped)",
         "d": "(d) stored inputs + targets: no decoding",
@@ -236,14 +267,19 @@ def main() -> None:
         [
             names[k],
             rates[k],
+            ratio(rates[k], rates["a0"]),
             ratio(rates[k], rates["a"]),
             f"{of_limit[k]:.2f}x",
             loading.get(k, "-"),
+            ratio(loading.get(k), loading["a0"]),
             ratio(loading.get(k), loading["a"]),
         ]
         for k in names
     ]
-    text, md = table(["path", "clips/s", "vs (a)", "of limit", "loader alone clips/s", "loader vs (a)"], rows)
+    text, md = table(
+        ["path", "clips/s", "vs (a0)", "vs (a)", "of limit", "loader alone clips/s", "vs (a0)", "vs (a)"],
+        rows,
+    )
     step_ms = (cpu_ms["limit"] + cpu_ms["limit_again"]) / 2
     cpu_text, cpu_md = table(
         ["CPU per clip (one process, one thread)", "ms", "of the students' step"],
