@@ -838,7 +838,7 @@ class _KeyBank(torch.autograd.Function):
     summed key gradient of the bank, the valid rows' key gradient and the projection's gradient never exist
     whole, so backward holds no more than forward. Measured, one training step at batch 256 of 500 steps
     (two 512-d features, 80% valid rows): peak RSS 3,293 -> 2,423 MB; a training epoch on the bench store
-    3,588 -> 2,866 MB, same loss, same speed.
+    3,588 -> 2,866 MB, same loss, same speed (epoch 20.4 -> 20.7 s, 29.7 -> 30.0 videos per CPU-s).
 
     The scores' key gradients are deferred: each :class:`_Scores` call ``s_t = K q_t`` records
     ``(q_t, dL/ds_t)`` in ``buf`` instead of returning a ``(B, N, D)`` key gradient, and backward adds
@@ -869,14 +869,26 @@ class _KeyBank(torch.autograd.Function):
                 flat.index_copy_(0, block, k.relu_())
             return bank
         blocks = list(zip(rows.split(KEY_BLOCK_ROWS), range(0, rows.shape[0], KEY_BLOCK_ROWS), strict=True))
+        # Block temporaries go to reused buffers: a fresh block-sized tensor is a fresh mapping (see
+        # skim.train.limit_heap_growth), and their page faults made a training step ~20% slower (measured).
+        rb = min(KEY_BLOCK_ROWS, max(1, rows.shape[0]))
+        z_work, k_work = z.new_empty(rb, z.shape[1]), z.new_empty(rb, dim)  # (rb, D_in), (rb, D)
         y = z.new_empty(rows.shape[0], dim)  # (M, D): the projection of the valid rows, kept for backward
         for block, a in blocks:
-            torch.addmm(bias, z.index_select(0, block), weight.t(), out=y[a : a + len(block)])
+            zb = torch.index_select(z, 0, block, out=z_work[: len(block)])
+            torch.addmm(bias, zb, weight.t(), out=y[a : a + len(block)])
         if batch_stats:
             bn.num_batches_tracked += 1
-            var, mean = torch.var_mean(y, 0, correction=0)  # (D,) x 2: biased, as batch norm normalises
+            # mean, then the biased variance (as batch norm normalises) from centred squares in row blocks:
+            # torch.var_mean over the rows took 10x longer on this CPU (measured)
+            m = rows.shape[0]
+            mean = y.sum(0) / m  # (D,)
+            var = y.new_zeros(dim)  # (D,)
+            for _, a in blocks:
+                yb = y[a : a + KEY_BLOCK_ROWS]
+                var += torch.sub(yb, mean, out=k_work[: len(yb)]).square_().sum(0)
+            var /= m
             with torch.no_grad():  # running statistics as F.batch_norm: unbiased variance
-                m = rows.shape[0]
                 bn.running_mean.mul_(1 - bn.momentum).add_(mean, alpha=bn.momentum)
                 bn.running_var.mul_(1 - bn.momentum).add_(var, alpha=bn.momentum * m / (m - 1))
         else:
@@ -886,7 +898,8 @@ class _KeyBank(torch.autograd.Function):
         scale = invstd * bn_weight  # (D,): k = ReLU(y * scale + shift), as batch norm's inference kernel
         shift = bn_bias - mean * scale
         for block, a in blocks:
-            flat.index_copy_(0, block, torch.addcmul(shift, y[a : a + len(block)], scale).relu_())
+            kb = torch.addcmul(shift, y[a : a + len(block)], scale, out=k_work[: len(block)])
+            flat.index_copy_(0, block, kb.relu_())
         ctx.save_for_backward(z, rows, weight, bn_weight, y, mean, invstd, bank)
         return bank
 
@@ -909,17 +922,24 @@ class _KeyBank(torch.autograd.Function):
             (v0, v1, r0, r1) for v0, v1, r0, r1 in zip(edges, edges[1:], firsts, firsts[1:], strict=False)
         ]
         blocks = [blk for blk in blocks if blk[2] < blk[3]]
+        # reused block buffers, as in forward: the video blocks' rows at most
+        rb = max([r1 - r0 for _, _, r0, r1 in blocks], default=1)
+        dk_work = y.new_empty(min(b, KEY_BLOCK_VIDEOS), n, dim) if gs is not None else None
+        g_work, k_work, z_work = y.new_empty(rb, dim), y.new_empty(rb, dim), z.new_empty(rb, z.shape[1])
+        m_work = torch.empty(rb, dim, dtype=torch.bool, device=y.device)
 
         def key_grad(v0: int, v1: int, r0: int, r1: int) -> Tensor:
-            """dL/dk of valid rows ``r0:r1`` (videos ``v0:v1``) through the ReLU (zero where the key is 0)."""
+            """dL/dk of valid rows ``r0:r1`` (videos ``v0:v1``) through the ReLU (zero where the key is 0),
+            in ``g_work``."""
             if gs is not None:
-                dk = torch.bmm(gs[v0:v1], q[v0:v1]).view(-1, dim)  # (vb*N, D)
+                dk = torch.bmm(gs[v0:v1], q[v0:v1], out=dk_work[: v1 - v0]).view(-1, dim)  # (vb*N, D)
                 if grad is not None:
                     dk += grad[v0:v1].reshape(-1, dim)
             else:
                 dk = grad[v0:v1].reshape(-1, dim)
-            g = dk.index_select(0, rows[r0:r1] - v0 * n)  # (r1 - r0, D)
-            return g.masked_fill_(flat.index_select(0, rows[r0:r1]) <= 0, 0.0)
+            g = torch.index_select(dk, 0, rows[r0:r1] - v0 * n, out=g_work[: r1 - r0])  # (r1 - r0, D)
+            keys = torch.index_select(flat, 0, rows[r0:r1], out=k_work[: r1 - r0])
+            return g.masked_fill_(torch.le(keys, 0, out=m_work[: r1 - r0]), 0.0)
 
         # Batch norm's backward: dL/dy = scale g + c2 y + c3 per column (training), or scale g. Its column
         # sums come first, then each block's dL/dy; a block's key gradient is computed again rather than kept
@@ -930,7 +950,7 @@ class _KeyBank(torch.autograd.Function):
         for v0, v1, r0, r1 in blocks:
             g = key_grad(v0, v1, r0, r1)
             sum_g += g.sum(0)
-            dot += ((y[r0:r1] - mean) * g).sum(0)
+            dot += torch.sub(y[r0:r1], mean, out=k_work[: r1 - r0]).mul_(g).sum(0)
         g_bn_w = dot * invstd if need[4] else None
         g_bn_b = sum_g if need[5] else None
         scale = invstd * bn_weight  # (D,)
@@ -945,7 +965,7 @@ class _KeyBank(torch.autograd.Function):
             if ctx.batch_stats:
                 gy.addcmul_(y[r0:r1], c2).add_(c3)
             if g_w is not None:
-                g_w.addmm_(gy.t(), z.index_select(0, rows[r0:r1]))
+                g_w.addmm_(gy.t(), torch.index_select(z, 0, rows[r0:r1], out=z_work[: r1 - r0]))
             if g_b is not None:
                 g_b += gy.sum(0)
             if g_z is not None:
