@@ -637,18 +637,11 @@ class ReadAhead:
     Batches come in the same order with the same content as iterating ``loader`` directly; an exception
     raised while reading (e.g. :class:`~indexing.errors.StoreError`) is raised here, at the batch it
     belongs to. Leaving the loop early stops the thread after at most one more batch.
-
-    With ``collate``, ``loader`` yields what is read (e.g. the dataset's items, views of decoded chunks) and
-    ``collate`` runs in the caller's thread when it takes the batch: what waits is then the decoded chunks
-    the store's cache holds anyway, not a padded copy of them (see :func:`make_loader`).
     """
 
-    def __init__(
-        self, loader: DataLoader, depth: int = 1, collate: Callable[[Any], dict[str, Any]] | None = None
-    ) -> None:
+    def __init__(self, loader: DataLoader, depth: int = 1) -> None:
         self.loader = loader
         self.depth = depth
-        self.collate = collate
         self.batch_sampler = loader.batch_sampler
         self.dataset = loader.dataset
 
@@ -692,8 +685,6 @@ class ReadAhead:
                     raise exc
                 if batch is end:
                     return
-                if self.collate is not None:
-                    batch = self.collate(batch)
                 yield batch
         finally:
             stop.set()
@@ -701,12 +692,7 @@ class ReadAhead:
 
 
 def make_loader(
-    dataset: SkimDataset,
-    sampler: Sampler,
-    *,
-    num_workers: int = 0,
-    read_ahead: int | None = None,
-    dtype: torch.dtype | None = None,
+    dataset: SkimDataset, sampler: Sampler, *, num_workers: int = 0, read_ahead: int | None = None
 ) -> DataLoader | ReadAhead:
     """A ``DataLoader`` yielding :func:`collate` batches from ``sampler``'s index lists.
 
@@ -716,32 +702,18 @@ def make_loader(
         num_workers: Reader processes (0: read in this process).
         read_ahead: Batches a background thread reads ahead when ``num_workers`` is 0 (default
             :data:`READ_AHEAD`; 0 reads in line).
-        dtype: The batches' feature dtype. ``None`` keeps the store's (float16 batches wait in the
-            read-ahead at half the size; :func:`to_device` casts them). ``torch.float32`` with a read-ahead
-            thread: the thread only reads (decodes the chunks into the store's cache) and the caller
-            collates straight into float32 when it takes the batch, so no padded copy of the next batch
-            waits while the model computes (training: 262 MB at batch 256 of 500-step videos with two
-            512-d features). The copy into the batch replaces :func:`to_device`'s cast, at the same cost.
     """
-    depth = READ_AHEAD if read_ahead is None else read_ahead
-    # one batch (a single query) has nothing to overlap: no thread
-    ahead = depth > 0 and num_workers == 0 and len(sampler) > 1
-    deferred = ahead and dtype is not None
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=_items if deferred else partial(collate, dtype=dtype),
+        collate_fn=partial(collate, dtype=None),  # the store's dtype: to_device casts once per batch
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
-    if not ahead:
-        return loader
-    return ReadAhead(loader, depth, partial(collate, dtype=dtype) if deferred else None)
-
-
-def _items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The items of a batch as read (the caller collates them)."""
-    return items
+    depth = READ_AHEAD if read_ahead is None else read_ahead
+    # one batch (a single query) has nothing to overlap: no thread
+    ahead = depth > 0 and num_workers == 0 and len(sampler) > 1
+    return ReadAhead(loader, depth) if ahead else loader
 
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:

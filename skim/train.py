@@ -403,10 +403,7 @@ def _train(
         seed=config.seed,
         **block_options(train_ds, config),
     )
-    # On the CPU, collated in this thread straight into float32: no padded copy of the next batch waits
-    # (make_loader); a GPU gets the store's float16 over the bus and casts it there (to_device).
-    dtype = torch.float32 if device.type == "cpu" else None
-    loader = make_loader(train_ds, sampler, num_workers=config.num_workers, dtype=dtype)
+    loader = make_loader(train_ds, sampler, num_workers=config.num_workers)
     updates = len(sampler) * config.epochs
     if config.max_updates is not None:
         updates = min(updates, config.max_updates)
