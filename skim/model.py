@@ -869,8 +869,9 @@ class _KeyBank(torch.autograd.Function):
                 flat.index_copy_(0, block, k.relu_())
             return bank
         blocks = list(zip(rows.split(KEY_BLOCK_ROWS), range(0, rows.shape[0], KEY_BLOCK_ROWS), strict=True))
-        # Block temporaries go to reused buffers: a fresh block-sized tensor is a fresh mapping (see
-        # skim.train.limit_heap_growth), and their page faults made a training step ~20% slower (measured).
+        # Block temporaries go to reused buffers: under a 1 MiB mmap threshold a fresh block-sized tensor was
+        # a fresh mapping, and its page faults made a training step ~20% slower (measured; the threshold is
+        # now 32 MiB, see skim.train.limit_heap_growth, and the buffers still save the allocations).
         rb = min(KEY_BLOCK_ROWS, max(1, rows.shape[0]))
         z_work, k_work = z.new_empty(rb, z.shape[1]), z.new_empty(rb, dim)  # (rb, D_in), (rb, D)
         y = z.new_empty(rows.shape[0], dim)  # (M, D): the projection of the valid rows, kept for backward
