@@ -723,68 +723,38 @@ def reads_table(reads: dict[str, Any]) -> tuple[str, str]:
         r = reads[fmt_name]
         npy_w, npy_c = r["npy"]["warm"], r["npy"]["cold"]  # measured in the same process as this store's
         cpv = r["chunks_per_video_feature"]
+
+        def row(label: str, m: dict[str, Any], chunks: str, disk_mb: float, r=r, npy_w=npy_w, npy_c=npy_c):
+            """One measured row: warm and cold rates against this store's npy, CPU rates where measured."""
+            cpu = m.get("warm_cpu")
+            return [
+                label,
+                m["warm"],
+                ratio(m["warm"], npy_w),
+                fmt(cpu, 0) if cpu else "-",
+                ratio(cpu, r["npy"]["warm_cpu"]) if cpu else "-",
+                m["cold"],
+                ratio(m["cold"], npy_c),
+                chunks,
+                fmt(disk_mb, 0),
+            ]
+
         for method, what in (
             ("per_video", "per video (read_rows)"),
             ("grouped", "random batch, each chunk decoded once"),
             ("block", "block-shuffled epoch (what training reads)"),
         ):
-            m = r[method]
-            r_rows.append(
-                [
-                    f"{READ_STORES[fmt_name]}: {what}",
-                    m["warm"],
-                    ratio(m["warm"], npy_w),
-                    fmt(m.get("warm_cpu"), 0) if m.get("warm_cpu") else "-",
-                    ratio(m["warm_cpu"], r["npy"]["warm_cpu"]) if m.get("warm_cpu") else "-",
-                    m["cold"],
-                    ratio(m["cold"], npy_c),
-                    fmt(cpv[method], 2),
-                    fmt(r["disk_mb"], 0),
-                ]
-            )
+            label = f"{READ_STORES[fmt_name]}: {what}"
+            r_rows.append(row(label, r[method], fmt(cpv[method], 2), r["disk_mb"]))
         if "decode_limit" in r:
             lim = r["decode_limit"]
-            r_rows.append(
-                [
-                    f"{READ_STORES[fmt_name]}: decode alone, every chunk once ({lim['mb_per_s']:.0f} MB/s)",
-                    lim["warm"],
-                    ratio(lim["warm"], npy_w),
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    "1 per chunk",
-                    "-",
-                ]
-            )
+            label = f"{READ_STORES[fmt_name]}: decode alone, every chunk once ({lim['mb_per_s']:.0f} MB/s)"
+            r_rows.append([label, lim["warm"], ratio(lim["warm"], npy_w), *["-"] * 4, "1 per chunk", "-"])
         if "npy_held" in r:
-            held = r["npy_held"]
-            r_rows.append(
-                [
-                    f"npy float32, a batch's arrays held as a loader collates them (beside {fmt_name})",
-                    held["warm"],
-                    ratio(held["warm"], npy_w),
-                    fmt(held.get("warm_cpu"), 0) if held.get("warm_cpu") else "-",
-                    ratio(held["warm_cpu"], r["npy"]["warm_cpu"]) if held.get("warm_cpu") else "-",
-                    held["cold"],
-                    ratio(held["cold"], npy_c),
-                    "-",
-                    fmt(r["npy_disk_mb"], 0),
-                ]
-            )
-        r_rows.append(
-            [
-                f"npy float32, one file per video and feature, each dropped at once (beside {fmt_name})",
-                npy_w,
-                "1.00x",
-                fmt(r["npy"].get("warm_cpu"), 0) if r["npy"].get("warm_cpu") else "-",
-                "1.00x",
-                npy_c,
-                "1.00x",
-                "-",
-                fmt(r["npy_disk_mb"], 0),
-            ]
-        )
+            label = f"npy float32, a batch's arrays held as a loader collates them (beside {fmt_name})"
+            r_rows.append(row(label, r["npy_held"], "-", r["npy_disk_mb"]))
+        label = f"npy float32, one file per video and feature, each dropped at once (beside {fmt_name})"
+        r_rows.append(row(label, r["npy"], "-", r["npy_disk_mb"]))
     z = reads["zarr"]
     r_rows.append(
         [
