@@ -56,6 +56,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -1106,6 +1107,23 @@ class _PassSource:
             raise
         return rgb[self.y0 : self.y0 + self.size, self.x0 : self.x0 + self.size]
 
+    def _open_stream(self, container, first: int) -> tuple[Any, Any, Any]:
+        """The decoder context, the packets from decode position ``first`` and the scale graph of the open
+        ``container``'s video.
+
+        Raises:
+            _NoPass: No decodable video stream, or one whose coded size is not its displayed one (rotated).
+        """
+        stream = _best_video(container)
+        if stream is None or stream.codec_context is None:
+            raise _NoPass("no decodable video stream")
+        ctx = stream.codec_context
+        ctx.thread_count = self.num_threads
+        if ctx.format is None or (ctx.width, ctx.height) != (self.info.width, self.info.height):
+            raise _NoPass("rotated or unknown format")  # displayed size differs from coded: rotated
+        packets = self._packets_from(container, stream, first)
+        return ctx, packets, _scale_graph(stream, self.out_w, self.out_h)
+
     def _start(self, first: int) -> _LivePass:
         """Open the file and place its demuxer at decode position ``first`` (a keyframe)."""
         import av
@@ -1113,15 +1131,7 @@ class _PassSource:
         self.restarts += 1
         container = av.open(str(self.path), metadata_errors="ignore")
         try:
-            stream = _best_video(container)
-            if stream is None or stream.codec_context is None:
-                raise _NoPass("no decodable video stream")
-            ctx = stream.codec_context
-            ctx.thread_count = self.num_threads
-            if ctx.format is None or (ctx.width, ctx.height) != (self.info.width, self.info.height):
-                raise _NoPass("rotated or unknown format")  # displayed size differs from coded: rotated
-            packets = self._packets_from(container, stream, first)
-            graph = _scale_graph(stream, self.out_w, self.out_h)
+            ctx, packets, graph = self._open_stream(container, first)
         except BaseException:
             container.close()
             raise
@@ -1228,15 +1238,7 @@ class _PassSource:
         end = int(np.flatnonzero(decode)[-1])  # the last packet to decode; then the decoder is drained
         out = np.empty((len(unique), self.size, self.size, 3), np.uint8)  # (U, size, size, 3)
         with av.open(str(self.path), metadata_errors="ignore") as container:
-            stream = _best_video(container)
-            if stream is None or stream.codec_context is None:
-                raise _NoPass("no decodable video stream")
-            ctx = stream.codec_context
-            ctx.thread_count = self.num_threads
-            if ctx.format is None or (ctx.width, ctx.height) != (self.info.width, self.info.height):
-                raise _NoPass("rotated or unknown format")  # displayed size differs from coded: rotated
-            packets = self._packets_from(container, stream, first)
-            graph = _scale_graph(stream, self.out_w, self.out_h)
+            ctx, packets, graph = self._open_stream(container, first)
             skip_nonref = ctx.name in _SKIP_NONREF
 
             def take(frames) -> None:
